@@ -1,0 +1,165 @@
+"""The ``nas`` command line.
+
+``nas search CONFIG``, ``nas gallery train CONFIG``, ``nas export``, ``nas results`` and
+``nas spaces``. Errors that are the user's to fix print one paragraph and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_config_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML file, e.g. experiments/quickstart.yaml")
+    parser.add_argument("--out", help="output folder (study, caches, weights); default runs/<study name>")
+    parser.add_argument("--study-name", help="Optuna study name (search.study_name)")
+    parser.add_argument("--storage", help="Optuna storage URL; default sqlite:///<out>/optuna.db")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI; default sqlite:///<out>/mlflow.db")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nas", description="Search query networks for asymmetric image retrieval.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    search = sub.add_parser("search", help="run or resume a budgeted architecture search")
+    _add_config_overrides(search)
+    search.add_argument("--trials", type=int, help="number of trials this run adds to the study")
+    search.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    search.add_argument("--max-mflops", type=float, help="budget: millions of multiply-accumulates (fvcore, batch 1)")
+    search.add_argument("--max-latency-ms", type=float, help="budget: median latency in ms on budgets.latency.runtime")
+    search.add_argument("--max-params-m", type=float, help="budget: millions of parameters")
+    search.add_argument("--seed", type=int, help="sampler seed (search.seed)")
+    search.add_argument("--threads", type=int, help="torch threads for training (search.threads)")
+
+    gallery = sub.add_parser("gallery", help="gallery model commands")
+    gsub = gallery.add_subparsers(dest="gallery_command", required=True)
+    gtrain = gsub.add_parser("train", help="train the gallery model of CONFIG on its train split")
+    gtrain.add_argument("config", help="experiment YAML file")
+    gtrain.add_argument("--out", help="output folder; the model goes to <out>/gallery/gallery.safetensors")
+    gtrain.add_argument("--force", action="store_true", help="train again even if the checkpoint exists")
+
+    for name, help_text in (("export", "export a trial's query network (arch, weights, TorchScript, ONNX, card)"), ("results", "print a study's results table")):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--study-name", required=True, help="the study to read")
+        cmd.add_argument("--storage", help="Optuna storage URL; default sqlite:///<run dir>/optuna.db")
+        cmd.add_argument("--run-dir", help="the search's output folder; default runs/<study name>")
+        if name == "export":
+            cmd.add_argument("--trial", default="best", help="'best' (default) or a trial number")
+            cmd.add_argument("--out", required=True, help="folder to write the export to")
+
+    sub.add_parser("spaces", help="list the registered search spaces and their options")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("alembic", "mlflow", "urllib3", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def _load_study(args: argparse.Namespace):
+    import optuna
+
+    from nas.errors import NasError
+
+    storage = args.storage
+    if storage is None:
+        run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / args.study_name
+        db = run_dir / "optuna.db"
+        if not db.is_file():
+            raise NasError(f"No study database at {db}. Pass --run-dir (the search's --out folder) or --storage URL.")
+        storage = f"sqlite:///{db.resolve()}"
+    try:
+        return optuna.load_study(study_name=args.study_name, storage=storage)
+    except KeyError:
+        names = optuna.get_all_study_names(storage)
+        raise NasError(f"No study named {args.study_name!r} in {storage}. Studies there: {', '.join(names) or 'none'}.") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from nas.config import load_config
+
+    if args.command == "search":
+        from nas.study import run_search, summary
+
+        overrides = {
+            "out": args.out,
+            "search.study_name": args.study_name,
+            "search.storage": args.storage,
+            "tracking.uri": args.tracking_uri,
+            "search.trials": args.trials,
+            "search.timeout": args.timeout,
+            "search.seed": args.seed,
+            "search.threads": args.threads,
+            "budgets.max_mflops": args.max_mflops,
+            "budgets.max_latency_ms": args.max_latency_ms,
+            "budgets.max_params_m": args.max_params_m,
+        }
+        config = load_config(args.config, overrides)
+        study = run_search(config)
+        print()
+        print(summary(study, config))
+        return 0
+    if args.command == "gallery":
+        from nas.data import load_dataset, stratified_split
+        from nas.study import ensure_gallery
+
+        config = load_config(args.config, {"out": args.out})
+        data = load_dataset(config.data)
+        dc = config.data
+        split = stratified_split(data.labels, dc.train, dc.val, dc.query, dc.gallery, dc.seed, dc.max_per_class)
+        _, path = ensure_gallery(config, data, split, retrain=args.force)
+        print(f"Gallery model: {path}")
+        return 0
+    if args.command == "export":
+        from nas.export import export_trial
+
+        study = _load_study(args)
+        export_trial(study, args.trial, args.out)
+        print(f"Export written to {args.out}; load it with nas.load_query_model({str(args.out)!r}).")
+        return 0
+    if args.command == "results":
+        from nas.study import results_table
+
+        print(results_table(_load_study(args)))
+        return 0
+    if args.command == "spaces":
+        from search_spaces import list_spaces, space_options
+
+        for name in list_spaces():
+            print(f"{name}: options {', '.join(space_options(name))}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from nas.errors import NasError
+
+    try:
+        return _run(args)
+    except NasError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Typed, validated experiment configuration.
+
+One YAML file describes one experiment (see ``experiments/quickstart.yaml``). It is loaded
+into the frozen dataclasses below; an unknown or misspelled key is an error that names the
+key and the nearest valid one, and every value is checked in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nas.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "GalleryTrainConfig",
+    "GalleryConfig",
+    "SpaceConfig",
+    "LatencyConfig",
+    "BudgetConfig",
+    "TrainConfig",
+    "SearchConfig",
+    "TrackingConfig",
+    "ExperimentConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+]
+
+FASHION_MNIST_DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images, and how they are split into train / val / query / gallery.
+
+    ``train``, ``val``, ``query`` and ``gallery`` are fractions of every class (the split is
+    stratified); ``max_per_class`` caps how many images of each class are used at all.
+    ``val`` images are held out from training and drive the search objective; ``query``
+    images are only used for the final, reported scores. ``image_size`` is the size image
+    folders are stored at in memory (Fashion-MNIST keeps its 28x28); ``channels`` null
+    means the data set's own (1 for Fashion-MNIST, 3 for image folders).
+    """
+
+    dataset: str = "fashion_mnist"
+    path: str | None = None
+    image_size: int = 32
+    channels: int | None = None
+    max_per_class: int | None = None
+    train: float = 0.6
+    val: float = 0.05
+    query: float = 0.1
+    gallery: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 8, f"data.image_size must be >= 8, but got {self.image_size}.")
+        _check(self.channels in (None, 1, 3), f"data.channels must be 1, 3 or null, but got {self.channels}.")
+        _check(
+            self.max_per_class is None or self.max_per_class >= 4,
+            f"data.max_per_class must be >= 4 or null, but got {self.max_per_class}.",
+        )
+        for name in ("train", "val", "query", "gallery"):
+            value = getattr(self, name)
+            _check(0.0 < value < 1.0, f"data.{name} must be a fraction in (0, 1), but got {value}.")
+        total = self.train + self.val + self.query + self.gallery
+        _check(total <= 1.0 + 1e-9, f"data.train + val + query + gallery must be <= 1, but got {total:.3f}.")
+
+    @property
+    def resolved_channels(self) -> int:
+        """``channels``, or the data set's own (1 for Fashion-MNIST, 3 for image folders)."""
+        if self.channels is not None:
+            return self.channels
+        return 1 if self.dataset == "fashion_mnist" else 3
+
+    @property
+    def resolved_path(self) -> str | None:
+        if self.path is not None:
+            return self.path
+        return FASHION_MNIST_DEFAULT_PATH if self.dataset == "fashion_mnist" else None
+
+
+@dataclass(frozen=True)
+class GalleryTrainConfig:
+    """How ``nas gallery train`` trains a gallery model when the user has no checkpoint."""
+
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    scale: float = 16.0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"gallery.train.epochs must be >= 1, but got {self.epochs}.")
+        _check(self.batch_size >= 2, f"gallery.train.batch_size must be >= 2, but got {self.batch_size}.")
+        _check(self.lr > 0, f"gallery.train.lr must be > 0, but got {self.lr}.")
+        _check(self.scale > 0, f"gallery.train.scale must be > 0, but got {self.scale}.")
+
+
+@dataclass(frozen=True)
+class GalleryConfig:
+    """The fixed gallery model: a timm architecture, optionally projected to ``embed_dim``.
+
+    ``checkpoint`` is a file written by ``nas gallery train`` (safetensors + JSON header).
+    When it is null the search looks for ``<out>/gallery/gallery.safetensors`` and trains
+    one there if it is missing.
+    """
+
+    model: str = "resnet18"
+    checkpoint: str | None = None
+    embed_dim: int | None = 128
+    resolution: int = 32
+    batch_size: int = 256
+    train: GalleryTrainConfig = field(default_factory=GalleryTrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.embed_dim is None or self.embed_dim >= 2, f"gallery.embed_dim must be >= 2, but got {self.embed_dim}.")
+        _check(self.resolution >= 8, f"gallery.resolution must be >= 8, but got {self.resolution}.")
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """The search space: a registered name and the options its constructor takes."""
+
+    name: str = "mobilenet"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """How latency is measured: runtime, threads, batch size, warm-up and timed runs."""
+
+    runtime: str = "torch"
+    threads: int = 1
+    batch_size: int = 1
+    warmup: int = 10
+    repeats: int = 30
+
+    def __post_init__(self) -> None:
+        _check(self.runtime in ("torch", "cuda"), f"budgets.latency.runtime must be 'torch' or 'cuda', but got {self.runtime!r}.")
+        _check(self.threads >= 1, f"budgets.latency.threads must be >= 1, but got {self.threads}.")
+        _check(self.batch_size >= 1, f"budgets.latency.batch_size must be >= 1, but got {self.batch_size}.")
+        _check(self.warmup >= 0, f"budgets.latency.warmup must be >= 0, but got {self.warmup}.")
+        _check(self.repeats >= 3, f"budgets.latency.repeats must be >= 3, but got {self.repeats}.")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Hardware budgets; a null limit means that quantity is measured but not limited.
+
+    ``max_mflops`` is in millions of multiply-accumulates (fvcore's count, batch 1, at the
+    candidate's input resolution); ``max_params_m`` in millions of parameters;
+    ``max_latency_ms`` the median latency on ``latency.runtime``.
+    """
+
+    max_mflops: float | None = None
+    max_params_m: float | None = None
+    max_latency_ms: float | None = None
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("max_mflops", "max_params_m", "max_latency_ms"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"budgets.{name} must be > 0 or null, but got {value}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a candidate query network is trained toward the gallery embedding space."""
+
+    loss: str = "regression"
+    loss_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 3
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, but got {self.epochs}.")
+        _check(self.batch_size >= 2, f"train.batch_size must be >= 2, but got {self.batch_size}.")
+        _check(self.optimizer in ("adamw", "sgd"), f"train.optimizer must be 'adamw' or 'sgd', but got {self.optimizer!r}.")
+        _check(self.lr > 0, f"train.lr must be > 0, but got {self.lr}.")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, but got {self.weight_decay}.")
+        _check(self.schedule in ("cosine", "step", "none"), f"train.schedule must be 'cosine', 'step' or 'none', but got {self.schedule!r}.")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"train.device must be 'auto', 'cpu' or 'cuda[:N]', but got {self.device!r}.",
+        )
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The Optuna study: name, storage, how many trials this invocation adds, sampler seed."""
+
+    study_name: str = "quickstart"
+    storage: str | None = None
+    trials: int = 14
+    timeout: float | None = None
+    seed: int = 0
+    n_startup_trials: int = 8
+    pruner: str = "median"
+    keep_best: int = 5
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.study_name), "search.study_name must not be empty.")
+        _check(self.trials >= 0, f"search.trials must be >= 0, but got {self.trials}.")
+        _check(self.timeout is None or self.timeout > 0, f"search.timeout must be > 0 or null, but got {self.timeout}.")
+        _check(self.pruner in ("median", "none"), f"search.pruner must be 'median' or 'none', but got {self.pruner!r}.")
+        _check(self.keep_best >= 1, f"search.keep_best must be >= 1, but got {self.keep_best}.")
+        _check(self.threads is None or self.threads >= 1, f"search.threads must be >= 1 or null, but got {self.threads}.")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking; ``uri`` null means ``sqlite:///<out>/mlflow.db``."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str | None = None
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment. ``out`` (default ``runs/<study name>``) holds the study, caches, runs and weights."""
+
+    out: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    gallery: GalleryConfig = field(default_factory=GalleryConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    budgets: BudgetConfig = field(default_factory=BudgetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.search.study_name
+
+    @property
+    def storage_url(self) -> str:
+        if self.search.storage:
+            return self.search.storage
+        return f"sqlite:///{(self.out_dir / 'optuna.db').resolve()}"
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        return f"sqlite:///{(self.out_dir / 'mlflow.db').resolve()}"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"Unknown key '{where}{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}.")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where}' must be a mapping, but got {value!r}.")
+        return _build(tp, value, where + ".")
+    if value is None:
+        raise ConfigError(f"'{where}' must not be null.")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where}' must be a mapping, but got {value!r}.")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{where}' must be true or false, but got {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{where}' must be an integer, but got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{where}' must be a number, but got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{where}' must be a string, but got {value!r}.")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key_error(str(key), names, prefix)
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig` from a plain mapping."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"An experiment file must hold a mapping at the top level, but got {type(data).__name__}.")
+    return _build(ExperimentConfig, data)
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """The plain-mapping form of ``config`` (inverse of :func:`config_from_dict`)."""
+    return dataclasses.asdict(config)
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Load an experiment YAML file and apply ``overrides`` (dotted keys, e.g. ``budgets.max_mflops``).
+
+    Overrides whose value is ``None`` are ignored, so CLI flags that were not given can be
+    passed straight through.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Experiment file {path} does not exist. Pass the path of a YAML file such as experiments/quickstart.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Experiment file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Experiment file {path} must hold a mapping at the top level.")
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(data, dotted, value)
+    return config_from_dict(data)

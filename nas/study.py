@@ -1,0 +1,519 @@
+"""The study driver: what one trial does, and the Optuna study around it.
+
+A trial samples an architecture, reuses the result of an identical earlier one, checks
+the hardware budgets (an infeasible candidate is recorded with its reason and never
+trained), trains the candidate toward the cached gallery embeddings with per-epoch
+reports to the pruner, and scores it by asymmetric retrieval against the gallery index.
+The objective is the asymmetric mAP of the **val** images; the reported scores are those
+of the **query** images, which the search never sees.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from nas.budgets import Budget, check_budgets, make_budgets
+from nas.config import ExperimentConfig, config_to_dict
+from nas.data import ImageSet, Split, load_dataset, preprocess, stratified_split
+from nas.errors import BudgetError, ConfigError, GalleryError
+from nas.gallery import GalleryEmbeddings, GalleryNet, embed, file_sha256, gallery_embeddings, load_gallery, train_gallery
+from nas.metrics import compatibility_ratios, retrieval_metrics
+from nas.tracking import NullTracker, Tracker, flatten
+from search_spaces import Architecture, SearchSpace, build, create_space
+from trainers import CompatibilityLoss, EpochResult, TrainingDiverged, create_loss, train_compatible
+
+__all__ = [
+    "Context",
+    "Objective",
+    "best_trial",
+    "check_reachable",
+    "ensure_gallery",
+    "open_study",
+    "prepare",
+    "resolve_device",
+    "results_table",
+    "run_search",
+    "summary",
+]
+
+Log = Callable[[str], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'.")
+    return torch.device(name)
+
+
+@dataclass
+class Context:
+    """Everything a trial needs, built once per process by :func:`prepare`."""
+
+    config: ExperimentConfig
+    data: ImageSet
+    split: Split
+    gallery: GalleryNet
+    gallery_sha: str
+    embeddings: GalleryEmbeddings
+    space: SearchSpace
+    budgets: list[Budget]
+    loss: CompatibilityLoss
+    device: torch.device
+
+
+def ensure_gallery(config: ExperimentConfig, data: ImageSet, split: Split, log: Log = print, retrain: bool = False) -> tuple[GalleryNet, Path]:
+    """Load the configured gallery checkpoint, or train one under ``<out>/gallery`` if there is none."""
+    if config.gallery.checkpoint is not None:
+        path = Path(config.gallery.checkpoint)
+        return load_gallery(config.gallery, path, data.channels), path
+    path = config.out_dir / "gallery" / "gallery.safetensors"
+    if path.is_file() and not retrain:
+        log(f"Gallery model: loading {path}")
+        return load_gallery(config.gallery, path, data.channels), path
+    log(f"Gallery model: no checkpoint configured; training {config.gallery.model} on {len(split.train)} images -> {path}")
+    model = train_gallery(config.gallery, data, split, path, resolve_device(config.train.device), seed=config.data.seed, log=log)
+    return model, path
+
+
+def check_reachable(space: SearchSpace, budgets: list[Budget]) -> dict[str, float]:
+    """Measure the space's smallest member; a budget even it exceeds is a :class:`BudgetError`."""
+    smallest = space.extreme(smallest=True)
+    report = check_budgets(build(smallest), smallest.resolution, smallest.in_chans, budgets, measure_all=True)
+    if not report.feasible:
+        reached = ", ".join(f"{k} {v:.4g}" for k, v in report.values.items())
+        raise BudgetError(
+            f"No architecture in search space {space.name!r} meets the budgets: even its smallest member "
+            f"({smallest.to_string()}) measures {reached}, and {report.reason}. Raise the limit(s) "
+            f"(--max-mflops / --max-params-m / --max-latency-ms) to at least what the smallest member reaches, "
+            f"or give the space smaller choices (space.options)."
+        )
+    return report.values
+
+
+def prepare(config: ExperimentConfig, log: Log = print) -> Context:
+    """Load data, split, gallery model and its cached embeddings; build space, budgets and loss."""
+    if config.search.threads:
+        torch.set_num_threads(config.search.threads)
+    data = load_dataset(config.data)
+    dc = config.data
+    split = stratified_split(data.labels, dc.train, dc.val, dc.query, dc.gallery, dc.seed, dc.max_per_class)
+    log(f"Data: {data.name}, {len(data.classes)} classes, split {split.sizes()}")
+    try:
+        space = create_space(config.space.name, embed_dim=config.gallery.embed_dim or 2, in_chans=data.channels, **config.space.options)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        loss = create_loss(config.train.loss, **config.train.loss_options)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    budgets = make_budgets(config.budgets)
+    gallery, path = ensure_gallery(config, data, split, log)
+    if config.gallery.embed_dim is None:  # the space must project to the backbone's own width
+        space = create_space(config.space.name, embed_dim=gallery.embed_dim, in_chans=data.channels, **config.space.options)
+    device = resolve_device(config.train.device)
+    sha = file_sha256(path)
+    emb, cached = gallery_embeddings(
+        gallery, sha, data, split, config.gallery.resolution, config.out_dir / "cache", config.gallery.batch_size, device, log
+    )
+    if cached:
+        log("Gallery embeddings: loaded from cache (content hash verified)")
+    return Context(config, data, split, gallery, sha, emb, space, budgets, loss, device)
+
+
+def open_study(config: ExperimentConfig, load_only: bool = False) -> optuna.Study:
+    """Create or load the study named in ``config`` (constrained TPE, median pruner).
+
+    The RDB storage runs a heartbeat, so a trial left running by a killed process is
+    failed when the next worker starts, and the study stays resumable.
+    """
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    url = config.storage_url
+    storage: optuna.storages.BaseStorage
+    if url.startswith(("sqlite:", "postgresql", "mysql")):
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=15, grace_period=60)
+    else:
+        raise ConfigError(f"Unsupported Optuna storage URL {url!r}: use sqlite:///PATH or postgresql://...")
+    sampler = optuna.samplers.TPESampler(seed=config.search.seed, n_startup_trials=config.search.n_startup_trials)
+    pruner: optuna.pruners.BasePruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1) if config.search.pruner == "median" else optuna.pruners.NopPruner()
+    )
+    if load_only:
+        return optuna.load_study(study_name=config.search.study_name, storage=storage, sampler=sampler, pruner=pruner)
+    study = optuna.create_study(
+        study_name=config.search.study_name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize", load_if_exists=True
+    )
+    optuna.storages.fail_stale_trials(study)
+    return study
+
+
+def _paragon(ctx: Context, study: optuna.Study) -> dict[str, dict[str, float]]:
+    """Symmetric scores of the gallery model (computed once, stored on the study)."""
+    stored_hash = study.user_attrs.get("gallery_sha256")
+    if stored_hash is not None and stored_hash != ctx.gallery_sha:
+        raise GalleryError(
+            f"Study {study.study_name!r} was searched against gallery weights {stored_hash[:12]}, but the configured gallery "
+            f"model hashes to {ctx.gallery_sha[:12]}: its trials are not comparable. Use a new --study-name or the original checkpoint."
+        )
+    if "paragon" in study.user_attrs:
+        return study.user_attrs["paragon"]
+    labels, split, emb = ctx.data.labels, ctx.split, ctx.embeddings
+    paragon = {
+        "query": retrieval_metrics(emb.query, labels[split.query], emb.gallery, labels[split.gallery]),
+        "val": retrieval_metrics(emb.val, labels[split.val], emb.gallery, labels[split.gallery]),
+    }
+    study.set_user_attr("gallery_sha256", ctx.gallery_sha)
+    study.set_user_attr("gallery_model", ctx.config.gallery.model)
+    study.set_user_attr("paragon", paragon)
+    return paragon
+
+
+class Objective:
+    """One trial, as described in the module docstring. Returns the val asymmetric mAP."""
+
+    def __init__(self, ctx: Context, study: optuna.Study, tracker: Tracker | NullTracker, parent_run: str, paragon: dict) -> None:
+        self.ctx = ctx
+        self.study = study
+        self.tracker = tracker
+        self.parent_run = parent_run
+        self.paragon = paragon
+        labels = ctx.data.labels
+        self.train_labels = torch.from_numpy(labels[ctx.split.train])
+        self.train_targets = torch.from_numpy(ctx.embeddings.train)
+        self.weights_dir = ctx.config.out_dir / "checkpoints"
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        run_id = self.tracker.start_trial(self.parent_run, trial)
+        try:
+            return self._run(trial, run_id)
+        except optuna.TrialPruned as exc:
+            trial.set_user_attr("state", "pruned")
+            self.tracker.end_trial(run_id, "pruned", str(exc))
+            raise
+        except TrainingDiverged as exc:
+            trial.set_user_attr("state", "failed")
+            trial.set_user_attr("reason", str(exc))
+            self.tracker.end_trial(run_id, "failed", str(exc))
+            raise
+        except KeyboardInterrupt:
+            self.tracker.end_trial(run_id, "interrupted", "interrupted by the user (Ctrl-C)")
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("state", "failed")
+            trial.set_user_attr("reason", reason)
+            self.tracker.end_trial(run_id, "failed", reason)
+            raise
+
+    # ---------------------------------------------------------------- steps
+    def _duplicate_of(self, arch: Architecture, number: int) -> optuna.trial.FrozenTrial | None:
+        for other in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if other.number != number and other.user_attrs.get("arch_id") == arch.arch_id and "duplicate_of" not in other.user_attrs:
+                return other
+        return None
+
+    def _run(self, trial: optuna.Trial, run_id: str) -> float:
+        ctx = self.ctx
+        arch = ctx.space.sample(trial)
+        trial.set_user_attr("arch", arch.to_string())
+        trial.set_user_attr("arch_id", arch.arch_id)
+        self.tracker.log(run_id, params={**trial.params, "trial_number": trial.number, "arch": arch.to_string()}, tags={"asymnas.arch_id": arch.arch_id})
+        self.tracker.log_text(run_id, arch.to_json(), "arch.json")
+
+        original = self._duplicate_of(arch, trial.number)
+        if original is not None:
+            for key, value in original.constraints.items():
+                trial.set_constraint(key, value)
+            for key in ("state", "reason", "budgets", "metrics", "weights"):
+                if key in original.user_attrs:
+                    trial.set_user_attr(key, original.user_attrs[key])
+            trial.set_user_attr("duplicate_of", original.number)
+            metrics = {**original.user_attrs.get("budgets", {}), **original.user_attrs.get("metrics", {})}
+            self.tracker.log(run_id, tags={"asymnas.duplicate_of": original.number})
+            self.tracker.end_trial(run_id, original.user_attrs.get("state", "complete"), f"same architecture as trial {original.number}; result reused", metrics)
+            return float(original.value)
+
+        model = build(arch)
+        report = check_budgets(model, arch.resolution, arch.in_chans, ctx.budgets)
+        for budget, value in zip(ctx.budgets, report.constraints, strict=True):
+            trial.set_constraint(budget.name, value)
+        trial.set_user_attr("budgets", report.values)
+        trial.set_user_attr("budget_seconds", report.seconds)
+        if not report.feasible:
+            trial.set_user_attr("state", "infeasible")
+            trial.set_user_attr("reason", report.reason)
+            self.tracker.end_trial(run_id, "infeasible", report.reason, {**report.values, "budget_check_seconds": report.seconds})
+            return 0.0
+        self.tracker.log(run_id, metrics=report.values)
+        return self._train_and_score(trial, run_id, arch, model)
+
+    def _val_metrics(self, model: torch.nn.Module, arch: Architecture) -> dict[str, float]:
+        ctx = self.ctx
+        labels = ctx.data.labels
+        val = embed(model, ctx.data.images[ctx.split.val], arch.resolution, 256, ctx.device)
+        return retrieval_metrics(val, labels[ctx.split.val], ctx.embeddings.gallery, labels[ctx.split.gallery])
+
+    def _train_and_score(self, trial: optuna.Trial, run_id: str, arch: Architecture, model: torch.nn.Module) -> float:
+        ctx, tc = self.ctx, self.ctx.config.train
+        images = preprocess(ctx.data.images[ctx.split.train], arch.resolution)
+        start = time.perf_counter()
+        last_val: dict[str, float] = {}
+
+        def on_epoch(result: EpochResult) -> None:
+            nonlocal last_val
+            model.to(ctx.device)
+            last_val = self._val_metrics(model, arch)
+            trial.report(last_val["mAP"], result.epoch)
+            self.tracker.log(run_id, metrics={"train_loss": result.train_loss, "val_mAP": last_val["mAP"], "epoch_seconds": result.seconds}, step=result.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val mAP {last_val['mAP']:.4f} at epoch {result.epoch} is below the median of earlier trials")
+
+        train_compatible(
+            model,
+            images,
+            self.train_targets,
+            self.train_labels,
+            ctx.loss,
+            epochs=tc.epochs,
+            batch_size=tc.batch_size,
+            optimizer=tc.optimizer,
+            lr=tc.lr,
+            weight_decay=tc.weight_decay,
+            momentum=tc.momentum,
+            schedule=tc.schedule,
+            device=ctx.device,
+            seed=ctx.config.search.seed * 100003 + trial.number,
+            on_epoch=on_epoch,
+        )
+        train_seconds = time.perf_counter() - start
+        labels = ctx.data.labels
+        query = embed(model, ctx.data.images[ctx.split.query], arch.resolution, 256, ctx.device)
+        asym = retrieval_metrics(query, labels[ctx.split.query], ctx.embeddings.gallery, labels[ctx.split.gallery])
+        metrics = {
+            **{f"val_{k}": v for k, v in last_val.items() if k not in ("queries", "skipped")},
+            **{f"query_{k}": v for k, v in asym.items() if k not in ("queries", "skipped")},
+            **{f"query_{k}": v for k, v in compatibility_ratios(asym, self.paragon["query"]).items()},
+            "val_mAP_ratio": last_val["mAP"] / self.paragon["val"]["mAP"],
+            "train_seconds": train_seconds,
+        }
+        trial.set_user_attr("metrics", metrics)
+        trial.set_user_attr("weights", str(self._save_weights(trial.number, model)))
+        trial.set_user_attr("state", "complete")
+        self.tracker.end_trial(run_id, "complete", None, metrics)
+        return float(last_val["mAP"])
+
+    def _save_weights(self, number: int, model: torch.nn.Module) -> Path:
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        path = (self.weights_dir / f"trial-{number}.safetensors").resolve()
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
+        return path
+
+
+# ------------------------------------------------------------------------- results
+
+
+def _feasible_complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return [t for t in trials if t.user_attrs.get("state") == "complete" and all(v <= 0 for v in t.constraints.values())]
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The feasible complete trial with the highest objective (val mAP); ``None`` if there is none."""
+    trials = _feasible_complete(study)
+    return max(trials, key=lambda t: (t.value, -t.number)) if trials else None
+
+
+def _keep_best_weights(study: optuna.Study, keep: int) -> None:
+    """Delete the weights of all but the ``keep`` best trials (duplicates share their original's file)."""
+    ranked = sorted(_feasible_complete(study), key=lambda t: -t.value)
+    keep_paths = {t.user_attrs.get("weights") for t in ranked[:keep]}
+    for trial in ranked[keep:]:
+        path = trial.user_attrs.get("weights")
+        if path and path not in keep_paths and os.path.exists(path):
+            os.remove(path)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def results_table(study: optuna.Study, top: int | None = None) -> str:
+    """A plain-text table of the study's trials (best first when ``top`` is given)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.RUNNING]
+    if top is not None:
+        trials = sorted(_feasible_complete(study), key=lambda t: -t.value)[:top]
+    best = best_trial(study)
+    header = f"{'trial':>5} {'state':<11} {'res':>3} {'width':>5} {'MFLOPs':>7} {'params M':>8} {'lat ms':>6} {'val mAP':>7} {'mAP':>6} {'R@1':>6} {'ratio':>6}"
+    lines = [header, "-" * len(header)]
+    for t in trials:
+        b, m = t.user_attrs.get("budgets", {}), t.user_attrs.get("metrics", {})
+        state = t.user_attrs.get("state", t.state.name.lower())
+        if t.state == optuna.trial.TrialState.FAIL:
+            state = "failed"
+        if "duplicate_of" in t.user_attrs:
+            state = f"dup of {t.user_attrs['duplicate_of']}"
+        mark = "*" if best is not None and t.number == best.number else " "
+        lines.append(
+            f"{t.number:>4}{mark} {state:<11} {_fmt(t.params.get('resolution'), '>3')} {_fmt(t.params.get('width'), '>5')} "
+            f"{_fmt(b.get('mflops'), '7.3f')} {_fmt(b.get('params_m'), '8.3f')} {_fmt(b.get('latency_ms'), '6.2f')} "
+            f"{_fmt(m.get('val_mAP'), '7.4f')} {_fmt(m.get('query_mAP'), '6.4f')} {_fmt(m.get('query_R@1'), '6.4f')} {_fmt(m.get('query_mAP_ratio'), '6.3f')}"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- driver
+
+
+class _Progress:
+    """One line per finished trial: k of N, state, scores, best so far, elapsed and remaining."""
+
+    def __init__(self, total: int, timeout: float | None, log: Log) -> None:
+        self.total, self.timeout, self.log = total, timeout, log
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        remaining = elapsed / self.done * (self.total - self.done)
+        if self.timeout is not None:
+            remaining = min(remaining, max(self.timeout - elapsed, 0.0))
+        state = trial.user_attrs.get("state", trial.state.name.lower())
+        if trial.state == optuna.trial.TrialState.FAIL:
+            state = "failed"
+        m, b = trial.user_attrs.get("metrics", {}), trial.user_attrs.get("budgets", {})
+        detail = ""
+        if "duplicate_of" in trial.user_attrs:
+            detail = f"same architecture as trial {trial.user_attrs['duplicate_of']} (result reused)"
+        elif state == "complete":
+            detail = f"val mAP {m['val_mAP']:.4f}, query mAP {m['query_mAP']:.4f} ({m['query_mAP_ratio']:.3f} of paragon)"
+        elif "reason" in trial.user_attrs:
+            detail = trial.user_attrs["reason"]
+        budgets = ", ".join(f"{k} {b[k]:.3g}" for k in ("mflops", "params_m", "latency_ms") if k in b)
+        best = best_trial(study)
+        best_text = f"best #{best.number} val mAP {best.value:.4f}" if best else "no feasible trial yet"
+        self.log(
+            f"[trial {trial.number:>3} | {self.done}/{self.total}] {state:<10} {detail} [{budgets}] | {best_text} | "
+            f"elapsed {elapsed / 60:.1f} min, ~{remaining / 60:.1f} min left"
+        )
+
+
+def run_search(config: ExperimentConfig, log: Log = print) -> optuna.Study:
+    """Run (or resume) the study of ``config``, adding ``config.search.trials`` trials."""
+    ctx = prepare(config, log)
+    smallest = check_reachable(ctx.space, ctx.budgets)
+    study = open_study(config)
+    paragon = _paragon(ctx, study)
+    log(
+        f"Paragon (gallery model on both sides): query mAP {paragon['query']['mAP']:.4f}, R@1 {paragon['query']['R@1']:.4f}; "
+        f"val mAP {paragon['val']['mAP']:.4f}"
+    )
+    tracker: Tracker | NullTracker = NullTracker()
+    if config.tracking.enabled:
+        tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts")
+        closed = tracker.reconcile(study)
+        if closed:
+            log(f"Tracking: closed {closed} MLflow run(s) left open by an interrupted earlier search.")
+    description = ctx.space.describe()
+    study.set_user_attr("config", config_to_dict(config))
+    study.set_user_attr("out_dir", str(config.out_dir.resolve()))
+    study.set_user_attr("space", description)
+    gallery_mflops = check_budgets(ctx.gallery, config.gallery.resolution, ctx.data.channels, ctx.budgets[:2], measure_all=True).values
+    study.set_user_attr("gallery_budgets", gallery_mflops)
+    parent = tracker.start_study(
+        study,
+        params=flatten({**config_to_dict(config), "split": ctx.split.sizes()}),
+        tags={
+            "gallery.sha256": ctx.gallery_sha,
+            "gallery.model": config.gallery.model,
+            "budgets": "; ".join(b.describe() for b in ctx.budgets),
+            "space.num_architectures": description["num_architectures"],
+        },
+        texts={"config.yaml": yaml.safe_dump(config_to_dict(config), sort_keys=False), "space.json": yaml.safe_dump(description)},
+    )
+    tracker.log(
+        parent,
+        metrics={
+            **{f"paragon_query_{k}": v for k, v in paragon["query"].items() if k not in ("queries", "skipped")},
+            **{f"paragon_val_{k}": v for k, v in paragon["val"].items() if k not in ("queries", "skipped")},
+            **{f"gallery_{k}": v for k, v in gallery_mflops.items()},
+            **{f"smallest_candidate_{k}": v for k, v in smallest.items()},
+        },
+    )
+    before = len(study.trials)
+    log(
+        f"Study {study.study_name!r} at {config.storage_url}: {before} earlier trial(s); adding {config.search.trials}. "
+        f"Budgets: {'; '.join(b.describe() for b in ctx.budgets)}. Gallery model: {gallery_mflops['mflops']:.2f} MFLOPs."
+    )
+    objective = Objective(ctx, study, tracker, parent, paragon)
+    progress = _Progress(config.search.trials, config.search.timeout, log)
+    status = "FINISHED"
+    try:
+        study.optimize(
+            objective,
+            n_trials=config.search.trials,
+            timeout=config.search.timeout,
+            catch=(TrainingDiverged,),
+            callbacks=[progress, lambda s, t: _keep_best_weights(s, config.search.keep_best)],
+            gc_after_trial=True,
+        )
+    except KeyboardInterrupt:
+        status = "KILLED"
+        log("Interrupted: the running trial is marked failed; run the same command again to resume the study.")
+        raise
+    finally:
+        best = best_trial(study)
+        metrics = {f"best_{k}": v for k, v in best.user_attrs.get("metrics", {}).items()} if best else {}
+        tracker.end_study(parent, metrics=metrics, tags={"best_trial": best.number if best else "none"}, status=status)
+    return study
+
+
+def summary(study: optuna.Study, config: ExperimentConfig) -> str:
+    """Results table, the best trial against the paragon, and where to look next."""
+    paragon = study.user_attrs.get("paragon", {}).get("query", {})
+    gallery = study.user_attrs.get("gallery_budgets", {})
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        state = "failed" if t.state == optuna.trial.TrialState.FAIL else t.user_attrs.get("state", t.state.name.lower())
+        counts[state] = counts.get(state, 0) + 1
+    lines = [results_table(study), ""]
+    lines.append(f"Trials: {len(study.trials)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
+    if paragon:
+        lines.append(
+            f"Paragon ({config.gallery.model} on both sides, {gallery.get('mflops', float('nan')):.2f} MFLOPs): "
+            f"query mAP {paragon['mAP']:.4f}, R@1 {paragon['R@1']:.4f}"
+        )
+    best = best_trial(study)
+    if best is None:
+        lines.append("No feasible trial has completed yet.")
+    else:
+        m, b = best.user_attrs["metrics"], best.user_attrs["budgets"]
+        share = b["mflops"] / gallery["mflops"] if gallery.get("mflops") else float("nan")
+        lines.append(
+            f"Best trial #{best.number}: asymmetric query mAP {m['query_mAP']:.4f} = {m['query_mAP_ratio']:.3f} of the paragon; "
+            f"R@1 {m['query_R@1']:.4f}; {b['mflops']:.3f} MFLOPs (1/{1 / share:.1f} of the gallery model), "
+            f"{b['params_m']:.3f} M params, {b['latency_ms']:.2f} ms"
+        )
+        lines.append(f"  architecture: {best.user_attrs['arch']}")
+    lines.append("")
+    lines.append("Browse the trials in the MLflow UI:")
+    lines.append(f"  .venv/bin/mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000")
+    storage = f" --storage {config.search.storage}" if config.search.storage else f" --run-dir {config.out_dir}"
+    lines.append("Export the best query network:")
+    lines.append(f"  .venv/bin/nas export --study-name {study.study_name}{storage} --out {config.out_dir / 'export'}")
+    return "\n".join(lines)
+

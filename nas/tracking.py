@@ -1,0 +1,223 @@
+"""MLflow tracking: one parent run per study, one nested child run per trial.
+
+This is the only module that imports mlflow. It uses an explicit ``MlflowClient`` and
+batched logging (no active-run global). The parent run id is stored on the Optuna study
+and each child run id on its trial (user attr ``mlflow_run_id``), so a resumed study
+finds its runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from nas.errors import NasError
+
+__all__ = ["Tracker", "NullTracker", "mlflow_key", "flatten", "RUN_STATUS"]
+
+#: Trial state (ours) -> MLflow run status. A failed trial is never FINISHED.
+RUN_STATUS = {
+    "complete": "FINISHED",
+    "infeasible": "FINISHED",
+    "duplicate": "FINISHED",
+    "pruned": "KILLED",
+    "interrupted": "KILLED",
+    "failed": "FAILED",
+}
+
+_BATCH = 100  # MLflow's per-request limit for params and tags (metrics: 1000)
+
+
+def mlflow_key(name: str) -> str:
+    """Metric names as MLflow accepts them: ``R@1`` -> ``R_at_1``, ``mAP@R`` -> ``mAP_at_R``."""
+    return name.replace("@", "_at_")
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> ``{"a.b.c": "value"}`` with values as strings (lists as JSON)."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple, Mapping)):
+            flat[name] = json.dumps(value)
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Tracker:
+    """Logs a study to an MLflow tracking store (``sqlite:///...`` or ``http://host:port``)."""
+
+    def __init__(self, uri: str, experiment: str, artifact_dir: str | Path | None = None) -> None:
+        import mlflow
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self._entities = (Metric, Param, RunTag)
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                location = Path(artifact_dir).resolve().as_uri() if artifact_dir else None
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            else:
+                self.experiment_id = found.experiment_id
+        except mlflow.exceptions.MlflowException as exc:
+            raise NasError(
+                f"Cannot use the MLflow tracking store at {uri}: {exc}. Check tracking.uri (or --tracking-uri), "
+                f"start the tracking server, or disable tracking with tracking.enabled: false."
+            ) from None
+        except Exception as exc:  # connection errors surface as requests / sqlalchemy exceptions
+            raise NasError(f"Cannot reach the MLflow tracking store at {uri}: {type(exc).__name__}: {exc}.") from None
+
+    # ------------------------------------------------------------------ low level
+    def log(
+        self,
+        run_id: str,
+        params: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        step: int = 0,
+    ) -> None:
+        """Batched logging of params, metrics (at ``step``) and tags to one run."""
+        Metric, Param, RunTag = self._entities
+        now = int(time.time() * 1000)
+        param_list = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+        metric_list = [Metric(mlflow_key(k), float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
+        tag_list = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
+        for chunk in _chunks(param_list, _BATCH):
+            self.client.log_batch(run_id, params=chunk)
+        for chunk in _chunks(tag_list, _BATCH):
+            self.client.log_batch(run_id, tags=chunk)
+        for chunk in _chunks(metric_list, 1000):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    # ------------------------------------------------------------------ study
+    def start_study(self, study: optuna.Study, params: Mapping[str, Any], tags: Mapping[str, Any], texts: Mapping[str, str]) -> str:
+        """Create (or, on resume, reopen) the study's parent run and log its description."""
+        run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if run_id is not None:
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            except Exception:
+                run_id = None  # the tracking store was replaced; start a new parent run
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"study:{study.study_name}", tags={"asymnas.role": "study", "optuna.study_name": study.study_name}
+        )
+        run_id = run.info.run_id
+        study.set_user_attr("mlflow_parent_run_id", run_id)
+        self.log(run_id, params=params, tags=tags)
+        for name, text in texts.items():
+            self.log_text(run_id, text, name)
+        return run_id
+
+    def end_study(self, run_id: str, metrics: Mapping[str, float] | None = None, tags: Mapping[str, Any] | None = None, status: str = "FINISHED") -> None:
+        self.log(run_id, metrics=metrics, tags=tags)
+        self.client.set_terminated(run_id, status=status)
+
+    # ------------------------------------------------------------------ trials
+    def start_trial(self, parent_id: str, trial: optuna.Trial) -> str:
+        """Create the trial's child run under ``parent_id`` and store its id on the trial."""
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{trial.number}",
+            tags={
+                "mlflow.parentRunId": parent_id,
+                "asymnas.role": "trial",
+                "optuna.study_name": trial.study.study_name,
+                "optuna.trial_number": str(trial.number),
+                "asymnas.state": "running",
+                "asymnas.host": socket.gethostname(),
+            },
+        )
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        return run.info.run_id
+
+    def end_trial(self, run_id: str, state: str, reason: str | None = None, metrics: Mapping[str, float] | None = None) -> None:
+        """Log final metrics, tag the state (and reason) and close the run with the matching status."""
+        tags = {"asymnas.state": state}
+        if reason:
+            tags["asymnas.reason"] = reason
+        self.log(run_id, metrics=metrics, tags=tags)
+        self.client.set_terminated(run_id, status=RUN_STATUS[state])
+
+    def reconcile(self, study: optuna.Study) -> int:
+        """Close child runs left RUNNING by a crashed process whose trial is no longer running.
+
+        Returns how many runs were closed.
+        """
+        closed = 0
+        states = (optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        for trial in study.get_trials(deepcopy=False, states=states):
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if run_id is None:
+                continue
+            try:
+                run = self.client.get_run(run_id)
+            except Exception:
+                continue
+            if run.info.status == "RUNNING":
+                state = {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.PRUNED: "pruned"}.get(trial.state, "failed")
+                self.end_trial(run_id, state, reason="the process running this trial stopped before closing its run")
+                closed += 1
+        return closed
+
+    def child_runs(self, parent_id: str) -> list[Any]:
+        """All child runs of ``parent_id`` (used by tests and reports)."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000, page_token=token
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+
+class NullTracker:
+    """Tracking switched off (``tracking.enabled: false``): every call does nothing."""
+
+    uri = None
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_text(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def start_study(self, *args: Any, **kwargs: Any) -> str:
+        return ""
+
+    def end_study(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def start_trial(self, *args: Any, **kwargs: Any) -> str:
+        return ""
+
+    def end_trial(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def reconcile(self, *args: Any, **kwargs: Any) -> int:
+        return 0

@@ -1,0 +1,147 @@
+"""The architecture value type and the search-space interface."""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+
+from search_spaces._blocks import decode_block, encode_block
+
+__all__ = ["Architecture", "SearchSpace"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A query network as data: block strings plus resolution, widths and embedding head.
+
+    Hashable and comparable; :meth:`to_string` is its canonical text form and
+    :attr:`arch_id` a stable hash of that text, used to recognise duplicates.
+    ``stages`` holds timm block strings (canonical form), one tuple per stage; channel
+    counts in them are before the ``width`` multiplier.
+    """
+
+    space: str
+    resolution: int
+    width: float
+    stem_chs: int
+    stages: tuple[tuple[str, ...], ...]
+    head_chs: int
+    embed_dim: int
+    in_chans: int
+    act: str = "hard_swish"
+
+    def __post_init__(self) -> None:
+        if self.resolution < 8:
+            raise ValueError(f"Architecture resolution must be >= 8, but got {self.resolution}.")
+        if not 0 < self.width <= 4:
+            raise ValueError(f"Architecture width multiplier must be in (0, 4], but got {self.width}.")
+        if not self.stages or any(not stage for stage in self.stages):
+            raise ValueError(f"Architecture needs at least one non-empty stage, but got {self.stages!r}.")
+        canonical = tuple(tuple(encode_block(decode_block(b)) for b in stage) for stage in self.stages)
+        object.__setattr__(self, "stages", canonical)
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"Architecture in_chans must be 1 or 3, but got {self.in_chans}.")
+        if self.embed_dim < 2:
+            raise ValueError(f"Architecture embed_dim must be >= 2, but got {self.embed_dim}.")
+
+    # ------------------------------------------------------------------ text form
+    def to_string(self) -> str:
+        """Canonical one-line form: ``key=value`` fields, stages joined by ``/``, blocks by ``+``."""
+        stages = "/".join("+".join(stage) for stage in self.stages)
+        return (
+            f"space={self.space} res={self.resolution} width={self.width:g} stem={self.stem_chs} "
+            f"stages={stages} head={self.head_chs} embed={self.embed_dim} in={self.in_chans} act={self.act}"
+        )
+
+    @classmethod
+    def from_string(cls, text: str) -> Architecture:
+        """Parse :meth:`to_string` output; ``ValueError`` names a missing or bad field."""
+        fields: dict[str, str] = {}
+        for token in text.split():
+            key, sep, value = token.partition("=")
+            if not sep:
+                raise ValueError(f"Architecture string token {token!r} is not of the form key=value.")
+            fields[key] = value
+        required = ("space", "res", "width", "stem", "stages", "head", "embed", "in")
+        missing = [k for k in required if k not in fields]
+        if missing:
+            raise ValueError(f"Architecture string is missing field(s) {', '.join(missing)}: {text!r}.")
+        try:
+            return cls(
+                space=fields["space"],
+                resolution=int(fields["res"]),
+                width=float(fields["width"]),
+                stem_chs=int(fields["stem"]),
+                stages=tuple(tuple(stage.split("+")) for stage in fields["stages"].split("/")),
+                head_chs=int(fields["head"]),
+                embed_dim=int(fields["embed"]),
+                in_chans=int(fields["in"]),
+                act=fields.get("act", "hard_swish"),
+            )
+        except ValueError as exc:
+            raise ValueError(f"Invalid architecture string {text!r}: {exc}") from None
+
+    # ------------------------------------------------------------------ JSON form
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stages"] = [list(stage) for stage in self.stages]
+        data["arch_id"] = self.arch_id
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Architecture:
+        data = dict(data)
+        expected = data.pop("arch_id", None)
+        data["stages"] = tuple(tuple(stage) for stage in data["stages"])
+        arch = cls(**data)
+        if expected is not None and expected != arch.arch_id:
+            raise ValueError(f"Architecture id {expected} does not match its fields (hash {arch.arch_id}).")
+        return arch
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Architecture:
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def arch_id(self) -> str:
+        """A stable 16-hex-digit hash of the canonical string."""
+        return hashlib.sha256(self.to_string().encode()).hexdigest()[:16]
+
+
+class SearchSpace(abc.ABC):
+    """A declarative space of query architectures.
+
+    Implementations sample an :class:`Architecture` from an Optuna trial with stable
+    parameter names, and name the extreme members so that budgets can be checked against
+    what the space can reach at all.
+    """
+
+    name: str = ""
+
+    def __init__(self, embed_dim: int, in_chans: int) -> None:
+        if embed_dim < 2:
+            raise ValueError(f"embed_dim must be >= 2, but got {embed_dim}.")
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, but got {in_chans}.")
+        self.embed_dim = embed_dim
+        self.in_chans = in_chans
+
+    @abc.abstractmethod
+    def sample(self, trial: optuna.trial.BaseTrial) -> Architecture:
+        """Draw one architecture; parameter names are stable across versions of the space."""
+
+    @abc.abstractmethod
+    def extreme(self, smallest: bool = True, resolution: int | None = None) -> Architecture:
+        """The smallest (or largest) member, at ``resolution`` or at the extreme resolution."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """The choices of every dimension and the number of distinct architectures."""

@@ -1,0 +1,113 @@
+"""Training a query network toward fixed gallery targets."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainers._base import CompatibilityLoss
+
+__all__ = ["train_compatible", "TrainingDiverged", "EpochResult"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message says when and with which learning rate."""
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    seconds: float
+
+
+def _optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', but got {name!r}.")
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(total_steps // 3, 1), gamma=0.1)
+    if name == "none":
+        return None
+    raise ValueError(f"schedule must be 'cosine', 'step' or 'none', but got {name!r}.")
+
+
+def train_compatible(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: CompatibilityLoss,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: str = "adamw",
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    momentum: float = 0.9,
+    schedule: str = "cosine",
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> list[EpochResult]:
+    """Train ``model`` so that ``model(images[i])`` lands on ``targets[i]``.
+
+    ``images`` are preprocessed at the model's input resolution; ``targets`` are the
+    gallery model's embeddings of the same images. ``on_epoch`` is called after every
+    epoch (it may raise, e.g. ``optuna.TrialPruned``, to stop training). A NaN or
+    infinite loss raises :class:`TrainingDiverged`. The model is left in eval mode on
+    the CPU.
+    """
+    if len(images) != len(targets) or len(images) != len(labels):
+        raise ValueError(f"images, targets and labels must have the same length, but got {len(images)}, {len(targets)}, {len(labels)}.")
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.to(device)
+    loss_fn.to(device)
+    opt = _optimizer(model, optimizer, lr, weight_decay, momentum)
+    steps_per_epoch = max(len(images) // batch_size, 1)
+    sched = _scheduler(opt, schedule, epochs * steps_per_epoch)
+    history: list[EpochResult] = []
+    try:
+        for epoch in range(1, epochs + 1):
+            start = time.perf_counter()
+            model.train()
+            order = torch.randperm(len(images), generator=generator)
+            total = 0.0
+            for step in range(steps_per_epoch):
+                idx = order[step * batch_size : (step + 1) * batch_size]
+                xb, tb, yb = images[idx].to(device), targets[idx].to(device), labels[idx].to(device)
+                loss = loss_fn(model(xb), tb, yb)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"loss became {value} at epoch {epoch}, step {step + 1} (optimizer {optimizer}, lr {lr:g}); "
+                        f"lower train.lr or check the data."
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                total += value
+            result = EpochResult(epoch, total / steps_per_epoch, time.perf_counter() - start)
+            history.append(result)
+            if on_epoch is not None:
+                model.eval()
+                on_epoch(result)
+    finally:
+        model.eval().cpu()
+    return history

@@ -104,6 +104,7 @@ def _export_onnx(model: QueryNet, arch: Architecture, path: Path) -> None:
             output_names=["embeddings"],
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
             dynamo=True,
+            external_data=False,
             verbose=False,
         )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,9 @@ def open_study(config: ExperimentConfig, load_only: bool = False) -> optuna.Stud
     url = config.storage_url
     storage: optuna.storages.BaseStorage
     if url.startswith(("sqlite:", "postgresql", "mysql")):
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=15, grace_period=60)
+        with warnings.catch_warnings():  # heartbeats are marked experimental by Optuna; we rely on them deliberately
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=15, grace_period=60)
     else:
         raise ConfigError(f"Unsupported Optuna storage URL {url!r}: use sqlite:///PATH or postgresql://...")
     sampler = optuna.samplers.TPESampler(seed=config.search.seed, n_startup_trials=config.search.n_startup_trials)
@@ -155,7 +158,9 @@ def open_study(config: ExperimentConfig, load_only: bool = False) -> optuna.Stud
     study = optuna.create_study(
         study_name=config.search.study_name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize", load_if_exists=True
     )
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     return study
 
 
@@ -311,7 +316,8 @@ class Objective:
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("weights", str(self._save_weights(trial.number, model)))
         trial.set_user_attr("state", "complete")
-        self.tracker.end_trial(run_id, "complete", None, metrics)
+        # val_mAP is already in the run, once per epoch; the last epoch's value is the final one
+        self.tracker.end_trial(run_id, "complete", None, {k: v for k, v in metrics.items() if k != "val_mAP"})
         return float(last_val["mAP"])
 
     def _save_weights(self, number: int, model: torch.nn.Module) -> Path:
@@ -348,7 +354,11 @@ def _keep_best_weights(study: optuna.Study, keep: int) -> None:
 
 
 def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    """``format(value, spec)``, or a dash as wide as the spec's width when there is no value."""
+    if value is None:
+        width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
+        return "-".rjust(int(width or 1))
+    return format(value, spec)
 
 
 def results_table(study: optuna.Study, top: int | None = None) -> str:

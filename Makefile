@@ -1,0 +1,40 @@
+# The two commands of the README:
+#   make quickstart   set up (venv, pinned packages, Fashion-MNIST), search, export
+#   make test         set up, then run the test suite (slow tests excluded)
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data quickstart test test-slow clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+data: $(FASHION_MNIST)
+
+$(FASHION_MNIST):
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist \
+	  || ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
+
+quickstart: setup data
+	$(BIN)/nas search experiments/quickstart.yaml
+	$(BIN)/nas export --study-name quickstart --run-dir runs/quickstart --out runs/quickstart/export
+	@echo
+	@echo "Exported query network: runs/quickstart/export (MODEL_CARD.md, arch.json, weights.safetensors, model.onnx, model.torchscript.pt)"
+	@echo "Browse the trials:      $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/quickstart/mlflow.db --host 127.0.0.1 --port 5000"
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-slow: setup data
+	$(BIN)/python -m pytest -m slow
+
+clean:
+	rm -rf runs

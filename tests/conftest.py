@@ -1,0 +1,73 @@
+"""Shared fixtures: small real data written in the layouts our loaders read, and tiny experiments."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) as an idx file, gzipped when ``path`` ends with .gz."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as handle:
+        handle.write(payload)
+
+
+def digits_as_fashion_mnist(folder: Path) -> Path:
+    """scikit-learn's bundled digits (1,797 real 8x8 scans), upscaled to 16x16 and written
+    as the four Fashion-MNIST idx files, so the real loader reads them."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.kron(digits.images, np.ones((2, 2))) * (255.0 / 16.0)
+    images = images.round().clip(0, 255).astype(np.uint8)
+    labels = digits.target.astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    cut = 1500
+    write_idx(folder / "train-images-idx3-ubyte.gz", images[:cut])
+    write_idx(folder / "train-labels-idx1-ubyte.gz", labels[:cut])
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", images[cut:])
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels[cut:])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return digits_as_fashion_mnist(tmp_path_factory.mktemp("digits"))
+
+
+TINY: dict[str, Any] = {
+    "data": {"dataset": "fashion_mnist", "train": 0.6, "val": 0.1, "query": 0.1, "gallery": 0.2, "seed": 0},
+    "gallery": {"model": "resnet18", "embed_dim": 32, "resolution": 16, "train": {"epochs": 3, "batch_size": 64, "lr": 0.003}},
+    "space": {"name": "mobilenet", "options": {"resolutions": [16], "widths": [0.35, 0.5, 1.0]}},
+    "budgets": {"max_mflops": 0.6, "latency": {"warmup": 2, "repeats": 5}},
+    "train": {"epochs": 2, "batch_size": 64, "lr": 0.005},
+    "search": {"study_name": "tiny", "trials": 6, "seed": 0, "n_startup_trials": 6, "pruner": "none"},
+}
+
+
+@pytest.fixture
+def tiny_config(digits_dir: Path):
+    """Factory: a tiny experiment mapping under ``out`` with nested ``overrides`` applied."""
+
+    def make(out: Path, **overrides: Any) -> dict[str, Any]:
+        config = copy.deepcopy(TINY)
+        config["out"] = str(out)
+        config["data"]["path"] = str(digits_dir)
+        for dotted, value in overrides.items():
+            node = config
+            *parents, last = dotted.split("__")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        return config
+
+    return make

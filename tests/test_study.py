@@ -1,0 +1,164 @@
+"""End-to-end: a tiny search on real (small) data, its MLflow runs, resume, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from nas.config import config_from_dict
+from nas.errors import BudgetError, GalleryError
+from nas.study import best_trial, open_study, run_search, summary
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
+
+
+def _child_runs(client: MlflowClient, study: optuna.Study) -> list:
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    experiment = client.get_run(parent).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path):
+    """One tiny search (gallery trained by the search itself), shared by the tests below."""
+    from tests.conftest import TINY
+    import copy
+
+    out = tmp_path_factory.mktemp("search")
+    raw = copy.deepcopy(TINY)
+    raw["out"] = str(out)
+    raw["data"]["path"] = str(digits_dir)
+    config = config_from_dict(raw)
+    logs: list[str] = []
+    study = run_search(config, log=logs.append)
+    return config, study, logs
+
+
+def test_search_records_complete_and_infeasible_trials(searched) -> None:
+    config, study, logs = searched
+    assert len(study.trials) == config.search.trials
+    states = [t.user_attrs.get("state") for t in study.trials]
+    assert "infeasible" in states and states.count("complete") >= 3
+    for t in study.trials:
+        budgets = t.user_attrs["budgets"]
+        if t.user_attrs["state"] == "infeasible":
+            # rejected on MFLOPs before any training: no weights, no metrics, constraint > 0
+            assert budgets["mflops"] > config.budgets.max_mflops
+            assert t.constraints["mflops"] > 0
+            assert "weights" not in t.user_attrs and "metrics" not in t.user_attrs
+            assert "mflops" in t.user_attrs["reason"]
+        else:
+            assert budgets["mflops"] <= config.budgets.max_mflops
+            assert all(v <= 0 for v in t.constraints.values())
+            m = t.user_attrs["metrics"]
+            assert 0 < m["query_mAP"] <= 1 and 0 < m["query_mAP_ratio"]
+            assert t.value == pytest.approx(m["val_mAP"])
+            assert Path(t.user_attrs["weights"]).is_file()
+            assert t.intermediate_values.keys() == {1, 2}  # one report per epoch
+    assert any("Gallery model: no checkpoint configured; training" in line for line in logs)
+    assert any(line.startswith("[trial") for line in logs)  # progress display
+
+
+def test_paragon_and_best_trial_are_stored(searched) -> None:
+    config, study, _ = searched
+    paragon = study.user_attrs["paragon"]
+    assert 0 < paragon["query"]["mAP"] <= 1
+    best = best_trial(study)
+    assert best is not None and best.user_attrs["state"] == "complete"
+    assert best.value == max(t.value for t in study.trials if t.user_attrs["state"] == "complete")
+    text = summary(study, config)
+    assert f"Best trial #{best.number}" in text and "of the paragon" in text and "mlflow ui" in text
+
+
+def test_mlflow_has_one_parent_and_one_child_per_trial(searched) -> None:
+    config, study, _ = searched
+    client = MlflowClient(config.tracking_uri)
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["search.study_name"] == "tiny"
+    assert "paragon_query_mAP" in parent.data.metrics and parent.data.tags["gallery.sha256"]
+    children = _child_runs(client, study)
+    assert len(children) == len(study.trials)
+    by_id = {run.info.run_id: run for run in children}
+    for t in study.trials:
+        run = by_id[t.user_attrs["mlflow_run_id"]]  # the child run id is stored on the trial
+        assert run.data.tags["asymnas.state"] == t.user_attrs["state"]
+        assert run.data.params["arch"] == t.user_attrs["arch"]
+        assert run.data.params["trial_number"] == str(t.number)
+        assert "arch.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        if t.user_attrs["state"] == "complete":
+            assert run.info.status == "FINISHED"
+            assert run.data.metrics["query_mAP"] == pytest.approx(t.user_attrs["metrics"]["query_mAP"])
+            history = client.get_metric_history(run.info.run_id, "val_mAP")
+            assert sorted(m.step for m in history) == [1, 2]
+        else:
+            assert run.data.tags["asymnas.reason"].startswith("mflops")
+
+
+def test_running_again_resumes_without_recomputing_the_gallery(searched) -> None:
+    config, study, _ = searched
+    before = {t.number: t.value for t in study.trials}
+    gallery_file = config.out_dir / "gallery" / "gallery.safetensors"
+    mtime = gallery_file.stat().st_mtime_ns
+    resumed_config = config_from_dict({**_as_dict(config), "search": {**_as_dict(config)["search"], "trials": 2}})
+    logs: list[str] = []
+    resumed = run_search(resumed_config, log=logs.append)
+    assert len(resumed.trials) == len(before) + 2
+    assert {t.number: t.value for t in resumed.trials if t.number in before} == before
+    assert gallery_file.stat().st_mtime_ns == mtime
+    assert any("loaded from cache" in line for line in logs)
+    assert not any("training" in line and "Gallery model" in line for line in logs)
+    client = MlflowClient(config.tracking_uri)
+    assert resumed.user_attrs["mlflow_parent_run_id"] == study.user_attrs["mlflow_parent_run_id"]
+    assert len(_child_runs(client, resumed)) == len(resumed.trials)
+
+
+def _as_dict(config) -> dict:
+    from nas.config import config_to_dict
+
+    return config_to_dict(config)
+
+
+def test_nan_loss_fails_that_trial_and_the_study_goes_on(searched, tmp_path: Path, tiny_config) -> None:
+    config, _, _ = searched
+    gallery = str(config.out_dir / "gallery" / "gallery.safetensors")
+    raw = tiny_config(
+        tmp_path, gallery__checkpoint=gallery, train__lr=1e30, train__optimizer="sgd", search__trials=3, budgets__max_mflops=None
+    )
+    study = run_search(config_from_dict(raw), log=lambda _: None)
+    assert len(study.trials) == 3
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in study.trials)
+    for t in study.trials:
+        assert "loss became" in t.user_attrs["reason"] and "lower train.lr" in t.user_attrs["reason"]
+    client = MlflowClient(config_from_dict(raw).tracking_uri)
+    runs = _child_runs(client, study)
+    assert len(runs) == 3 and all(r.info.status == "FAILED" for r in runs)
+
+
+def test_budget_no_architecture_can_meet_is_a_clear_error(tmp_path: Path, tiny_config) -> None:
+    raw = tiny_config(tmp_path, budgets__max_mflops=0.001, gallery__train={"epochs": 1})
+    with pytest.raises(BudgetError) as info:
+        run_search(config_from_dict(raw), log=lambda _: None)
+    message = str(info.value)
+    assert "smallest member" in message and "mflops" in message and "--max-mflops" in message
+
+
+def test_a_study_refuses_a_different_gallery_model(searched, tmp_path: Path) -> None:
+    config, _, _ = searched
+    from nas.config import config_to_dict
+    from nas.gallery import load_gallery, save_gallery
+
+    # same architecture, other weights: a re-saved copy with one weight changed
+    model = load_gallery(config.gallery, config.out_dir / "gallery" / "gallery.safetensors", 1)
+    with __import__("torch").no_grad():
+        next(model.parameters()).add_(1.0)
+    other = save_gallery(model, tmp_path / "other.safetensors", 16, tuple(str(i) for i in range(10)))
+    raw = config_to_dict(config)
+    raw["gallery"]["checkpoint"] = str(other)
+    raw["search"]["trials"] = 1
+    with pytest.raises(GalleryError, match="not comparable"):
+        run_search(config_from_dict(raw), log=lambda _: None)
+    assert len(open_study(config).trials) >= config.search.trials  # nothing was lost

@@ -1,0 +1,81 @@
+"""The ``nas`` command line: a whole search/export round, and one-paragraph errors for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nas.cli import main
+
+
+def _write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_search_then_export_from_the_command_line(tmp_path: Path, tiny_config, capsys) -> None:
+    config = tiny_config(tmp_path / "run", search__trials=2, budgets__max_mflops=None)
+    file = _write(tmp_path / "exp.yaml", config)
+    assert main(["search", str(file), "--trials", "3", "--max-params-m", "5", "--study-name", "cli"]) == 0
+    out = capsys.readouterr().out
+    assert "Best trial #" in out and "Trials: 3" in out and "nas export --study-name cli" in out
+    assert main(["results", "--study-name", "cli", "--run-dir", str(tmp_path / "run")]) == 0
+    assert "complete" in capsys.readouterr().out
+    assert main(["export", "--study-name", "cli", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    assert (tmp_path / "export" / "model.onnx").is_file()
+
+
+def _error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+def test_misspelled_key_names_the_nearest_valid_one(tmp_path: Path, tiny_config, capsys) -> None:
+    config = tiny_config(tmp_path)
+    config["budgets"]["max_mflop"] = 3
+    err = _error(capsys, ["search", str(_write(tmp_path / "exp.yaml", config))])
+    assert "budgets.max_mflop" in err and "max_mflops" in err
+
+
+def test_missing_data_says_where_and_how_to_get_it(tmp_path: Path, tiny_config, capsys) -> None:
+    config = tiny_config(tmp_path, data__path=str(tmp_path / "nowhere"))
+    err = _error(capsys, ["search", str(_write(tmp_path / "exp.yaml", config))])
+    assert str(tmp_path / "nowhere") in err and "apt-get install dataset-fashion-mnist" in err
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("space__name", "mobilenett", "Valid spaces: mobilenet"),
+        ("train__loss", "regresion", "Valid losses: regression"),
+        ("data__dataset", "fashion", "Valid datasets: fashion_mnist, image_folder"),
+        ("gallery__model", "resnet_18", "not a timm architecture"),
+    ],
+)
+def test_unknown_names_list_the_valid_ones(tmp_path: Path, tiny_config, capsys, key: str, value: str, expected: str) -> None:
+    config = tiny_config(tmp_path, **{key: value})
+    err = _error(capsys, ["search", str(_write(tmp_path / "exp.yaml", config))])
+    assert expected in err
+
+
+def test_unreachable_budget_from_the_command_line(tmp_path: Path, tiny_config, capsys) -> None:
+    config = tiny_config(tmp_path, gallery__train={"epochs": 1})
+    err = _error(capsys, ["search", str(_write(tmp_path / "exp.yaml", config)), "--max-latency-ms", "0.0001"])
+    assert "smallest member" in err and "latency_ms" in err
+
+
+def test_unreadable_gallery_checkpoint(tmp_path: Path, tiny_config, capsys) -> None:
+    bad = tmp_path / "gallery.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    config = tiny_config(tmp_path, gallery__checkpoint=str(bad))
+    err = _error(capsys, ["search", str(_write(tmp_path / "exp.yaml", config))])
+    assert str(bad) in err and "unreadable" in err
+
+
+def test_export_of_an_unknown_study(tmp_path: Path, capsys) -> None:
+    err = _error(capsys, ["export", "--study-name", "nope", "--run-dir", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert "No study database" in err

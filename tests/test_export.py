@@ -1,0 +1,123 @@
+"""Export of a searched query network: files, verification, model card, loading back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nas import load_query_model
+from nas.config import config_from_dict
+from nas.data import load_dataset, stratified_split
+from nas.errors import NasError
+from nas.export import MIN_COSINE, export_trial
+from nas.gallery import embed
+from nas.study import best_trial, run_search
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path):
+    import copy
+
+    from tests.conftest import TINY
+
+    raw = copy.deepcopy(TINY)
+    raw["out"] = str(tmp_path_factory.mktemp("run"))
+    raw["data"]["path"] = str(digits_dir)
+    raw["search"]["trials"] = 3
+    raw["budgets"]["max_mflops"] = None
+    config = config_from_dict(raw)
+    study = run_search(config, log=lambda _: None)
+    out = tmp_path_factory.mktemp("export")
+    verification = export_trial(study, "best", out, log=lambda _: None)
+    return config, study, out, verification
+
+
+def test_export_writes_every_file_and_verifies(exported) -> None:
+    _, _, out, verification = exported
+    for name in ("arch.json", "weights.safetensors", "model.torchscript.pt", "model.onnx", "MODEL_CARD.md", "verification.json"):
+        assert (out / name).is_file(), name
+    assert verification["passed"]
+    for key in ("min_cosine_reloaded_vs_trained", "min_cosine_torchscript_vs_trained", "min_cosine_onnx_vs_trained"):
+        assert verification[key] >= MIN_COSINE
+    # the ONNX model scores the same asymmetric mAP as the trial did
+    assert verification["onnx_query_mAP"] == pytest.approx(verification["trial_query_mAP"], abs=1e-3)
+
+
+def test_loaded_model_gives_the_trial_embeddings(exported) -> None:
+    config, study, out, _ = exported
+    model = load_query_model(out)
+    best = best_trial(study)
+    assert model.arch.to_string() == best.user_attrs["arch"]
+    data = load_dataset(config.data)
+    dc = config.data
+    split = stratified_split(data.labels, dc.train, dc.val, dc.query, dc.gallery, dc.seed, dc.max_per_class)
+    from safetensors.torch import load_file
+    from search_spaces import build
+
+    reference = build(model.arch)
+    reference.load_state_dict(load_file(best.user_attrs["weights"]))
+    images = data.images[split.query[:64]]
+    np.testing.assert_allclose(embed(model, images, model.arch.resolution), embed(reference, images, model.arch.resolution), atol=1e-6)
+
+
+def test_onnx_has_a_dynamic_batch(exported) -> None:
+    import onnxruntime as ort
+
+    _, _, out, _ = exported
+    arch = json.loads((out / "arch.json").read_text())["architecture"]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = np.random.default_rng(0).standard_normal((batch, arch["in_chans"], arch["resolution"], arch["resolution"])).astype(np.float32)
+        (y,) = session.run(["embeddings"], {"images": x})
+        assert y.shape == (batch, arch["embed_dim"])
+        np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
+
+
+def test_model_card_states_the_measured_numbers(exported) -> None:
+    _, study, out, verification = exported
+    best = best_trial(study)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"{best.user_attrs['budgets']['mflops']:.4f}" in card and "multiply-accumulates" in card
+    assert f"{best.user_attrs['metrics']['query_mAP']:.4f}" in card
+    assert "torch runtime, 1 thread(s), batch 1" in card
+    assert study.user_attrs["gallery_sha256"] in card
+    assert f"{verification['min_cosine_onnx_vs_trained']:.6f}" in card
+
+
+def test_truncated_or_tampered_weights_are_a_clear_error(exported, tmp_path: Path) -> None:
+    _, _, out, _ = exported
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "arch.json").write_text((out / "arch.json").read_text())
+    data = (out / "weights.safetensors").read_bytes()
+    (broken / "weights.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(NasError, match="unreadable or truncated"):
+        load_query_model(broken)
+    # weights of another architecture
+    arch = json.loads((out / "arch.json").read_text())
+    arch["architecture"]["head_chs"] = 128
+    arch["architecture"].pop("arch_id")
+    (broken / "arch.json").write_text(json.dumps(arch))
+    (broken / "weights.safetensors").write_bytes(data)
+    with pytest.raises(NasError, match="does not fit the architecture"):
+        load_query_model(broken)
+
+
+def test_only_complete_trials_can_be_exported(exported, tmp_path: Path) -> None:
+    _, study, _, _ = exported
+    with pytest.raises(NasError, match="no trial 999"):
+        export_trial(study, "999", tmp_path, log=lambda _: None)
+    with pytest.raises(NasError, match="'best' or a trial number"):
+        export_trial(study, "worst", tmp_path, log=lambda _: None)
+
+
+def test_torchscript_runs_without_our_code(exported) -> None:
+    _, _, out, _ = exported
+    scripted = torch.jit.load(str(out / "model.torchscript.pt"))
+    arch = json.loads((out / "arch.json").read_text())["architecture"]
+    y = scripted(torch.zeros(3, arch["in_chans"], arch["resolution"], arch["resolution"]))
+    assert y.shape == (3, arch["embed_dim"])

@@ -115,14 +115,12 @@ def _run(args: argparse.Namespace) -> int:
         print(summary(study, config))
         return 0
     if args.command == "gallery":
-        from nas.data import load_dataset, stratified_split
+        from nas.data import load_dataset, split_dataset
         from nas.study import ensure_gallery
 
         config = load_config(args.config, {"out": args.out})
         data = load_dataset(config.data)
-        dc = config.data
-        split = stratified_split(data.labels, dc.train, dc.val, dc.query, dc.gallery, dc.seed, dc.max_per_class)
-        _, path = ensure_gallery(config, data, split, retrain=args.force)
+        _, path = ensure_gallery(config, data, split_dataset(data, config.data), retrain=args.force)
         print(f"Gallery model: {path}")
         return 0
     if args.command == "export":
@@ -148,6 +146,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in logs
     _quiet_libraries()
     from nas.errors import NasError
 

@@ -207,7 +207,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """The Optuna study: name, storage, how many trials this invocation adds, sampler seed."""
+    """The Optuna study: name, storage, how many trials this invocation adds, sampler and pruner.
+
+    ``pruner: median`` stops a trial whose val mAP after an epoch is below the median of
+    earlier trials at that epoch, once ``prune_startup_trials`` trials have reported and
+    only after ``prune_warmup_epochs`` epochs.
+    """
 
     study_name: str = "quickstart"
     storage: str | None = None
@@ -216,6 +221,8 @@ class SearchConfig:
     seed: int = 0
     n_startup_trials: int = 8
     pruner: str = "median"
+    prune_startup_trials: int = 4
+    prune_warmup_epochs: int = 1
     keep_best: int = 5
     threads: int | None = None
 
@@ -224,6 +231,8 @@ class SearchConfig:
         _check(self.trials >= 0, f"search.trials must be >= 0, but got {self.trials}.")
         _check(self.timeout is None or self.timeout > 0, f"search.timeout must be > 0 or null, but got {self.timeout}.")
         _check(self.pruner in ("median", "none"), f"search.pruner must be 'median' or 'none', but got {self.pruner!r}.")
+        _check(self.prune_startup_trials >= 0, f"search.prune_startup_trials must be >= 0, but got {self.prune_startup_trials}.")
+        _check(self.prune_warmup_epochs >= 0, f"search.prune_warmup_epochs must be >= 0, but got {self.prune_warmup_epochs}.")
         _check(self.keep_best >= 1, f"search.keep_best must be >= 1, but got {self.keep_best}.")
         _check(self.threads is None or self.threads >= 1, f"search.threads must be >= 1 or null, but got {self.threads}.")
 
@@ -341,7 +350,12 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node = data
     parts = dotted.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # a missing or empty (null) section
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"Cannot apply the override {dotted!r}: '{part}' is {child!r}, not a mapping.")
+        node = child
     node[parts[-1]] = value
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "load_dataset",
     "list_datasets",
     "stratified_split",
+    "split_dataset",
     "preprocess",
     "iter_batches",
     "PREPROCESSING",
@@ -192,7 +193,7 @@ def load_image_folder(path: str | Path, image_size: int, channels: int = 3) -> I
                 with Image.open(file) as img:
                     img = img.convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
                     array = np.asarray(img, dtype=np.uint8)
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:  # PIL's PNG plugin raises SyntaxError
                 raise DataError(f"Cannot read image {file}: {exc}. Remove or replace the file.") from None
             images.append(array.reshape(image_size, image_size, channels))
             labels.append(label)
@@ -262,6 +263,11 @@ def stratified_split(
             parts[name].append(idx[start : start + counts[name]])
             start += counts[name]
     return Split(**{name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()})
+
+
+def split_dataset(data: ImageSet, config: DataConfig) -> Split:
+    """The split ``config`` describes (fractions, seed, per-class cap) of ``data``."""
+    return stratified_split(data.labels, config.train, config.val, config.query, config.gallery, config.seed, config.max_per_class)
 
 
 # --------------------------------------------------------------------------- preprocessing

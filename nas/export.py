@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nas.config import config_from_dict
-from nas.data import PREPROCESSING, iter_batches, load_dataset, stratified_split
+from nas.data import PREPROCESSING, iter_batches, load_dataset, split_dataset
 from nas.errors import NasError
 from nas.gallery import embed, file_sha256, gallery_embeddings, load_gallery
 from nas.metrics import retrieval_metrics
@@ -161,8 +161,7 @@ def export_trial(study: optuna.Study, which: str, out: str | Path, log: Callable
 
     # Verification on the evaluation query set.
     data = load_dataset(config.data)
-    dc = config.data
-    split = stratified_split(data.labels, dc.train, dc.val, dc.query, dc.gallery, dc.seed, dc.max_per_class)
+    split = split_dataset(data, config.data)
     images = data.images[split.query]
     batches = list(iter_batches(images, arch.resolution, 256))
     reloaded = load_query_model(out)

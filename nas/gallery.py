@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,7 +248,7 @@ def _read_cache(path: Path, key: str) -> GalleryEmbeddings | None:
         with np.load(path, allow_pickle=False) as archive:
             meta = json.loads(str(archive["meta"]))
             cached = GalleryEmbeddings(key=meta["key"], **{n: archive[n] for n in ("train", "val", "query", "gallery")})
-    except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
         raise _StaleCache(f"unreadable ({type(exc).__name__}: {exc})") from None
     if meta.get("format") != CACHE_FORMAT or cached.key != key:
         raise _StaleCache("stale (it belongs to other gallery weights, data, split or resolution)")

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from nas.budgets import Budget, check_budgets, make_budgets
 from nas.config import ExperimentConfig, config_to_dict
-from nas.data import ImageSet, Split, load_dataset, preprocess, stratified_split
+from nas.data import ImageSet, Split, load_dataset, preprocess, split_dataset
 from nas.errors import BudgetError, ConfigError, GalleryError
 from nas.gallery import GalleryEmbeddings, GalleryNet, embed, file_sha256, gallery_embeddings, load_gallery, train_gallery
 from nas.metrics import compatibility_ratios, retrieval_metrics
@@ -109,8 +109,7 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
     if config.search.threads:
         torch.set_num_threads(config.search.threads)
     data = load_dataset(config.data)
-    dc = config.data
-    split = stratified_split(data.labels, dc.train, dc.val, dc.query, dc.gallery, dc.seed, dc.max_per_class)
+    split = split_dataset(data, config.data)
     log(f"Data: {data.name}, {len(data.classes)} classes, split {split.sizes()}")
     try:
         space = create_space(config.space.name, embed_dim=config.gallery.embed_dim or 2, in_chans=data.channels, **config.space.options)
@@ -151,7 +150,7 @@ def open_study(config: ExperimentConfig, load_only: bool = False) -> optuna.Stud
         raise ConfigError(f"Unsupported Optuna storage URL {url!r}: use sqlite:///PATH or postgresql://...")
     sampler = optuna.samplers.TPESampler(seed=config.search.seed, n_startup_trials=config.search.n_startup_trials)
     pruner: optuna.pruners.BasePruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1) if config.search.pruner == "median" else optuna.pruners.NopPruner()
+        optuna.pruners.MedianPruner(n_startup_trials=config.search.prune_startup_trials, n_warmup_steps=config.search.prune_warmup_epochs) if config.search.pruner == "median" else optuna.pruners.NopPruner()
     )
     if load_only:
         return optuna.load_study(study_name=config.search.study_name, storage=storage, sampler=sampler, pruner=pruner)
@@ -205,6 +204,7 @@ class Objective:
             return self._run(trial, run_id)
         except optuna.TrialPruned as exc:
             trial.set_user_attr("state", "pruned")
+            trial.set_user_attr("reason", str(exc))
             self.tracker.end_trial(run_id, "pruned", str(exc))
             raise
         except TrainingDiverged as exc:

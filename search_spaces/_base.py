@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from search_spaces._blocks import decode_block, encode_block
+from search_spaces._blocks import decode_block, encode_block, format_number
 
 __all__ = ["Architecture", "SearchSpace"]
 
@@ -42,8 +42,15 @@ class Architecture:
             raise ValueError(f"Architecture width multiplier must be in (0, 4], but got {self.width}.")
         if not self.stages or any(not stage for stage in self.stages):
             raise ValueError(f"Architecture needs at least one non-empty stage, but got {self.stages!r}.")
-        canonical = tuple(tuple(encode_block(decode_block(b)) for b in stage) for stage in self.stages)
-        object.__setattr__(self, "stages", canonical)
+        specs = [[decode_block(b) for b in stage] for stage in self.stages]
+        for stage in specs:
+            # timm's builder gives every block after a stage's first one stride 1
+            if any(spec.stride != 1 for spec in stage[1:]):
+                raise ValueError(
+                    f"Only the first block string of a stage may have stride 2, but got stage {[encode_block(s) for s in stage]}; "
+                    f"start a new stage for the downsampling block."
+                )
+        object.__setattr__(self, "stages", tuple(tuple(encode_block(spec) for spec in stage) for stage in specs))
         if self.in_chans not in (1, 3):
             raise ValueError(f"Architecture in_chans must be 1 or 3, but got {self.in_chans}.")
         if self.embed_dim < 2:
@@ -54,7 +61,7 @@ class Architecture:
         """Canonical one-line form: ``key=value`` fields, stages joined by ``/``, blocks by ``+``."""
         stages = "/".join("+".join(stage) for stage in self.stages)
         return (
-            f"space={self.space} res={self.resolution} width={self.width:g} stem={self.stem_chs} "
+            f"space={self.space} res={self.resolution} width={format_number(self.width)} stem={self.stem_chs} "
             f"stages={stages} head={self.head_chs} embed={self.embed_dim} in={self.in_chans} act={self.act}"
         )
 

@@ -12,9 +12,10 @@ the offending token, and :func:`encode_block` writes one canonical form so that
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from dataclasses import dataclass
 
-__all__ = ["BlockSpec", "decode_block", "encode_block", "BLOCK_TYPES", "ACTIVATIONS"]
+__all__ = ["BlockSpec", "decode_block", "encode_block", "format_number", "BLOCK_TYPES", "ACTIVATIONS"]
 
 #: Block types we accept: inverted residual, depthwise-separable (with/without pointwise
 #: activation), edge residual and conv-bn-act.
@@ -53,15 +54,21 @@ class BlockSpec:
         if self.exp_ratio <= 0:
             raise ValueError(f"Block expansion ratio must be > 0, but got {self.exp_ratio}.")
         if self.block_type not in ("ir", "er") and self.exp_ratio != 1.0:
-            raise ValueError(f"Block type {self.block_type!r} has no expansion ratio, but got e{_fmt(self.exp_ratio)}.")
+            raise ValueError(f"Block type {self.block_type!r} has no expansion ratio, but got e{format_number(self.exp_ratio)}.")
         if not 0.0 <= self.se_ratio < 1.0:
             raise ValueError(f"Squeeze-excitation ratio must be in [0, 1), but got {self.se_ratio}.")
+        if self.block_type == "cn" and self.se_ratio > 0:
+            raise ValueError(f"Block type 'cn' (conv-bn-act) has no squeeze-excitation, but got se{format_number(self.se_ratio)}.")
         if self.act is not None and self.act not in ACTIVATIONS:
             raise ValueError(f"Activation code must be one of {', '.join(ACTIVATIONS)}, but got {self.act!r}.")
 
 
-def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+def format_number(value: float) -> str:
+    """Shortest exact decimal form, never in exponent notation: 3.0 -> '3', 1e-05 -> '0.00001'."""
+    text = format(Decimal(repr(float(value))), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
 
 
 def decode_block(block: str) -> BlockSpec:
@@ -79,6 +86,8 @@ def decode_block(block: str) -> BlockSpec:
             noskip = True
             continue
         if token.startswith("n") and token[1:] in ACTIVATIONS:
+            if act is not None:
+                raise ValueError(f"Token {token!r} repeats the activation option in block string {block!r}.")
             act = token[1:]
             continue
         match = _NUMERIC.match(token)
@@ -119,10 +128,10 @@ def encode_block(spec: BlockSpec) -> str:
     """Write ``spec`` in the canonical block-string form (inverse of :func:`decode_block`)."""
     parts = [spec.block_type, f"r{spec.repeats}", f"k{spec.kernel}", f"s{spec.stride}"]
     if spec.block_type in ("ir", "er"):
-        parts.append(f"e{_fmt(spec.exp_ratio)}")
+        parts.append(f"e{format_number(spec.exp_ratio)}")
     parts.append(f"c{spec.out_chs}")
     if spec.se_ratio > 0:
-        parts.append(f"se{_fmt(spec.se_ratio)}")
+        parts.append(f"se{format_number(spec.se_ratio)}")
     if spec.act is not None:
         parts.append(f"n{spec.act}")
     if spec.noskip:

@@ -286,13 +286,6 @@ def test_load_image_folder_corrupt_file_is_named(tmp_path: Path, payload: bytes 
     assert str(bad) in str(info.value)
 
 
-@pytest.mark.xfail(
-    reason="nas/data.py load_image_folder catches (OSError, UnidentifiedImageError, ValueError) but PIL's "
-    "PNG decoder raises SyntaxError('broken PNG file ...') for a corrupt chunk length, so a corrupt "
-    "file escapes as SyntaxError instead of a DataError naming it",
-    strict=True,
-    raises=SyntaxError,
-)
 def test_load_image_folder_png_with_corrupt_chunk_length_is_named(tmp_path: Path) -> None:
     folder = tmp_path / "set" / "x"
     folder.mkdir(parents=True)

@@ -11,7 +11,7 @@ import torch
 
 from nas import load_query_model
 from nas.config import config_from_dict
-from nas.data import load_dataset, stratified_split
+from nas.data import load_dataset, split_dataset
 from nas.errors import NasError
 from nas.export import MIN_COSINE, export_trial
 from nas.gallery import embed
@@ -53,8 +53,7 @@ def test_loaded_model_gives_the_trial_embeddings(exported) -> None:
     best = best_trial(study)
     assert model.arch.to_string() == best.user_attrs["arch"]
     data = load_dataset(config.data)
-    dc = config.data
-    split = stratified_split(data.labels, dc.train, dc.val, dc.query, dc.gallery, dc.seed, dc.max_per_class)
+    split = split_dataset(data, config.data)
     from safetensors.torch import load_file
     from search_spaces import build
 

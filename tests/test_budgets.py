@@ -1,0 +1,251 @@
+"""nas.budgets: MAC and parameter counts, latency, and the cheapest-first budget check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nas.budgets import (
+    Budget,
+    LatencyBudget,
+    MflopsBudget,
+    ParamsBudget,
+    check_budgets,
+    count_mflops,
+    count_params_m,
+    make_budgets,
+    measure_latency,
+)
+from nas.config import BudgetConfig, LatencyConfig
+from nas.errors import BudgetError
+from search_spaces import build, create_space
+
+try:
+    from _fixtures import torch_threads
+except ImportError:  # tests/ imported as a package
+    from tests._fixtures import torch_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
+
+
+FAST_LATENCY = LatencyConfig(runtime="torch", threads=1, batch_size=1, warmup=1, repeats=5)
+
+
+def tiny_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def test_count_mflops_tiny_sequential_by_hand() -> None:
+    # conv 3->8, k3, stride 2 on 16x16 -> 8x8 output: 8*8 positions * 8 out * (3*3*3) MACs each;
+    # linear 8->5: 40 MACs. Biases, batch norm, ReLU and pooling are not counted.
+    expected = (8 * 8 * 8 * 27 + 8 * 5) / 1e6
+    assert count_mflops(tiny_net(), resolution=16, in_chans=3) == pytest.approx(expected, rel=0, abs=1e-12)
+
+
+def test_count_mflops_scales_with_resolution() -> None:
+    # at 32x32 the conv output is 16x16: four times the conv MACs, same linear MACs
+    expected = (16 * 16 * 8 * 27 + 8 * 5) / 1e6
+    assert count_mflops(tiny_net(), resolution=32, in_chans=3) == pytest.approx(expected, rel=0, abs=1e-12)
+
+
+def test_count_mflops_depthwise_and_pointwise_by_hand() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False),  # 10*10*4*9 = 3600
+        nn.Conv2d(4, 4, 5, padding=2, groups=4, bias=False),  # 10*10*4*25 = 10000
+        nn.BatchNorm2d(4),
+        nn.Hardswish(),
+        nn.Conv2d(4, 6, 1),  # 10*10*6*4 = 2400
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(6 * 5 * 5, 3),  # 450
+    )
+    assert count_mflops(net, resolution=10, in_chans=1) == pytest.approx((3600 + 10000 + 2400 + 450) / 1e6, rel=0, abs=1e-12)
+
+
+def test_count_mflops_counts_matmul() -> None:
+    class MatMul(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(16, 7))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.flatten(x, 1) @ self.weight  # (1, 16) @ (16, 7): 112 MACs
+
+    assert count_mflops(MatMul(), resolution=4, in_chans=1) == pytest.approx(112 / 1e6, rel=0, abs=1e-12)
+
+
+def test_count_mflops_is_batch_one_and_restores_training_mode() -> None:
+    net = tiny_net().train()
+    before = [b.clone() for b in net[1].buffers()]
+    count_mflops(net, 16, 3)
+    assert net.training
+    assert all(torch.equal(a, b) for a, b in zip(before, net[1].buffers()))  # eval: running stats untouched
+    net.eval()
+    count_mflops(net, 16, 3)
+    assert not net.training
+
+
+def test_count_params_m_by_hand() -> None:
+    # conv 3*8*9 + 8, batch norm 8 + 8 (running stats are buffers), linear 8*5 + 5
+    assert count_params_m(tiny_net()) == pytest.approx((216 + 8 + 16 + 45) / 1e6, rel=0, abs=1e-15)
+
+
+def test_counts_of_a_query_net_grow_with_width() -> None:
+    space = create_space("mobilenet", 16, 1)
+    narrow = space.make(20, 0.35, [(1, 3, 3, False)] * 4)
+    wide = space.make(20, 1.0, [(1, 3, 3, False)] * 4)
+    assert count_mflops(build(narrow), 20, 1) < count_mflops(build(wide), 20, 1)
+    assert count_params_m(build(narrow)) < count_params_m(build(wide))
+    # MACs grow with resolution, parameters do not
+    net = build(narrow)
+    assert count_mflops(net, 20, 1) < count_mflops(net, 32, 1)
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def test_measure_latency_median_and_p90() -> None:
+    net = tiny_net().train()
+    median, p90 = measure_latency(net, 16, 3, FAST_LATENCY)
+    assert 0 < median <= p90
+    assert net.training  # mode restored
+    assert next(net.parameters()).device.type == "cpu"
+
+
+def test_measure_latency_restores_thread_count() -> None:
+    before = torch.get_num_threads()
+    measure_latency(tiny_net(), 16, 3, LatencyConfig(threads=2, warmup=0, repeats=3))
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_measure_latency_cuda_without_cuda_is_budget_error() -> None:
+    with pytest.raises(BudgetError, match="cuda"):
+        measure_latency(tiny_net(), 16, 3, LatencyConfig(runtime="cuda", repeats=3))
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def test_make_budgets_cheapest_first() -> None:
+    budgets = make_budgets(BudgetConfig(max_mflops=3.0, max_params_m=1.0, max_latency_ms=5.0, latency=FAST_LATENCY))
+    assert [b.name for b in budgets] == ["params_m", "mflops", "latency_ms"]
+    assert [b.cost for b in budgets] == sorted(b.cost for b in budgets)
+    assert [b.limit for b in budgets] == [1.0, 3.0, 5.0]
+    assert isinstance(budgets[2], LatencyBudget) and budgets[2].config == FAST_LATENCY
+
+
+def test_make_budgets_without_limits_measures_everything() -> None:
+    budgets = make_budgets(BudgetConfig(latency=FAST_LATENCY))
+    assert len(budgets) == 3 and all(b.limit is None for b in budgets)
+    report = check_budgets(tiny_net(), 16, 3, budgets)
+    assert report.feasible and report.reason == ""
+    assert report.constraints == [0.0, 0.0, 0.0]
+    assert set(report.values) == {"params_m", "mflops", "latency_ms", "latency_p90_ms"}
+
+
+def test_budget_describe_names_the_unit() -> None:
+    assert ParamsBudget(1.5).describe() == "params_m <= 1.5 (M parameters)"
+    assert MflopsBudget(None).describe().startswith("mflops no limit (")
+    latency = LatencyBudget(2.0, LatencyConfig(threads=3, batch_size=4))
+    assert "torch runtime" in latency.describe() and "3 thread" in latency.describe() and "batch 4" in latency.describe()
+
+
+@pytest.mark.parametrize("limit", [0, -1.0])
+def test_budget_limit_must_be_positive(limit: float) -> None:
+    with pytest.raises(ValueError, match="limit"):
+        ParamsBudget(limit)
+
+
+def _budgets(params: float | None, mflops: float | None, latency: float | None) -> list[Budget]:
+    return make_budgets(BudgetConfig(max_mflops=mflops, max_params_m=params, max_latency_ms=latency, latency=FAST_LATENCY))
+
+
+def test_params_violation_skips_mflops_and_latency() -> None:
+    net = tiny_net()
+    params = count_params_m(net)
+    report = check_budgets(net, 16, 3, _budgets(params / 2, 1e-9, 1e-9))
+    assert not report.feasible
+    assert set(report.values) == {"params_m"}
+    assert report.values["params_m"] == pytest.approx(params)
+    assert len(report.violations) == 1 and report.violations[0].startswith("params_m")
+    assert "params_m" in report.reason
+    assert report.constraints[0] == pytest.approx((params - params / 2) / (params / 2))
+    assert report.constraints[1:] == [0.0, 0.0]
+    assert report.seconds >= 0
+
+
+def test_mflops_violation_skips_latency() -> None:
+    net = tiny_net()
+    mflops = count_mflops(net, 16, 3)
+    report = check_budgets(net, 16, 3, _budgets(10.0, mflops / 4, 1e-9))
+    assert not report.feasible
+    assert set(report.values) == {"params_m", "mflops"}
+    assert report.constraints[0] == pytest.approx((report.values["params_m"] - 10.0) / 10.0)
+    assert report.constraints[0] < 0
+    assert report.constraints[1] == pytest.approx(3.0)  # (m - m/4) / (m/4)
+    assert report.constraints[2] == 0.0
+    assert "mflops" in report.reason and "params_m" not in report.reason
+
+
+def test_feasible_when_all_limits_met() -> None:
+    net = tiny_net()
+    report = check_budgets(net, 16, 3, _budgets(1.0, 1.0, 1e6))
+    assert report.feasible
+    assert report.violations == [] and report.reason == ""
+    assert set(report.values) == {"params_m", "mflops", "latency_ms", "latency_p90_ms"}
+    assert report.values["latency_ms"] <= report.values["latency_p90_ms"]
+    expected = [
+        (report.values["params_m"] - 1.0) / 1.0,
+        (report.values["mflops"] - 1.0) / 1.0,
+        (report.values["latency_ms"] - 1e6) / 1e6,
+    ]
+    assert report.constraints == pytest.approx(expected)
+    assert all(c <= 0 for c in report.constraints)
+
+
+def test_limit_exactly_met_is_feasible() -> None:
+    net = tiny_net()
+    params = count_params_m(net)
+    report = check_budgets(net, 16, 3, [ParamsBudget(params)])
+    assert report.feasible
+    assert report.constraints == [0.0]
+
+
+def test_measure_all_measures_every_budget() -> None:
+    net = tiny_net()
+    report = check_budgets(net, 16, 3, _budgets(1e-9, 1e-9, 1e-9), measure_all=True)
+    assert not report.feasible
+    assert set(report.values) == {"params_m", "mflops", "latency_ms", "latency_p90_ms"}
+    assert [v.split()[0] for v in report.violations] == ["params_m", "mflops", "latency_ms"]
+    assert report.reason.count(";") == 2
+    assert all(c > 0 for c in report.constraints)
+    assert report.constraints[1] == pytest.approx((report.values["mflops"] - 1e-9) / 1e-9)
+
+
+def test_rejected_large_candidate_completes_without_measuring_latency() -> None:
+    space = create_space("mobilenet", 16, 1)
+    arch = space.extreme(smallest=False)
+    net = build(arch)
+    # latency would take very long with these settings; the params violation must stop first
+    slow = LatencyConfig(threads=1, warmup=100_000, repeats=100_000)
+    budgets = make_budgets(BudgetConfig(max_params_m=0.01, max_mflops=0.01, max_latency_ms=0.01, latency=slow))
+    report = check_budgets(net, arch.resolution, 1, budgets)
+    assert not report.feasible
+    assert "latency_ms" not in report.values and "mflops" not in report.values
+    assert report.values["params_m"] > 0.01

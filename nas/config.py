@@ -210,8 +210,11 @@ class SearchConfig:
     """The Optuna study: name, storage, how many trials this invocation adds, sampler and pruner.
 
     ``pruner: median`` stops a trial whose val mAP after an epoch is below the median of
-    earlier trials at that epoch, once ``prune_startup_trials`` trials have reported and
-    only after ``prune_warmup_epochs`` epochs.
+    earlier trials at that epoch; ``percentile`` one below their ``prune_percentile``-th
+    percentile (gentler for a low percentile). Either acts once ``prune_startup_trials``
+    trials have reported and only after ``prune_warmup_epochs`` epochs. A running trial sends a heartbeat every
+    ``heartbeat_interval`` seconds; one silent for ``grace_period`` seconds (its process
+    was killed) is failed by the next trial any worker starts.
     """
 
     study_name: str = "quickstart"
@@ -221,19 +224,25 @@ class SearchConfig:
     seed: int = 0
     n_startup_trials: int = 8
     pruner: str = "median"
+    prune_percentile: float = 25.0
     prune_startup_trials: int = 4
     prune_warmup_epochs: int = 1
     keep_best: int = 5
     threads: int | None = None
+    heartbeat_interval: int = 15
+    grace_period: int = 60
 
     def __post_init__(self) -> None:
         _check(bool(self.study_name), "search.study_name must not be empty.")
         _check(self.trials >= 0, f"search.trials must be >= 0, but got {self.trials}.")
         _check(self.timeout is None or self.timeout > 0, f"search.timeout must be > 0 or null, but got {self.timeout}.")
-        _check(self.pruner in ("median", "none"), f"search.pruner must be 'median' or 'none', but got {self.pruner!r}.")
+        _check(self.pruner in ("median", "percentile", "none"), f"search.pruner must be 'median', 'percentile' or 'none', but got {self.pruner!r}.")
+        _check(0 < self.prune_percentile < 100, f"search.prune_percentile must be in (0, 100), but got {self.prune_percentile}.")
         _check(self.prune_startup_trials >= 0, f"search.prune_startup_trials must be >= 0, but got {self.prune_startup_trials}.")
         _check(self.prune_warmup_epochs >= 0, f"search.prune_warmup_epochs must be >= 0, but got {self.prune_warmup_epochs}.")
         _check(self.keep_best >= 1, f"search.keep_best must be >= 1, but got {self.keep_best}.")
+        _check(self.heartbeat_interval >= 1, f"search.heartbeat_interval must be >= 1, but got {self.heartbeat_interval}.")
+        _check(self.grace_period > self.heartbeat_interval, f"search.grace_period must exceed heartbeat_interval, but got {self.grace_period}.")
         _check(self.threads is None or self.threads >= 1, f"search.threads must be >= 1 or null, but got {self.threads}.")
 
 

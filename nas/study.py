@@ -73,6 +73,7 @@ class Context:
     budgets: list[Budget]
     loss: CompatibilityLoss
     device: torch.device
+    smallest: dict[str, float]  # budgets measured on the space's smallest member
 
 
 def ensure_gallery(config: ExperimentConfig, data: ImageSet, split: Split, log: Log = print, retrain: bool = False) -> tuple[GalleryNet, Path]:
@@ -120,6 +121,7 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     budgets = make_budgets(config.budgets)
+    smallest = check_reachable(space, budgets)  # before any gallery training: fail fast
     gallery, path = ensure_gallery(config, data, split, log)
     if config.gallery.embed_dim is None:  # the space must project to the backbone's own width
         space = create_space(config.space.name, embed_dim=gallery.embed_dim, in_chans=data.channels, **config.space.options)
@@ -130,14 +132,18 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
     )
     if cached:
         log("Gallery embeddings: loaded from cache (content hash verified)")
-    return Context(config, data, split, gallery, sha, emb, space, budgets, loss, device)
+    return Context(config, data, split, gallery, sha, emb, space, budgets, loss, device, smallest)
 
 
-def open_study(config: ExperimentConfig, load_only: bool = False) -> optuna.Study:
+def open_study(
+    config: ExperimentConfig,
+    on_stale_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+) -> optuna.Study:
     """Create or load the study named in ``config`` (constrained TPE, median pruner).
 
     The RDB storage runs a heartbeat, so a trial left running by a killed process is
-    failed when the next worker starts, and the study stays resumable.
+    failed (and ``on_stale_trial`` called for it) once its grace period has passed, when
+    any worker starts or asks for its next trial: the study stays resumable.
     """
     config.out_dir.mkdir(parents=True, exist_ok=True)
     url = config.storage_url
@@ -145,15 +151,20 @@ def open_study(config: ExperimentConfig, load_only: bool = False) -> optuna.Stud
     if url.startswith(("sqlite:", "postgresql", "mysql")):
         with warnings.catch_warnings():  # heartbeats are marked experimental by Optuna; we rely on them deliberately
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(url, heartbeat_interval=15, grace_period=60)
+            storage = optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=config.search.heartbeat_interval,
+                grace_period=config.search.grace_period,
+                heartbeat_stale_trial_callback=on_stale_trial,
+            )
     else:
         raise ConfigError(f"Unsupported Optuna storage URL {url!r}: use sqlite:///PATH or postgresql://...")
     sampler = optuna.samplers.TPESampler(seed=config.search.seed, n_startup_trials=config.search.n_startup_trials)
-    pruner: optuna.pruners.BasePruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=config.search.prune_startup_trials, n_warmup_steps=config.search.prune_warmup_epochs) if config.search.pruner == "median" else optuna.pruners.NopPruner()
-    )
-    if load_only:
-        return optuna.load_study(study_name=config.search.study_name, storage=storage, sampler=sampler, pruner=pruner)
+    sc = config.search
+    pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
+    if sc.pruner != "none":
+        percentile = 50.0 if sc.pruner == "median" else sc.prune_percentile
+        pruner = optuna.pruners.PercentilePruner(percentile, n_startup_trials=sc.prune_startup_trials, n_warmup_steps=sc.prune_warmup_epochs)
     study = optuna.create_study(
         study_name=config.search.study_name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize", load_if_exists=True
     )
@@ -283,7 +294,7 @@ class Objective:
             trial.report(last_val["mAP"], result.epoch)
             self.tracker.log(run_id, metrics={"train_loss": result.train_loss, "val_mAP": last_val["mAP"], "epoch_seconds": result.seconds}, step=result.epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val mAP {last_val['mAP']:.4f} at epoch {result.epoch} is below the median of earlier trials")
+                raise optuna.TrialPruned(f"val mAP {last_val['mAP']:.4f} at epoch {result.epoch} is below the pruning percentile of earlier trials")
 
         train_compatible(
             model,
@@ -425,19 +436,18 @@ class _Progress:
 def run_search(config: ExperimentConfig, log: Log = print) -> optuna.Study:
     """Run (or resume) the study of ``config``, adding ``config.search.trials`` trials."""
     ctx = prepare(config, log)
-    smallest = check_reachable(ctx.space, ctx.budgets)
-    study = open_study(config)
+    tracker: Tracker | NullTracker = NullTracker()
+    if config.tracking.enabled:
+        tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts")
+    study = open_study(config, on_stale_trial=tracker.close_stale_trial)
+    closed = tracker.reconcile(study)
+    if closed:
+        log(f"Tracking: closed {closed} MLflow run(s) left open by an interrupted earlier search.")
     paragon = _paragon(ctx, study)
     log(
         f"Paragon (gallery model on both sides): query mAP {paragon['query']['mAP']:.4f}, R@1 {paragon['query']['R@1']:.4f}; "
         f"val mAP {paragon['val']['mAP']:.4f}"
     )
-    tracker: Tracker | NullTracker = NullTracker()
-    if config.tracking.enabled:
-        tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts")
-        closed = tracker.reconcile(study)
-        if closed:
-            log(f"Tracking: closed {closed} MLflow run(s) left open by an interrupted earlier search.")
     description = ctx.space.describe()
     study.set_user_attr("config", config_to_dict(config))
     study.set_user_attr("out_dir", str(config.out_dir.resolve()))
@@ -461,7 +471,7 @@ def run_search(config: ExperimentConfig, log: Log = print) -> optuna.Study:
             **{f"paragon_query_{k}": v for k, v in paragon["query"].items() if k not in ("queries", "skipped")},
             **{f"paragon_val_{k}": v for k, v in paragon["val"].items() if k not in ("queries", "skipped")},
             **{f"gallery_{k}": v for k, v in gallery_mflops.items()},
-            **{f"smallest_candidate_{k}": v for k, v in smallest.items()},
+            **{f"smallest_candidate_{k}": v for k, v in ctx.smallest.items()},
         },
     )
     before = len(study.trials)

@@ -162,6 +162,12 @@ class Tracker:
         self.log(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
 
+    def close_stale_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Optuna's heartbeat callback: the trial's process died, so its run is FAILED."""
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id is not None:
+            self.end_trial(run_id, "failed", "the worker running this trial stopped sending heartbeats (killed or lost)")
+
     def reconcile(self, study: optuna.Study) -> int:
         """Close child runs left RUNNING by a crashed process whose trial is no longer running.
 
@@ -221,3 +227,6 @@ class NullTracker:
 
     def reconcile(self, *args: Any, **kwargs: Any) -> int:
         return 0
+
+    def close_stale_trial(self, *args: Any, **kwargs: Any) -> None:
+        pass

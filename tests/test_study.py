@@ -139,11 +139,12 @@ def test_nan_loss_fails_that_trial_and_the_study_goes_on(searched, tmp_path: Pat
 
 
 def test_budget_no_architecture_can_meet_is_a_clear_error(tmp_path: Path, tiny_config) -> None:
-    raw = tiny_config(tmp_path, budgets__max_mflops=0.001, gallery__train={"epochs": 1})
+    raw = tiny_config(tmp_path, budgets__max_mflops=0.001)
     with pytest.raises(BudgetError) as info:
         run_search(config_from_dict(raw), log=lambda _: None)
     message = str(info.value)
     assert "smallest member" in message and "mflops" in message and "--max-mflops" in message
+    assert not (tmp_path / "gallery").exists()  # refused before any gallery training
 
 
 def test_a_study_refuses_a_different_gallery_model(searched, tmp_path: Path) -> None:

@@ -1,0 +1,79 @@
+"""A search process killed in the middle of a trial loses nothing: the study resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+from mlflow.tracking import MlflowClient
+
+from nas.config import config_from_dict
+from nas.study import open_study, run_search
+
+
+def _running_trial_in_training(db: Path, name: str) -> bool:
+    if not db.is_file():
+        return False
+    try:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    except KeyError:  # the study is not created yet
+        return False
+    return any(
+        t.state == optuna.trial.TrialState.RUNNING and "budgets" in t.user_attrs
+        for t in study.get_trials(deepcopy=False)
+    )
+
+
+def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_config) -> None:
+    raw = tiny_config(
+        tmp_path / "run",
+        budgets__max_mflops=None,
+        train__epochs=200,  # long enough that the kill lands during training
+        search__trials=2,
+        search__heartbeat_interval=1,
+        search__grace_period=3,
+        search__study_name="killed",
+    )
+    file = tmp_path / "exp.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    config = config_from_dict(raw)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nas.cli", "search", str(file)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not _running_trial_in_training(config.out_dir / "optuna.db", "killed"):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the search never started training a trial"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    killed = [t for t in open_study(config).trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(killed) == 1  # left behind by the dead process
+    time.sleep(4)  # longer than the grace period
+
+    resumed_raw = {**raw, "train": {**raw["train"], "epochs": 1}, "search": {**raw["search"], "trials": 1}}
+    study = run_search(config_from_dict(resumed_raw), log=lambda _: None)
+    by_number = {t.number: t for t in study.trials}
+    dead = by_number[killed[0].number]
+    assert dead.state == optuna.trial.TrialState.FAIL
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 1
+
+    client = MlflowClient(config.tracking_uri)
+    run = client.get_run(dead.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert "heartbeat" in run.data.tags["asymnas.reason"] or "stopped" in run.data.tags["asymnas.reason"]
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    children = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=100
+    )
+    assert len(children) == len(study.trials)

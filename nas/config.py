@@ -210,8 +210,8 @@ class SearchConfig:
     """The Optuna study: name, storage, how many trials this invocation adds, sampler and pruner.
 
     ``pruner: median`` stops a trial whose val mAP after an epoch is below the median of
-    earlier trials at that epoch; ``percentile`` one below their ``prune_percentile``-th
-    percentile (gentler for a low percentile). Either acts once ``prune_startup_trials``
+    earlier trials at that epoch; ``percentile`` one below their
+    ``prune_below_percentile``-th percentile (25: only the bottom quarter is stopped). Either acts once ``prune_startup_trials``
     trials have reported and only after ``prune_warmup_epochs`` epochs. A running trial sends a heartbeat every
     ``heartbeat_interval`` seconds; one silent for ``grace_period`` seconds (its process
     was killed) is failed by the next trial any worker starts.
@@ -224,7 +224,7 @@ class SearchConfig:
     seed: int = 0
     n_startup_trials: int = 8
     pruner: str = "median"
-    prune_percentile: float = 25.0
+    prune_below_percentile: float = 25.0
     prune_startup_trials: int = 4
     prune_warmup_epochs: int = 1
     keep_best: int = 5
@@ -237,7 +237,10 @@ class SearchConfig:
         _check(self.trials >= 0, f"search.trials must be >= 0, but got {self.trials}.")
         _check(self.timeout is None or self.timeout > 0, f"search.timeout must be > 0 or null, but got {self.timeout}.")
         _check(self.pruner in ("median", "percentile", "none"), f"search.pruner must be 'median', 'percentile' or 'none', but got {self.pruner!r}.")
-        _check(0 < self.prune_percentile < 100, f"search.prune_percentile must be in (0, 100), but got {self.prune_percentile}.")
+        _check(
+            0 < self.prune_below_percentile < 100,
+            f"search.prune_below_percentile must be in (0, 100), but got {self.prune_below_percentile}.",
+        )
         _check(self.prune_startup_trials >= 0, f"search.prune_startup_trials must be >= 0, but got {self.prune_startup_trials}.")
         _check(self.prune_warmup_epochs >= 0, f"search.prune_warmup_epochs must be >= 0, but got {self.prune_warmup_epochs}.")
         _check(self.keep_best >= 1, f"search.keep_best must be >= 1, but got {self.keep_best}.")

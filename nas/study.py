@@ -163,8 +163,12 @@ def open_study(
     sc = config.search
     pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
     if sc.pruner != "none":
-        percentile = 50.0 if sc.pruner == "median" else sc.prune_percentile
-        pruner = optuna.pruners.PercentilePruner(percentile, n_startup_trials=sc.prune_startup_trials, n_warmup_steps=sc.prune_warmup_epochs)
+        below = 50.0 if sc.pruner == "median" else sc.prune_below_percentile
+        # Optuna's percentile is the share of trials kept (for maximisation it prunes below the
+        # (100 - p)-th percentile), so keeping all but the bottom `below` percent is p = 100 - below.
+        pruner = optuna.pruners.PercentilePruner(
+            100.0 - below, n_startup_trials=sc.prune_startup_trials, n_warmup_steps=sc.prune_warmup_epochs
+        )
     study = optuna.create_study(
         study_name=config.search.study_name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize", load_if_exists=True
     )

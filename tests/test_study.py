@@ -163,3 +163,16 @@ def test_a_study_refuses_a_different_gallery_model(searched, tmp_path: Path) -> 
     with pytest.raises(GalleryError, match="not comparable"):
         run_search(config_from_dict(raw), log=lambda _: None)
     assert len(open_study(config).trials) >= config.search.trials  # nothing was lost
+
+
+@pytest.mark.parametrize(("pruner", "value", "pruned"), [("percentile", 0.25, True), ("percentile", 0.35, False), ("median", 0.40, True), ("none", 0.0, False)])
+def test_pruner_stops_only_trials_below_the_configured_percentile(tmp_path: Path, tiny_config, pruner: str, value: float, pruned: bool) -> None:
+    raw = tiny_config(tmp_path, search__pruner=pruner, search__prune_below_percentile=25.0, search__prune_startup_trials=4, search__prune_warmup_epochs=0)
+    study = open_study(config_from_dict(raw))
+    for v in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):  # earlier trials' val mAP after epoch 1
+        trial = study.ask()
+        trial.report(v, 1)
+        study.tell(trial, v)
+    trial = study.ask()
+    trial.report(value, 1)
+    assert bool(trial.should_prune()) is pruned

@@ -1,7 +1,7 @@
 """The ``nas`` command line.
 
-``nas search CONFIG``, ``nas gallery train CONFIG``, ``nas export``, ``nas results`` and
-``nas spaces``. Errors that are the user's to fix print one paragraph and exit with 2.
+``nas search CONFIG``, ``nas gallery train CONFIG``, ``nas export``, ``nas results``,
+``nas embed`` and ``nas spaces``. Errors that are the user's to fix print one paragraph and exit with 2.
 """
 
 from __future__ import annotations
@@ -52,8 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--storage", help="Optuna storage URL; default sqlite:///<run dir>/optuna.db")
         cmd.add_argument("--run-dir", help="the search's output folder; default runs/<study name>")
         if name == "export":
-            cmd.add_argument("--trial", default="best", help="'best' (default) or a trial number")
+            cmd.add_argument("--trial", default="best", help="'best' (default), 'pareto:K' (see 'nas results') or a trial number")
             cmd.add_argument("--out", required=True, help="folder to write the export to")
+            cmd.add_argument(
+                "--format", default="state_dict,torchscript,onnx,onnx-int8", help="comma-separated: state_dict, torchscript, onnx, onnx-int8"
+            )
+
+    embed_cmd = sub.add_parser("embed", help="embed a folder of images with an exported query network")
+    embed_cmd.add_argument("export_dir", help="folder written by 'nas export'")
+    embed_cmd.add_argument("images", help="folder of images (searched recursively)")
+    embed_cmd.add_argument("--out", required=True, help="FILE.npy for the embeddings; the image ids go to FILE.ids.txt")
 
     sub.add_parser("spaces", help="list the registered search spaces and their options")
     return parser
@@ -127,13 +135,33 @@ def _run(args: argparse.Namespace) -> int:
         from nas.export import export_trial
 
         study = _load_study(args)
-        export_trial(study, args.trial, args.out)
+        export_trial(study, args.trial, args.out, formats=args.format)
         print(f"Export written to {args.out}; load it with nas.load_query_model({str(args.out)!r}).")
         return 0
     if args.command == "results":
-        from nas.study import results_table
+        from nas.study import pareto_table, results_table
 
-        print(results_table(_load_study(args)))
+        study = _load_study(args)
+        print(results_table(study))
+        print("\nPareto front of val mAP against MFLOPs (export one with --trial pareto:K):")
+        print(pareto_table(study))
+        return 0
+    if args.command == "embed":
+        import numpy as np
+
+        from nas.export import embed_folder
+
+        embeddings, ids, skipped = embed_folder(args.export_dir, args.images)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, embeddings)
+        ids_file = out.with_suffix(".ids.txt")
+        ids_file.write_text("".join(f"{i}\n" for i in ids))
+        print(f"Embedded {len(ids)} image(s) -> {out} ({embeddings.shape[0]} x {embeddings.shape[1]}), ids -> {ids_file}")
+        if skipped:
+            print(f"Skipped {len(skipped)} unreadable image(s):")
+            for path, reason in skipped:
+                print(f"  {path}: {reason}")
         return 0
     if args.command == "spaces":
         from search_spaces import list_spaces, space_options

@@ -30,21 +30,25 @@ from nas.errors import BudgetError, ConfigError, GalleryError
 from nas.gallery import GalleryEmbeddings, GalleryNet, embed, file_sha256, gallery_embeddings, load_gallery, train_gallery
 from nas.metrics import compatibility_ratios, retrieval_metrics
 from nas.tracking import NullTracker, Tracker, flatten
-from search_spaces import Architecture, SearchSpace, build, create_space
+from search_spaces import Architecture, QueryNet, SearchSpace, build, create_space
 from trainers import CompatibilityLoss, EpochResult, TrainingDiverged, create_loss, train_compatible
 
 __all__ = [
     "Context",
     "Objective",
     "best_trial",
+    "build_seeded",
     "check_reachable",
     "ensure_gallery",
     "open_study",
+    "pareto_front",
+    "pareto_table",
     "prepare",
     "resolve_device",
     "results_table",
     "run_search",
     "summary",
+    "train_and_score",
 ]
 
 Log = Callable[[str], None]
@@ -199,6 +203,71 @@ def _paragon(ctx: Context, study: optuna.Study) -> dict[str, dict[str, float]]:
     return paragon
 
 
+def build_seeded(arch: Architecture, seed: int) -> QueryNet:
+    """Build ``arch`` with weights initialised from ``seed`` (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(arch)
+
+
+def train_and_score(
+    ctx: Context,
+    model: QueryNet,
+    seed: int,
+    paragon: dict[str, dict[str, float]],
+    on_epoch: Callable[[EpochResult, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Train ``model`` toward the gallery embeddings of the training images, then score it.
+
+    After every epoch the val images are scored against the gallery index and
+    ``on_epoch(result, val_metrics)`` is called (it may raise ``optuna.TrialPruned``).
+    Returns the val and query metrics (``val_*``, ``query_*``), their paragon ratios and
+    the training time. Deterministic for a given ``seed`` on the same device.
+    """
+    arch, tc, labels, split = model.arch, ctx.config.train, ctx.data.labels, ctx.split
+    images = preprocess(ctx.data.images[split.train], arch.resolution)
+    start = time.perf_counter()
+    last_val: dict[str, float] = {}
+
+    def score(part: str) -> dict[str, float]:
+        emb = embed(model, ctx.data.images[getattr(split, part)], arch.resolution, 256, ctx.device)
+        return retrieval_metrics(emb, labels[getattr(split, part)], ctx.embeddings.gallery, labels[split.gallery])
+
+    def after_epoch(result: EpochResult) -> None:
+        nonlocal last_val
+        model.to(ctx.device)
+        last_val = score("val")
+        if on_epoch is not None:
+            on_epoch(result, last_val)
+
+    train_compatible(
+        model,
+        images,
+        torch.from_numpy(ctx.embeddings.train),
+        torch.from_numpy(labels[split.train]),
+        ctx.loss,
+        epochs=tc.epochs,
+        batch_size=tc.batch_size,
+        optimizer=tc.optimizer,
+        lr=tc.lr,
+        weight_decay=tc.weight_decay,
+        momentum=tc.momentum,
+        schedule=tc.schedule,
+        device=ctx.device,
+        seed=seed,
+        on_epoch=after_epoch,
+    )
+    train_seconds = time.perf_counter() - start
+    asym = score("query")
+    return {
+        **{f"val_{k}": v for k, v in last_val.items() if k not in ("queries", "skipped")},
+        **{f"query_{k}": v for k, v in asym.items() if k not in ("queries", "skipped")},
+        **{f"query_{k}": v for k, v in compatibility_ratios(asym, paragon["query"]).items()},
+        "val_mAP_ratio": last_val["mAP"] / paragon["val"]["mAP"],
+        "train_seconds": train_seconds,
+    }
+
+
 class Objective:
     """One trial, as described in the module docstring. Returns the val asymmetric mAP."""
 
@@ -208,9 +277,6 @@ class Objective:
         self.tracker = tracker
         self.parent_run = parent_run
         self.paragon = paragon
-        labels = ctx.data.labels
-        self.train_labels = torch.from_numpy(labels[ctx.split.train])
-        self.train_targets = torch.from_numpy(ctx.embeddings.train)
         self.weights_dir = ctx.config.out_dir / "checkpoints"
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -265,7 +331,9 @@ class Objective:
             self.tracker.end_trial(run_id, original.user_attrs.get("state", "complete"), f"same architecture as trial {original.number}; result reused", metrics)
             return float(original.value)
 
-        model = build(arch)
+        seed = ctx.config.search.seed * 100003 + trial.number
+        trial.set_user_attr("seed", seed)
+        model = build_seeded(arch, seed)
         report = check_budgets(model, arch.resolution, arch.in_chans, ctx.budgets)
         for budget, value in zip(ctx.budgets, report.constraints, strict=True):
             trial.set_constraint(budget.name, value)
@@ -277,63 +345,23 @@ class Objective:
             self.tracker.end_trial(run_id, "infeasible", report.reason, {**report.values, "budget_check_seconds": report.seconds})
             return 0.0
         self.tracker.log(run_id, metrics=report.values)
-        return self._train_and_score(trial, run_id, arch, model)
+        return self._train_and_score(trial, run_id, model, seed)
 
-    def _val_metrics(self, model: torch.nn.Module, arch: Architecture) -> dict[str, float]:
-        ctx = self.ctx
-        labels = ctx.data.labels
-        val = embed(model, ctx.data.images[ctx.split.val], arch.resolution, 256, ctx.device)
-        return retrieval_metrics(val, labels[ctx.split.val], ctx.embeddings.gallery, labels[ctx.split.gallery])
+    def _train_and_score(self, trial: optuna.Trial, run_id: str, model: QueryNet, seed: int) -> float:
 
-    def _train_and_score(self, trial: optuna.Trial, run_id: str, arch: Architecture, model: torch.nn.Module) -> float:
-        ctx, tc = self.ctx, self.ctx.config.train
-        images = preprocess(ctx.data.images[ctx.split.train], arch.resolution)
-        start = time.perf_counter()
-        last_val: dict[str, float] = {}
-
-        def on_epoch(result: EpochResult) -> None:
-            nonlocal last_val
-            model.to(ctx.device)
-            last_val = self._val_metrics(model, arch)
-            trial.report(last_val["mAP"], result.epoch)
-            self.tracker.log(run_id, metrics={"train_loss": result.train_loss, "val_mAP": last_val["mAP"], "epoch_seconds": result.seconds}, step=result.epoch)
+        def on_epoch(result: EpochResult, val: dict[str, float]) -> None:
+            trial.report(val["mAP"], result.epoch)
+            self.tracker.log(run_id, metrics={"train_loss": result.train_loss, "val_mAP": val["mAP"], "epoch_seconds": result.seconds}, step=result.epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val mAP {last_val['mAP']:.4f} at epoch {result.epoch} is below the pruning percentile of earlier trials")
+                raise optuna.TrialPruned(f"val mAP {val['mAP']:.4f} at epoch {result.epoch} is below the pruning percentile of earlier trials")
 
-        train_compatible(
-            model,
-            images,
-            self.train_targets,
-            self.train_labels,
-            ctx.loss,
-            epochs=tc.epochs,
-            batch_size=tc.batch_size,
-            optimizer=tc.optimizer,
-            lr=tc.lr,
-            weight_decay=tc.weight_decay,
-            momentum=tc.momentum,
-            schedule=tc.schedule,
-            device=ctx.device,
-            seed=ctx.config.search.seed * 100003 + trial.number,
-            on_epoch=on_epoch,
-        )
-        train_seconds = time.perf_counter() - start
-        labels = ctx.data.labels
-        query = embed(model, ctx.data.images[ctx.split.query], arch.resolution, 256, ctx.device)
-        asym = retrieval_metrics(query, labels[ctx.split.query], ctx.embeddings.gallery, labels[ctx.split.gallery])
-        metrics = {
-            **{f"val_{k}": v for k, v in last_val.items() if k not in ("queries", "skipped")},
-            **{f"query_{k}": v for k, v in asym.items() if k not in ("queries", "skipped")},
-            **{f"query_{k}": v for k, v in compatibility_ratios(asym, self.paragon["query"]).items()},
-            "val_mAP_ratio": last_val["mAP"] / self.paragon["val"]["mAP"],
-            "train_seconds": train_seconds,
-        }
+        metrics = train_and_score(self.ctx, model, seed, self.paragon, on_epoch)
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("weights", str(self._save_weights(trial.number, model)))
         trial.set_user_attr("state", "complete")
         # val_mAP is already in the run, once per epoch; the last epoch's value is the final one
         self.tracker.end_trial(run_id, "complete", None, {k: v for k, v in metrics.items() if k != "val_mAP"})
-        return float(last_val["mAP"])
+        return float(metrics["val_mAP"])
 
     def _save_weights(self, number: int, model: torch.nn.Module) -> Path:
         self.weights_dir.mkdir(parents=True, exist_ok=True)
@@ -358,10 +386,44 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(trials, key=lambda t: (t.value, -t.number)) if trials else None
 
 
+def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Feasible complete trials that no other beats on both val mAP (higher) and MFLOPs (lower).
+
+    Ordered by MFLOPs, smallest first: ``pareto:K`` in ``nas export`` is the K-th (from 0).
+    """
+    trials = _feasible_complete(study)
+    front = []
+    for t in trials:
+        value, mflops = t.value, t.user_attrs["budgets"]["mflops"]
+        dominated = any(
+            o.value >= value and o.user_attrs["budgets"]["mflops"] <= mflops
+            and (o.value > value or o.user_attrs["budgets"]["mflops"] < mflops)
+            for o in trials
+        )
+        if not dominated:
+            front.append(t)
+    return sorted(front, key=lambda t: (t.user_attrs["budgets"]["mflops"], -t.value))
+
+
+def pareto_table(study: optuna.Study) -> str:
+    """The Pareto front of val mAP against MFLOPs, with the ``pareto:K`` index of each point."""
+    lines = [f"{'K':>3} {'trial':>5} {'MFLOPs':>7} {'lat ms':>6} {'val mAP':>7} {'query mAP':>9} {'ratio':>6}"]
+    for k, t in enumerate(pareto_front(study)):
+        b, m = t.user_attrs["budgets"], t.user_attrs["metrics"]
+        lines.append(
+            f"{k:>3} {t.number:>5} {b['mflops']:>7.3f} {b['latency_ms']:>6.2f} {m['val_mAP']:>7.4f} {m['query_mAP']:>9.4f} {m['query_mAP_ratio']:>6.3f}"
+        )
+    return "\n".join(lines)
+
+
 def _keep_best_weights(study: optuna.Study, keep: int) -> None:
-    """Delete the weights of all but the ``keep`` best trials (duplicates share their original's file)."""
+    """Delete the weights of all but the ``keep`` best trials and the Pareto front's.
+
+    Duplicates share their original's file. An export of a trial whose weights are gone
+    retrains it with its seed.
+    """
     ranked = sorted(_feasible_complete(study), key=lambda t: -t.value)
-    keep_paths = {t.user_attrs.get("weights") for t in ranked[:keep]}
+    keep_paths = {t.user_attrs.get("weights") for t in ranked[:keep] + pareto_front(study)}
     for trial in ranked[keep:]:
         path = trial.user_attrs.get("weights")
         if path and path not in keep_paths and os.path.exists(path):

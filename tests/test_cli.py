@@ -79,3 +79,35 @@ def test_unreadable_gallery_checkpoint(tmp_path: Path, tiny_config, capsys) -> N
 def test_export_of_an_unknown_study(tmp_path: Path, capsys) -> None:
     err = _error(capsys, ["export", "--study-name", "nope", "--run-dir", str(tmp_path), "--out", str(tmp_path / "x")])
     assert "No study database" in err
+
+
+def test_embed_a_folder_skips_and_lists_bad_images(tmp_path: Path, tiny_config, capsys) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from nas import load_query_model
+    from nas.data import preprocess
+
+    config = tiny_config(tmp_path / "run", search__trials=1, budgets__max_mflops=None)
+    file = _write(tmp_path / "exp.yaml", config)
+    assert main(["search", str(file)]) == 0
+    assert main(["export", "--study-name", "tiny", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "export"), "--format", "state_dict"]) == 0
+    from sklearn.datasets import load_digits
+
+    images = (load_digits().images[:5] * 16).astype(np.uint8)
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / ("sub" if i % 2 else "") / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    capsys.readouterr()
+    assert main(["embed", str(tmp_path / "export"), str(folder), "--out", str(tmp_path / "emb.npy")]) == 0
+    out = capsys.readouterr().out
+    assert "Embedded 5 image(s)" in out and "Skipped 1 unreadable image(s)" in out and "broken.png" in out
+    embeddings = np.load(tmp_path / "emb.npy")
+    ids = (tmp_path / "emb.ids.txt").read_text().split()
+    assert embeddings.shape == (5, 32) and len(ids) == 5 and "broken.png" not in ids
+    model = load_query_model(tmp_path / "export")
+    first = ids.index("img0.png")
+    expected = model(preprocess(images[:1, :, :, None], model.arch.resolution)).detach().numpy()[0]
+    np.testing.assert_allclose(embeddings[first], expected, atol=1e-5)

@@ -13,7 +13,7 @@ from nas import load_query_model
 from nas.config import config_from_dict
 from nas.data import load_dataset, split_dataset
 from nas.errors import NasError
-from nas.export import MIN_COSINE, export_trial
+from nas.export import MAX_MAP_DIFF, MIN_COSINE, export_trial
 from nas.gallery import embed
 from nas.study import best_trial, run_search
 
@@ -40,11 +40,13 @@ def test_export_writes_every_file_and_verifies(exported) -> None:
     _, _, out, verification = exported
     for name in ("arch.json", "weights.safetensors", "model.torchscript.pt", "model.onnx", "MODEL_CARD.md", "verification.json"):
         assert (out / name).is_file(), name
+    assert (out / "model.int8.onnx").is_file()
     assert verification["passed"]
-    for key in ("min_cosine_reloaded_vs_trained", "min_cosine_torchscript_vs_trained", "min_cosine_onnx_vs_trained"):
-        assert verification[key] >= MIN_COSINE
+    assert set(verification["min_cosine"]) == {"reloaded", "torchscript", "onnx"}
+    assert all(value >= MIN_COSINE for value in verification["min_cosine"].values())
     # the ONNX model scores the same asymmetric mAP as the trial did
-    assert verification["onnx_query_mAP"] == pytest.approx(verification["trial_query_mAP"], abs=1e-3)
+    assert verification["query_mAP"]["onnx"] == pytest.approx(verification["query_mAP"]["trial"], abs=MAX_MAP_DIFF)
+    assert json.loads((out / "verification.json").read_text()) == verification
 
 
 def test_loaded_model_gives_the_trial_embeddings(exported) -> None:
@@ -84,7 +86,11 @@ def test_model_card_states_the_measured_numbers(exported) -> None:
     assert f"{best.user_attrs['metrics']['query_mAP']:.4f}" in card
     assert "torch runtime, 1 thread(s), batch 1" in card
     assert study.user_attrs["gallery_sha256"] in card
-    assert f"{verification['min_cosine_onnx_vs_trained']:.6f}" in card
+    assert f"onnx {verification['min_cosine']['onnx']:.6f}" in card
+    q = verification["int8"]
+    assert f"asymmetric query mAP {q['query_mAP']:.4f}, a drop of {q['mAP_drop_from_float']:.4f}" in card
+    assert f"int8 {q['latency_ms_onnxruntime']['median']:.3f}" in card
+    assert 0 <= q["query_mAP"] <= 1 and q["latency_ms_onnxruntime"]["median"] > 0
 
 
 def test_truncated_or_tampered_weights_are_a_clear_error(exported, tmp_path: Path) -> None:
@@ -110,8 +116,42 @@ def test_only_complete_trials_can_be_exported(exported, tmp_path: Path) -> None:
     _, study, _, _ = exported
     with pytest.raises(NasError, match="no trial 999"):
         export_trial(study, "999", tmp_path, log=lambda _: None)
-    with pytest.raises(NasError, match="'best' or a trial number"):
+    with pytest.raises(NasError, match="'best', 'pareto:K' or a trial number"):
         export_trial(study, "worst", tmp_path, log=lambda _: None)
+    with pytest.raises(NasError, match="Pareto front"):
+        export_trial(study, "pareto:99", tmp_path, log=lambda _: None)
+    with pytest.raises(NasError, match="Unknown export format"):
+        export_trial(study, "best", tmp_path, formats="onnx,tflite", log=lambda _: None)
+
+
+def test_pareto_point_and_format_subset(exported, tmp_path: Path) -> None:
+    from nas.study import pareto_front
+
+    _, study, _, _ = exported
+    front = pareto_front(study)
+    assert front, "a study with complete trials has a Pareto front"
+    mflops = [t.user_attrs["budgets"]["mflops"] for t in front]
+    assert mflops == sorted(mflops)
+    values = [t.value for t in front]
+    assert values == sorted(values)  # more MFLOPs only on the front when it buys val mAP
+    verification = export_trial(study, "pareto:0", tmp_path, formats="state_dict", log=lambda _: None)
+    assert verification["trial"] == front[0].number
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MODEL_CARD.md", "arch.json", "verification.json", "weights.safetensors"]
+    assert set(verification["min_cosine"]) == {"reloaded"} and "int8" not in verification
+
+
+def test_export_retrains_a_trial_whose_weights_were_not_kept(tmp_path: Path, tiny_config) -> None:
+    raw = tiny_config(tmp_path / "run", search__trials=2, budgets__max_mflops=None)
+    study = run_search(config_from_dict(raw), log=lambda _: None)
+    best = best_trial(study)
+    Path(best.user_attrs["weights"]).unlink()
+    logs: list[str] = []
+    verification = export_trial(study, "best", tmp_path / "export", formats="state_dict,onnx", log=logs.append)
+    assert verification["retrained"] and verification["passed"]
+    assert any("were not kept" in line and "retraining" in line for line in logs)
+    assert "retrained" in (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    # same architecture, same seed, same data: the retrained net scores what the trial scored
+    assert verification["query_mAP"]["onnx"] == pytest.approx(best.user_attrs["metrics"]["query_mAP"], abs=0.01)
 
 
 def test_torchscript_runs_without_our_code(exported) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -22,12 +23,10 @@ def _running_trial_in_training(db: Path, name: str) -> bool:
         return False
     try:
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-    except KeyError:  # the study is not created yet
+        trials = study.get_trials(deepcopy=False)
+    except (KeyError, sqlalchemy.exc.OperationalError):  # not created yet, or the writer holds the lock
         return False
-    return any(
-        t.state == optuna.trial.TrialState.RUNNING and "budgets" in t.user_attrs
-        for t in study.get_trials(deepcopy=False)
-    )
+    return any(t.state == optuna.trial.TrialState.RUNNING and "budgets" in t.user_attrs for t in trials)
 
 
 def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_config) -> None:

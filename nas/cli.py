@@ -1,7 +1,7 @@
 """The ``nas`` command line.
 
-``nas search CONFIG``, ``nas gallery train CONFIG``, ``nas export``, ``nas results``,
-``nas embed`` and ``nas spaces``. Errors that are the user's to fix print one paragraph and exit with 2.
+``nas search CONFIG``, ``nas worker CONFIG``, ``nas gallery train CONFIG``, ``nas export``,
+``nas results``, ``nas embed`` and ``nas spaces``. Errors that are the user's to fix print one paragraph and exit with 2.
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-params-m", type=float, help="budget: millions of parameters")
     search.add_argument("--seed", type=int, help="sampler seed (search.seed)")
     search.add_argument("--threads", type=int, help="torch threads for training (search.threads)")
+    search.add_argument("--workers", type=int, default=1, help="run N worker processes on this machine (default 1)")
+
+    worker = sub.add_parser("worker", help="join a shared study and run trials until it holds its trial budget")
+    _add_config_overrides(worker)
+    worker.add_argument("--trials", type=int, required=True, help="the study's total trial budget (all workers together)")
+    worker.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    worker.add_argument("--threads", type=int, help="torch threads for training")
 
     gallery = sub.add_parser("gallery", help="gallery model commands")
     gsub = gallery.add_subparsers(dest="gallery_command", required=True)
@@ -103,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "search":
         from nas.study import run_search, summary
+        from nas.workers import run_local_workers
 
         overrides = {
             "out": args.out,
@@ -118,9 +126,28 @@ def _run(args: argparse.Namespace) -> int:
             "budgets.max_params_m": args.max_params_m,
         }
         config = load_config(args.config, overrides)
-        study = run_search(config)
+        if args.workers > 1:
+            study = run_local_workers(config, args.workers)
+        else:
+            study = run_search(config)
         print()
         print(summary(study, config))
+        return 0
+    if args.command == "worker":
+        import socket
+
+        from nas.study import run_search
+
+        overrides = {
+            "out": args.out,
+            "search.study_name": args.study_name,
+            "search.storage": args.storage,
+            "tracking.uri": args.tracking_uri,
+            "search.timeout": args.timeout,
+            "search.threads": args.threads,
+        }
+        config = load_config(args.config, overrides)
+        run_search(config, total_trials=args.trials, worker=f"{socket.gethostname()}-{os.getpid()}")
         return 0
     if args.command == "gallery":
         from nas.data import load_dataset, split_dataset

@@ -214,7 +214,8 @@ class SearchConfig:
     ``prune_below_percentile``-th percentile (25: only the bottom quarter is stopped). Either acts once ``prune_startup_trials``
     trials have reported and only after ``prune_warmup_epochs`` epochs. A running trial sends a heartbeat every
     ``heartbeat_interval`` seconds; one silent for ``grace_period`` seconds (its process
-    was killed) is failed by the next trial any worker starts.
+    was killed) is failed when any worker next asks for a trial, and retried up to
+    ``max_retries`` times.
     """
 
     study_name: str = "quickstart"
@@ -231,6 +232,7 @@ class SearchConfig:
     threads: int | None = None
     heartbeat_interval: int = 15
     grace_period: int = 60
+    max_retries: int = 2
 
     def __post_init__(self) -> None:
         _check(bool(self.study_name), "search.study_name must not be empty.")
@@ -244,6 +246,7 @@ class SearchConfig:
         _check(self.prune_startup_trials >= 0, f"search.prune_startup_trials must be >= 0, but got {self.prune_startup_trials}.")
         _check(self.prune_warmup_epochs >= 0, f"search.prune_warmup_epochs must be >= 0, but got {self.prune_warmup_epochs}.")
         _check(self.keep_best >= 1, f"search.keep_best must be >= 1, but got {self.keep_best}.")
+        _check(self.max_retries >= 0, f"search.max_retries must be >= 0, but got {self.max_retries}.")
         _check(self.heartbeat_interval >= 1, f"search.heartbeat_interval must be >= 1, but got {self.heartbeat_interval}.")
         _check(self.grace_period > self.heartbeat_interval, f"search.grace_period must exceed heartbeat_interval, but got {self.grace_period}.")
         _check(self.threads is None or self.threads >= 1, f"search.threads must be >= 1 or null, but got {self.threads}.")

@@ -11,6 +11,7 @@ of the **query** images, which the search never sees.
 from __future__ import annotations
 
 import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from nas.config import ExperimentConfig, config_to_dict
 from nas.data import ImageSet, Split, load_dataset, preprocess, split_dataset
 from nas.errors import BudgetError, ConfigError, GalleryError
 from nas.gallery import GalleryEmbeddings, GalleryNet, embed, file_sha256, gallery_embeddings, load_gallery, train_gallery
+from nas.locks import file_lock, study_lock
 from nas.metrics import compatibility_ratios, retrieval_metrics
 from nas.tracking import NullTracker, Tracker, flatten
 from search_spaces import Architecture, QueryNet, SearchSpace, build, create_space
@@ -38,6 +40,7 @@ __all__ = [
     "Objective",
     "best_trial",
     "build_seeded",
+    "counted_trials",
     "check_reachable",
     "ensure_gallery",
     "open_study",
@@ -153,16 +156,24 @@ def open_study(
     url = config.storage_url
     storage: optuna.storages.BaseStorage
     if url.startswith(("sqlite:", "postgresql", "mysql")):
+        # SQLite serialises writers: let a worker wait for the lock instead of failing at once
+        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {"pool_pre_ping": True}
         with warnings.catch_warnings():  # heartbeats are marked experimental by Optuna; we rely on them deliberately
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(
                 url,
+                engine_kwargs=engine_kwargs,
                 heartbeat_interval=config.search.heartbeat_interval,
                 grace_period=config.search.grace_period,
                 heartbeat_stale_trial_callback=on_stale_trial,
             )
+    elif url.startswith("journal://"):
+        # Optuna's journal file backend: concurrent writers on one machine (no heartbeats)
+        path = Path(url[len("journal://") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     else:
-        raise ConfigError(f"Unsupported Optuna storage URL {url!r}: use sqlite:///PATH or postgresql://...")
+        raise ConfigError(f"Unsupported Optuna storage URL {url!r}: use sqlite:///PATH, postgresql://..., or journal:///PATH.")
     sampler = optuna.samplers.TPESampler(seed=config.search.seed, n_startup_trials=config.search.n_startup_trials)
     sc = config.search
     pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
@@ -280,6 +291,7 @@ class Objective:
         self.weights_dir = ctx.config.out_dir / "checkpoints"
 
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", f"{socket.gethostname()}-{os.getpid()}")
         run_id = self.tracker.start_trial(self.parent_run, trial)
         try:
             return self._run(trial, run_id)
@@ -499,64 +511,120 @@ class _Progress:
         )
 
 
-def run_search(config: ExperimentConfig, log: Log = print) -> optuna.Study:
-    """Run (or resume) the study of ``config``, adding ``config.search.trials`` trials."""
-    ctx = prepare(config, log)
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that count toward the study's trial budget.
+
+    Every trial counts (complete, infeasible, pruned, failed, running, waiting) except a
+    failed one that is being retried: its retry (a waiting or later trial) counts instead.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return sum(1 for t in trials if not (t.state == optuna.trial.TrialState.FAIL and t.number in retried))
+
+
+def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> None:
+    """Run ``objective`` on an asked trial with heartbeats, then tell the study its outcome."""
+    from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own heartbeat thread
+
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return
+        except TrainingDiverged:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # that trial fails, the study goes on
+            return
+        except BaseException:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+    study.tell(trial, value)
+
+
+def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | None = None, worker: str = "") -> optuna.Study:
+    """Run (or resume) the study of ``config``.
+
+    Without ``total_trials`` this adds ``config.search.trials`` trials to the study. With
+    it (``nas worker``) the process runs trials until the study as a whole holds
+    ``total_trials``, however many workers share it; "count, then ask" is serialised by
+    :func:`nas.locks.study_lock`, so the total is exact. ``search.timeout`` stops this
+    process from starting new trials after that many seconds.
+    """
+    prefix = f"[{worker}] " if worker else ""
+    log = (lambda text, _log=log: _log(prefix + text)) if worker else log
+    with file_lock(config.out_dir / ".gallery.lock"):  # the first worker builds, the others wait and load
+        ctx = prepare(config, log)
     tracker: Tracker | NullTracker = NullTracker()
-    if config.tracking.enabled:
-        tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts")
-    study = open_study(config, on_stale_trial=tracker.close_stale_trial)
-    closed = tracker.reconcile(study)
-    if closed:
-        log(f"Tracking: closed {closed} MLflow run(s) left open by an interrupted earlier search.")
-    paragon = _paragon(ctx, study)
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=config.search.max_retries)
+
+    def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        tracker.close_stale_trial(study, trial)
+        retry(study, trial)
+        log(f"Trial {trial.number} stopped sending heartbeats (its worker died): marked failed and queued for a retry.")
+
+    lock = lambda: study_lock(config.storage_url, config.search.study_name, config.out_dir)  # noqa: E731
+    with lock():  # first-time creation of the study and tracking tables, one worker at a time
+        if config.tracking.enabled:
+            tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts")
+        study = open_study(config, on_stale_trial=on_stale_trial)
+        closed = tracker.reconcile(study)
+        if closed:
+            log(f"Tracking: closed {closed} MLflow run(s) left open by an interrupted earlier search.")
+        paragon = _paragon(ctx, study)
+        description = ctx.space.describe()
+        gallery_mflops = check_budgets(ctx.gallery, config.gallery.resolution, ctx.data.channels, ctx.budgets[:2], measure_all=True).values
+        if "config" not in study.user_attrs or total_trials is None:
+            study.set_user_attr("config", config_to_dict(config))
+            study.set_user_attr("out_dir", str(config.out_dir.resolve()))
+            study.set_user_attr("space", description)
+            study.set_user_attr("gallery_budgets", gallery_mflops)
+        parent = tracker.start_study(
+            study,
+            params=flatten({**config_to_dict(config), "split": ctx.split.sizes()}),
+            tags={
+                "gallery.sha256": ctx.gallery_sha,
+                "gallery.model": config.gallery.model,
+                "budgets": "; ".join(b.describe() for b in ctx.budgets),
+                "space.num_architectures": description["num_architectures"],
+            },
+            texts={"config.yaml": yaml.safe_dump(config_to_dict(config), sort_keys=False), "space.json": yaml.safe_dump(description)},
+        )
+        tracker.log(
+            parent,
+            metrics={
+                **{f"paragon_query_{k}": v for k, v in paragon["query"].items() if k not in ("queries", "skipped")},
+                **{f"paragon_val_{k}": v for k, v in paragon["val"].items() if k not in ("queries", "skipped")},
+                **{f"gallery_{k}": v for k, v in gallery_mflops.items()},
+                **{f"smallest_candidate_{k}": v for k, v in ctx.smallest.items()},
+            },
+        )
+        before = counted_trials(study)
+        target = total_trials if total_trials is not None else before + config.search.trials
     log(
         f"Paragon (gallery model on both sides): query mAP {paragon['query']['mAP']:.4f}, R@1 {paragon['query']['R@1']:.4f}; "
         f"val mAP {paragon['val']['mAP']:.4f}"
     )
-    description = ctx.space.describe()
-    study.set_user_attr("config", config_to_dict(config))
-    study.set_user_attr("out_dir", str(config.out_dir.resolve()))
-    study.set_user_attr("space", description)
-    gallery_mflops = check_budgets(ctx.gallery, config.gallery.resolution, ctx.data.channels, ctx.budgets[:2], measure_all=True).values
-    study.set_user_attr("gallery_budgets", gallery_mflops)
-    parent = tracker.start_study(
-        study,
-        params=flatten({**config_to_dict(config), "split": ctx.split.sizes()}),
-        tags={
-            "gallery.sha256": ctx.gallery_sha,
-            "gallery.model": config.gallery.model,
-            "budgets": "; ".join(b.describe() for b in ctx.budgets),
-            "space.num_architectures": description["num_architectures"],
-        },
-        texts={"config.yaml": yaml.safe_dump(config_to_dict(config), sort_keys=False), "space.json": yaml.safe_dump(description)},
-    )
-    tracker.log(
-        parent,
-        metrics={
-            **{f"paragon_query_{k}": v for k, v in paragon["query"].items() if k not in ("queries", "skipped")},
-            **{f"paragon_val_{k}": v for k, v in paragon["val"].items() if k not in ("queries", "skipped")},
-            **{f"gallery_{k}": v for k, v in gallery_mflops.items()},
-            **{f"smallest_candidate_{k}": v for k, v in ctx.smallest.items()},
-        },
-    )
-    before = len(study.trials)
     log(
-        f"Study {study.study_name!r} at {config.storage_url}: {before} earlier trial(s); adding {config.search.trials}. "
+        f"Study {study.study_name!r} at {config.storage_url}: {before} earlier trial(s); running until it holds {target}. "
         f"Budgets: {'; '.join(b.describe() for b in ctx.budgets)}. Gallery model: {gallery_mflops['mflops']:.2f} MFLOPs."
     )
     objective = Objective(ctx, study, tracker, parent, paragon)
-    progress = _Progress(config.search.trials, config.search.timeout, log)
+    progress = _Progress(max(target - before, 0), config.search.timeout, log)
+    start = time.monotonic()
     status = "FINISHED"
     try:
-        study.optimize(
-            objective,
-            n_trials=config.search.trials,
-            timeout=config.search.timeout,
-            catch=(TrainingDiverged,),
-            callbacks=[progress, lambda s, t: _keep_best_weights(s, config.search.keep_best)],
-            gc_after_trial=True,
-        )
+        while config.search.timeout is None or time.monotonic() - start < config.search.timeout:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, then retried
+            with lock():
+                if counted_trials(study) >= target:
+                    break
+                trial = study.ask()
+            _run_one(study, trial, objective)
+            frozen = study._storage.get_trial(trial._trial_id)
+            progress(study, frozen)
+            _keep_best_weights(study, config.search.keep_best)
     except KeyboardInterrupt:
         status = "KILLED"
         log("Interrupted: the running trial is marked failed; run the same command again to resume the study.")
@@ -564,7 +632,11 @@ def run_search(config: ExperimentConfig, log: Log = print) -> optuna.Study:
     finally:
         best = best_trial(study)
         metrics = {f"best_{k}": v for k, v in best.user_attrs.get("metrics", {}).items()} if best else {}
-        tracker.end_study(parent, metrics=metrics, tags={"best_trial": best.number if best else "none"}, status=status)
+        still_running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+        if still_running and status == "FINISHED":
+            tracker.log(parent, metrics=metrics, tags={"best_trial": best.number if best else "none"})  # other workers go on
+        else:
+            tracker.end_study(parent, metrics=metrics, tags={"best_trial": best.number if best else "none"}, status=status)
     return study
 
 

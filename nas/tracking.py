@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 from collections.abc import Iterable, Mapping
@@ -75,7 +76,9 @@ class Tracker:
         try:
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
-                location = Path(artifact_dir).resolve().as_uri() if artifact_dir else None
+                # a local store keeps artifacts beside it; a tracking server decides where they go
+                local = not uri.startswith(("http://", "https://"))
+                location = Path(artifact_dir).resolve().as_uri() if artifact_dir and local else None
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             else:
                 self.experiment_id = found.experiment_id
@@ -149,6 +152,7 @@ class Tracker:
                 "optuna.trial_number": str(trial.number),
                 "asymnas.state": "running",
                 "asymnas.host": socket.gethostname(),
+                "asymnas.worker": f"{socket.gethostname()}-{os.getpid()}",
             },
         )
         trial.set_user_attr("mlflow_run_id", run.info.run_id)

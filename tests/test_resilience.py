@@ -65,7 +65,11 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_config) -> None:
     by_number = {t.number: t for t in study.trials}
     dead = by_number[killed[0].number]
     assert dead.state == optuna.trial.TrialState.FAIL
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 1
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    # the dead trial was retried once (same parameters) and the one requested trial was added
+    retries = [t for t in complete if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retries) == 1 and retries[0].params == dead.params
+    assert len(complete) == 2
 
     client = MlflowClient(config.tracking_uri)
     run = client.get_run(dead.user_attrs["mlflow_run_id"])

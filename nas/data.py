@@ -275,7 +275,10 @@ def split_dataset(data: ImageSet, config: DataConfig) -> Split:
 
 def preprocess(images: np.ndarray, resolution: int) -> torch.Tensor:
     """``uint8 (N, H, W, C)`` -> normalised float ``(N, C, resolution, resolution)``; see :data:`PREPROCESSING`."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:  # torch.from_numpy wants a writable buffer
+        images = images.copy()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-1] != resolution or x.shape[-2] != resolution:
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
     return x.sub_(0.5).div_(0.5)

@@ -333,7 +333,8 @@ class Objective:
         original = self._duplicate_of(arch, trial.number)
         if original is not None:
             for key, value in original.constraints.items():
-                trial.set_constraint(key, value)
+                if key not in trial.constraints:
+                    trial.set_constraint(key, value)
             for key in ("state", "reason", "budgets", "metrics", "weights"):
                 if key in original.user_attrs:
                     trial.set_user_attr(key, original.user_attrs[key])
@@ -348,7 +349,8 @@ class Objective:
         model = build_seeded(arch, seed)
         report = check_budgets(model, arch.resolution, arch.in_chans, ctx.budgets)
         for budget, value in zip(ctx.budgets, report.constraints, strict=True):
-            trial.set_constraint(budget.name, value)
+            if budget.name not in trial.constraints:  # a retried trial keeps its original's (same architecture)
+                trial.set_constraint(budget.name, value)
         trial.set_user_attr("budgets", report.values)
         trial.set_user_attr("budget_seconds", report.seconds)
         if not report.feasible:
@@ -555,7 +557,9 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
     with file_lock(config.out_dir / ".gallery.lock"):  # the first worker builds, the others wait and load
         ctx = prepare(config, log)
     tracker: Tracker | NullTracker = NullTracker()
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=config.search.max_retries)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.search.max_retries)
 
     def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         tracker.close_stale_trial(study, trial)
@@ -620,7 +624,9 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
             with lock():
                 if counted_trials(study) >= target:
                     break
-                trial = study.ask()
+                with warnings.catch_warnings():  # we run Optuna's heartbeat thread ourselves (see _run_one)
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                    trial = study.ask()
             _run_one(study, trial, objective)
             frozen = study._storage.get_trial(trial._trial_id)
             progress(study, frozen)

@@ -348,3 +348,9 @@ def test_configs_are_frozen() -> None:
     cfg = config_from_dict({})
     with pytest.raises(Exception):
         cfg.train.epochs = 10  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "cluster/distributed.yaml"])
+def test_shipped_experiment_files_are_valid(name: str) -> None:
+    config = load_config(REPO / "experiments" / name)
+    assert config_from_dict(config_to_dict(config)) == config

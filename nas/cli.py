@@ -1,7 +1,7 @@
 """The ``nas`` command line.
 
 ``nas search CONFIG``, ``nas worker CONFIG``, ``nas gallery train CONFIG``, ``nas export``,
-``nas results``, ``nas embed`` and ``nas spaces``. Errors that are the user's to fix print one paragraph and exit with 2.
+``nas results``, ``nas embed``, ``nas ui`` and ``nas spaces``. Errors that are the user's to fix print one paragraph and exit with 2.
 """
 
 from __future__ import annotations
@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     embed_cmd.add_argument("export_dir", help="folder written by 'nas export'")
     embed_cmd.add_argument("images", help="folder of images (searched recursively)")
     embed_cmd.add_argument("--out", required=True, help="FILE.npy for the embeddings; the image ids go to FILE.ids.txt")
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a study's tracking store")
+    ui.add_argument("--study-name", help="the study; its store is runs/<study name>/mlflow.db unless --run-dir or --tracking-uri")
+    ui.add_argument("--run-dir", help="the search's output folder")
+    ui.add_argument("--tracking-uri", help="an MLflow backend store URI to browse instead")
+    ui.add_argument("--port", type=int, default=5000)
 
     sub.add_parser("spaces", help="list the registered search spaces and their options")
     return parser
@@ -190,6 +196,10 @@ def _run(args: argparse.Namespace) -> int:
             for path, reason in skipped:
                 print(f"  {path}: {reason}")
         return 0
+    if args.command == "ui":
+        from nas.ui import serve_ui
+
+        return serve_ui(args.study_name, args.run_dir, args.tracking_uri, args.port)
     if args.command == "spaces":
         from search_spaces import list_spaces, space_options
 

@@ -252,12 +252,14 @@ def _trial_model(study: optuna.Study, trial: optuna.trial.FrozenTrial, config: E
 
 
 def export_trial(
-    study: optuna.Study, which: str, out: str | Path, formats: str | Sequence[str] = FORMATS, log: Log = print
+    study: optuna.Study, which: str, out: str | Path, formats: str | Sequence[str] = FORMATS, log: Log = print, register: bool = True
 ) -> dict[str, Any]:
     """Export trial ``which`` of ``study`` to ``out`` in ``formats`` and verify it.
 
     Returns the verification record (also written to ``verification.json`` and the card);
-    raises :class:`NasError` when verification fails.
+    raises :class:`NasError` when verification fails. With ``register`` (and tracking on)
+    the ONNX model is also logged to the trial's MLflow run and registered as
+    ``asymnas-<study name>``.
     """
     chosen = _parse_formats(formats)
     trial = select_trial(study, which)
@@ -347,6 +349,24 @@ def export_trial(
         )
     if not verification["passed"]:
         raise NasError(f"Export verification failed; see {out / 'verification.json'}.")
+    run_id = trial.user_attrs.get("mlflow_run_id", "")
+    if register and config.tracking.enabled and "onnx" in chosen and run_id and not run_id.startswith("pending-"):
+        from nas.tracking import register_onnx_model
+
+        name = f"asymnas-{study.study_name}"
+        b = trial.user_attrs["budgets"]
+        tags = {
+            "trial": trial.number,
+            "arch_id": arch.arch_id,
+            "mflops": f"{b['mflops']:.4f}",
+            "params_m": f"{b['params_m']:.4f}",
+            "latency_ms": f"{b['latency_ms']:.3f} ({config.budgets.latency.runtime}, {config.budgets.latency.threads} thread(s), batch {config.budgets.latency.batch_size})",
+            **{key: f"{origin['metrics'][key]:.4f}" for key in ("query_mAP", "query_R@1", "query_mAP_ratio") if key in origin["metrics"]},
+        }
+        version = register_onnx_model(config.tracking_uri, run_id, out / "model.onnx", name, tags)
+        verification["registered_model"] = f"models:/{name}/{version}"
+        (out / "verification.json").write_text(json.dumps(verification, indent=2))
+        log(f"Registered in the MLflow model registry as models:/{name}/{version} (ONNX flavour, budgets and metrics as tags).")
     return verification
 
 

@@ -10,6 +10,7 @@ of the **query** images, which the search never sees.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -31,6 +32,7 @@ from nas.errors import BudgetError, ConfigError, GalleryError
 from nas.gallery import GalleryEmbeddings, GalleryNet, embed, file_sha256, gallery_embeddings, load_gallery, train_gallery
 from nas.locks import file_lock, study_lock
 from nas.metrics import compatibility_ratios, retrieval_metrics
+from nas.report import write_report
 from nas.tracking import NullTracker, Tracker, flatten
 from search_spaces import Architecture, QueryNet, SearchSpace, build, create_space
 from trainers import CompatibilityLoss, EpochResult, TrainingDiverged, create_loss, train_compatible
@@ -569,7 +571,7 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
     lock = lambda: study_lock(config.storage_url, config.search.study_name, config.out_dir)  # noqa: E731
     with lock():  # first-time creation of the study and tracking tables, one worker at a time
         if config.tracking.enabled:
-            tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts")
+            tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts", log=log)
         study = open_study(config, on_stale_trial=on_stale_trial)
         closed = tracker.reconcile(study)
         if closed:
@@ -591,7 +593,7 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
                 "budgets": "; ".join(b.describe() for b in ctx.budgets),
                 "space.num_architectures": description["num_architectures"],
             },
-            texts={"config.yaml": yaml.safe_dump(config_to_dict(config), sort_keys=False), "space.json": yaml.safe_dump(description)},
+            texts={"config.yaml": yaml.safe_dump(config_to_dict(config), sort_keys=False), "space.json": json.dumps(description, indent=2)},
         )
         tracker.log(
             parent,
@@ -638,6 +640,11 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
     finally:
         best = best_trial(study)
         metrics = {f"best_{k}": v for k, v in best.user_attrs.get("metrics", {}).items()} if best else {}
+        for path in write_report(study, config.out_dir / "report"):
+            tracker.log_artifact(parent, path)
+        wall = time.monotonic() - start
+        if wall > 0 and config.tracking.enabled:
+            log(f"Tracking: {tracker.seconds:.1f} s of this process's {wall:.0f} s search ({100 * tracker.seconds / wall:.1f}%).")
         still_running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
         if still_running and status == "FINISHED":
             tracker.log(parent, metrics=metrics, tags={"best_trial": best.number if best else "none"})  # other workers go on

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import optuna
 
 from nas.errors import NasError
 
-__all__ = ["Tracker", "NullTracker", "mlflow_key", "flatten", "RUN_STATUS"]
+__all__ = ["Tracker", "NullTracker", "mlflow_key", "flatten", "register_onnx_model", "RUN_STATUS"]
 
 #: Trial state (ours) -> MLflow run status. A failed trial is never FINISHED.
 RUN_STATUS = {
@@ -61,9 +61,20 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 
 
 class Tracker:
-    """Logs a study to an MLflow tracking store (``sqlite:///...`` or ``http://host:port``)."""
+    """Logs a study to an MLflow tracking store (``sqlite:///...`` or ``http://host:port``).
 
-    def __init__(self, uri: str, experiment: str, artifact_dir: str | Path | None = None) -> None:
+    The store must be reachable when the tracker is created (otherwise a :class:`NasError`
+    names the URI). If it becomes unreachable during the search, every record is kept in
+    order and logged once it is back (retried at most every ``retry_seconds``); the search
+    goes on and ``log`` tells the user. ``seconds`` accumulates the time spent tracking.
+    """
+
+    def __init__(
+        self, uri: str, experiment: str, artifact_dir: str | Path | None = None, log: Callable[[str], None] = print, retry_seconds: float = 30.0
+    ) -> None:
+        # fail fast instead of MLflow's long default HTTP retry schedule (a user's own settings win)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         import mlflow
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
@@ -72,6 +83,12 @@ class Tracker:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self._entities = (Metric, Param, RunTag)
         self.uri = uri
+        self._log = log
+        self.retry_seconds = retry_seconds
+        self.backlog: list[Callable[[], None]] = []
+        self.seconds = 0.0
+        self._ids: dict[str, str] = {}  # placeholder id of a run created while unreachable -> real id
+        self._next_retry = 0.0
         self.client = MlflowClient(tracking_uri=uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
@@ -88,20 +105,57 @@ class Tracker:
                 f"start the tracking server, or disable tracking with tracking.enabled: false."
             ) from None
         except Exception as exc:  # connection errors surface as requests / sqlalchemy exceptions
-            raise NasError(f"Cannot reach the MLflow tracking store at {uri}: {type(exc).__name__}: {exc}.") from None
+            raise NasError(
+                f"Cannot reach the MLflow tracking store at {uri}: {type(exc).__name__}: {exc}. Start the tracking server, "
+                f"fix tracking.uri (or --tracking-uri), or disable tracking with tracking.enabled: false."
+            ) from None
+
+    # ------------------------------------------------------------------ resilience
+    def _resolve(self, run_id: str) -> str:
+        return self._ids.get(run_id, run_id)
+
+    def flush(self) -> None:
+        """Log what was kept while the store was unreachable; raises if it still is."""
+        if not self.backlog:
+            return
+        done = 0
+        while self.backlog:
+            self.backlog[0]()
+            self.backlog.pop(0)
+            done += 1
+        self._log(f"Tracking: the MLflow store at {self.uri} is reachable again; logged {done} kept record(s).")
+
+    def _guard(self, action: Callable[[], Any], what: str) -> Any:
+        """Run ``action`` now, or keep it (in order) for later when the store is unreachable."""
+        start = time.perf_counter()
+        try:
+            if self.backlog:
+                if time.monotonic() < self._next_retry:
+                    self.backlog.append(action)
+                    return None
+                try:
+                    self.flush()
+                except Exception:
+                    self._next_retry = time.monotonic() + self.retry_seconds
+                    self.backlog.append(action)
+                    return None
+            try:
+                return action()
+            except Exception as exc:
+                self.backlog.append(action)
+                self._next_retry = time.monotonic() + self.retry_seconds
+                self._log(
+                    f"Tracking: cannot log {what} to the MLflow store at {self.uri} ({type(exc).__name__}: {str(exc)[:200]}). "
+                    f"The search goes on; this and later records are kept and logged when the store is back."
+                )
+                return None
+        finally:
+            self.seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------------ low level
-    def log(
-        self,
-        run_id: str,
-        params: Mapping[str, Any] | None = None,
-        metrics: Mapping[str, float] | None = None,
-        tags: Mapping[str, Any] | None = None,
-        step: int = 0,
-    ) -> None:
-        """Batched logging of params, metrics (at ``step``) and tags to one run."""
+    def _log_now(self, run_id: str, params: Mapping[str, Any] | None, metrics: Mapping[str, float] | None, tags: Mapping[str, Any] | None, step: int, now: int) -> None:
         Metric, Param, RunTag = self._entities
-        now = int(time.time() * 1000)
+        run_id = self._resolve(run_id)
         param_list = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
         metric_list = [Metric(mlflow_key(k), float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
         tag_list = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
@@ -112,8 +166,24 @@ class Tracker:
         for chunk in _chunks(metric_list, 1000):
             self.client.log_batch(run_id, metrics=chunk)
 
+    def log(
+        self,
+        run_id: str,
+        params: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        step: int = 0,
+    ) -> None:
+        """Batched logging of params, metrics (at ``step``) and tags to one run."""
+        now = int(time.time() * 1000)  # the time of the event, also when it is logged later
+        params, metrics, tags = dict(params or {}), dict(metrics or {}), dict(tags or {})
+        self._guard(lambda: self._log_now(run_id, params, metrics, tags, step, now), "metrics and params")
+
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        self._guard(lambda: self.client.log_text(self._resolve(run_id), text, artifact_file), f"artifact {artifact_file}")
+
+    def log_artifact(self, run_id: str, path: str | Path) -> None:
+        self._guard(lambda: self.client.log_artifact(self._resolve(run_id), str(path)), f"artifact {Path(path).name}")
 
     # ------------------------------------------------------------------ study
     def start_study(self, study: optuna.Study, params: Mapping[str, Any], tags: Mapping[str, Any], texts: Mapping[str, str]) -> str:
@@ -137,26 +207,43 @@ class Tracker:
 
     def end_study(self, run_id: str, metrics: Mapping[str, float] | None = None, tags: Mapping[str, Any] | None = None, status: str = "FINISHED") -> None:
         self.log(run_id, metrics=metrics, tags=tags)
-        self.client.set_terminated(run_id, status=status)
+        self._guard(lambda: self.client.set_terminated(self._resolve(run_id), status=status), "the end of the study")
+        if self.backlog:
+            try:
+                self.flush()
+            except Exception:
+                self._log(
+                    f"Tracking: {len(self.backlog)} record(s) could not be logged to {self.uri} before the search ended; "
+                    f"the Optuna study holds every trial's results ('nas results')."
+                )
 
     # ------------------------------------------------------------------ trials
     def start_trial(self, parent_id: str, trial: optuna.Trial) -> str:
-        """Create the trial's child run under ``parent_id`` and store its id on the trial."""
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"trial-{trial.number}",
-            tags={
-                "mlflow.parentRunId": parent_id,
-                "asymnas.role": "trial",
-                "optuna.study_name": trial.study.study_name,
-                "optuna.trial_number": str(trial.number),
-                "asymnas.state": "running",
-                "asymnas.host": socket.gethostname(),
-                "asymnas.worker": f"{socket.gethostname()}-{os.getpid()}",
-            },
-        )
-        trial.set_user_attr("mlflow_run_id", run.info.run_id)
-        return run.info.run_id
+        """Create the trial's child run under ``parent_id`` and store its id on the trial.
+
+        While the store is unreachable the run is created later; the trial then holds a
+        placeholder id, and the run is found by its ``optuna.trial_number`` tag.
+        """
+        tags = {
+            "mlflow.parentRunId": self._resolve(parent_id),
+            "asymnas.role": "trial",
+            "optuna.study_name": trial.study.study_name,
+            "optuna.trial_number": str(trial.number),
+            "asymnas.state": "running",
+            "asymnas.host": socket.gethostname(),
+            "asymnas.worker": f"{socket.gethostname()}-{os.getpid()}",
+        }
+        placeholder = f"pending-{trial.study.study_name}-{trial.number}"
+
+        def create() -> str:
+            tags["mlflow.parentRunId"] = self._resolve(parent_id)
+            run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags)
+            self._ids[placeholder] = run.info.run_id
+            return run.info.run_id
+
+        run_id = self._guard(create, f"the run of trial {trial.number}") or placeholder
+        trial.set_user_attr("mlflow_run_id", run_id)
+        return run_id
 
     def end_trial(self, run_id: str, state: str, reason: str | None = None, metrics: Mapping[str, float] | None = None) -> None:
         """Log final metrics, tag the state (and reason) and close the run with the matching status."""
@@ -164,7 +251,7 @@ class Tracker:
         if reason:
             tags["asymnas.reason"] = reason
         self.log(run_id, metrics=metrics, tags=tags)
-        self.client.set_terminated(run_id, status=RUN_STATUS[state])
+        self._guard(lambda: self.client.set_terminated(self._resolve(run_id), status=RUN_STATUS[state]), f"the end of run {run_id}")
 
     def close_stale_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Optuna's heartbeat callback: the trial's process died, so its run is FAILED."""
@@ -210,11 +297,15 @@ class NullTracker:
     """Tracking switched off (``tracking.enabled: false``): every call does nothing."""
 
     uri = None
+    seconds = 0.0
 
     def log(self, *args: Any, **kwargs: Any) -> None:
         pass
 
     def log_text(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_artifact(self, *args: Any, **kwargs: Any) -> None:
         pass
 
     def start_study(self, *args: Any, **kwargs: Any) -> str:
@@ -234,3 +325,30 @@ class NullTracker:
 
     def close_stale_trial(self, *args: Any, **kwargs: Any) -> None:
         pass
+
+
+def register_onnx_model(uri: str, run_id: str, onnx_path: str | Path, name: str, tags: Mapping[str, Any]) -> str:
+    """Log ``onnx_path`` as an MLflow model in run ``run_id`` and register it as ``name``.
+
+    The model registry gets a new version of ``name`` with ``tags`` (budgets and metrics);
+    it loads back with ``mlflow.onnx.load_model(f"models:/{name}/{version}")`` or as a
+    pyfunc. Returns the version.
+    """
+    import mlflow
+    import onnx
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        status = client.get_run(run_id).info.status
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="query_model", registered_model_name=name)
+        client.set_terminated(run_id, status=status)  # keep the trial's own status
+    finally:
+        mlflow.set_tracking_uri(previous)
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, mlflow_key(key), str(value))
+    return version

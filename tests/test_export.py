@@ -160,3 +160,31 @@ def test_torchscript_runs_without_our_code(exported) -> None:
     arch = json.loads((out / "arch.json").read_text())["architecture"]
     y = scripted(torch.zeros(3, arch["in_chans"], arch["resolution"], arch["resolution"]))
     assert y.shape == (3, arch["embed_dim"])
+
+
+def test_export_registers_a_loadable_model(exported) -> None:
+    import mlflow
+    import onnxruntime as ort
+
+    config, study, out, verification = exported
+    uri = verification["registered_model"]
+    assert uri.startswith("models:/asymnas-tiny/")
+    name, version = uri[len("models:/"):].split("/")
+    client = mlflow.tracking.MlflowClient(config.tracking_uri)
+    tags = client.get_model_version(name, version).tags
+    best = best_trial(study)
+    assert tags["mflops"] == f"{best.user_attrs['budgets']['mflops']:.4f}"
+    assert tags["query_mAP"] == f"{best.user_attrs['metrics']['query_mAP']:.4f}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(config.tracking_uri)
+    try:
+        onnx_model = mlflow.onnx.load_model(uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    arch = json.loads((out / "arch.json").read_text())["architecture"]
+    x = np.random.default_rng(1).standard_normal((3, arch["in_chans"], arch["resolution"], arch["resolution"])).astype(np.float32)
+    registered = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["embeddings"], {"images": x})[0]
+    exported_file = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(["embeddings"], {"images": x})[0]
+    np.testing.assert_allclose(registered, exported_file, atol=1e-6)
+    # registering did not change the trial's run status
+    assert client.get_run(best.user_attrs["mlflow_run_id"]).info.status == "FINISHED"

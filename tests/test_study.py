@@ -80,6 +80,11 @@ def test_mlflow_has_one_parent_and_one_child_per_trial(searched) -> None:
     assert parent.info.status == "FINISHED"
     assert parent.data.params["search.study_name"] == "tiny"
     assert "paragon_query_mAP" in parent.data.metrics and parent.data.tags["gallery.sha256"]
+    assert "mflops <= 0.6 (M multiply-accumulates (fvcore, batch 1))" in parent.data.tags["budgets"]
+    assert parent.data.params["split.train"] and parent.data.tags["best_trial"] == str(best_trial(study).number)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "space.json", "results.txt", "pareto.txt", "pareto.png"} <= artifacts
+    assert (config.out_dir / "report" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     children = _child_runs(client, study)
     assert len(children) == len(study.trials)
     by_id = {run.info.run_id: run for run in children}

@@ -34,6 +34,9 @@ test: setup
 	$(BIN)/python -m pytest
 
 test-slow: setup data
+	command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium \
+	  || ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium)
+	$(BIN)/pip install --quiet -e '.[test,browser]'
 	$(BIN)/python -m pytest -m slow
 
 clean:

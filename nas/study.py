@@ -527,8 +527,14 @@ def counted_trials(study: optuna.Study) -> int:
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> None:
-    """Run ``objective`` on an asked trial with heartbeats, then tell the study its outcome."""
-    from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own heartbeat thread
+    """Run ``objective`` on an asked trial with heartbeats, then tell the study its outcome.
+
+    ``study.optimize`` cannot be used here: asking for a trial must happen under the
+    study lock (see :func:`run_search`). The heartbeat thread is Optuna's own, the same
+    one ``optimize`` runs; it is private API (pinned with optuna==5.0.0 in setup.cfg) and
+    this is the one place that uses it.
+    """
+    from optuna.storages._heartbeat import get_heartbeat_thread
 
     with get_heartbeat_thread(trial._trial_id, study._storage):
         try:
@@ -630,8 +636,7 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
                     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                     trial = study.ask()
             _run_one(study, trial, objective)
-            frozen = study._storage.get_trial(trial._trial_id)
-            progress(study, frozen)
+            progress(study, next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number))
             _keep_best_weights(study, config.search.keep_best)
     except KeyboardInterrupt:
         status = "KILLED"

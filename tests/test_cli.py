@@ -111,3 +111,19 @@ def test_embed_a_folder_skips_and_lists_bad_images(tmp_path: Path, tiny_config, 
     first = ids.index("img0.png")
     expected = model(preprocess(images[:1, :, :, None], model.arch.resolution)).detach().numpy()[0]
     np.testing.assert_allclose(embeddings[first], expected, atol=1e-5)
+
+
+def test_search_with_two_local_workers_on_sqlite(tmp_path: Path, tiny_config, capsys) -> None:
+    import optuna
+
+    config = tiny_config(tmp_path / "run", budgets__max_mflops=None, search__study_name="two")
+    file = _write(tmp_path / "exp.yaml", config)
+    assert main(["search", str(file), "--workers", "2", "--trials", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "Starting 2 workers (1 thread(s) each)" in out and "Trials: 4" in out
+    study = optuna.load_study(study_name="two", storage=f"sqlite:///{tmp_path / 'run' / 'optuna.db'}")
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert {t.user_attrs["worker"] for t in study.trials} and all(t.user_attrs["state"] == "complete" for t in study.trials)
+    # running it again adds 4 more, as a single-process search would
+    assert main(["search", str(file), "--workers", "2", "--trials", "4"]) == 0
+    assert len(optuna.load_study(study_name="two", storage=f"sqlite:///{tmp_path / 'run' / 'optuna.db'}").trials) == 8

@@ -111,6 +111,18 @@ def _load_study(args: argparse.Namespace):
         raise NasError(f"No study named {args.study_name!r} in {storage}. Studies there: {', '.join(names) or 'none'}.") from None
 
 
+def _run_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """Config overrides from the flags ``search`` and ``worker`` share (None: not given)."""
+    return {
+        "out": args.out,
+        "search.study_name": args.study_name,
+        "search.storage": args.storage,
+        "tracking.uri": args.tracking_uri,
+        "search.timeout": args.timeout,
+        "search.threads": args.threads,
+    }
+
+
 def _run(args: argparse.Namespace) -> int:
     from nas.config import load_config
 
@@ -119,14 +131,9 @@ def _run(args: argparse.Namespace) -> int:
         from nas.workers import run_local_workers
 
         overrides = {
-            "out": args.out,
-            "search.study_name": args.study_name,
-            "search.storage": args.storage,
-            "tracking.uri": args.tracking_uri,
+            **_run_overrides(args),
             "search.trials": args.trials,
-            "search.timeout": args.timeout,
             "search.seed": args.seed,
-            "search.threads": args.threads,
             "budgets.max_mflops": args.max_mflops,
             "budgets.max_latency_ms": args.max_latency_ms,
             "budgets.max_params_m": args.max_params_m,
@@ -144,15 +151,7 @@ def _run(args: argparse.Namespace) -> int:
 
         from nas.study import run_search
 
-        overrides = {
-            "out": args.out,
-            "search.study_name": args.study_name,
-            "search.storage": args.storage,
-            "tracking.uri": args.tracking_uri,
-            "search.timeout": args.timeout,
-            "search.threads": args.threads,
-        }
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, _run_overrides(args))
         run_search(config, total_trials=args.trials, worker=f"{socket.gethostname()}-{os.getpid()}")
         return 0
     if args.command == "gallery":

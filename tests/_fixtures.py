@@ -5,11 +5,9 @@ Not a conftest: import the helpers explicitly (``from _fixtures import ...``).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -99,20 +97,3 @@ def write_fashion_mnist_folder(folder: str | Path, n_train: int = 120, gz: bool 
     write_idx(folder / (FASHION_MNIST_NAMES[2] + suffix), images[n_train:], gz)
     write_idx(folder / (FASHION_MNIST_NAMES[3] + suffix), labels[n_train:], gz)
     return images, labels.astype(np.int64)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run torch ops on ``n`` intra-op threads, restoring the previous count afterwards.
-
-    The unit tests use one thread: their models are tiny, and OpenMP threads that spin on
-    a CPU shared with another busy process make tiny convolutions 100x slower.
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -39,6 +39,18 @@ def digits_as_fashion_mnist(folder: Path) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests run torch on one thread: their models are tiny, and OpenMP threads spinning on
+    a CPU shared with another busy process make tiny convolutions many times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return digits_as_fashion_mnist(tmp_path_factory.mktemp("digits"))

@@ -21,16 +21,6 @@ from nas.config import BudgetConfig, LatencyConfig
 from nas.errors import BudgetError
 from search_spaces import build, create_space
 
-try:
-    from _fixtures import torch_threads
-except ImportError:  # tests/ imported as a package
-    from tests._fixtures import torch_threads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
 
 
 FAST_LATENCY = LatencyConfig(runtime="torch", threads=1, batch_size=1, warmup=1, repeats=5)

@@ -26,15 +26,10 @@ from nas.gallery import (
 )
 
 try:
-    from _fixtures import digits_image_set, torch_threads
+    from _fixtures import digits_image_set
 except ImportError:  # tests/ imported as a package
-    from tests._fixtures import digits_image_set, torch_threads
+    from tests._fixtures import digits_image_set
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
 
 
 MODEL = "resnet10t"

@@ -26,16 +26,6 @@ from search_spaces import (
     space_options,
 )
 
-try:
-    from _fixtures import torch_threads
-except ImportError:  # tests/ imported as a package
-    from tests._fixtures import torch_threads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
 
 
 # --------------------------------------------------------------------------- block strings

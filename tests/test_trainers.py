@@ -16,15 +16,10 @@ from search_spaces import build, create_space
 from trainers import CompatibilityLoss, EpochResult, RegressionLoss, TrainingDiverged, create_loss, list_losses, train_compatible
 
 try:
-    from _fixtures import digits_uint8, torch_threads
+    from _fixtures import digits_uint8
 except ImportError:  # tests/ imported as a package
-    from tests._fixtures import digits_uint8, torch_threads
+    from tests._fixtures import digits_uint8
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
 
 
 EMBED = 16

@@ -28,7 +28,7 @@ quickstart: setup data
 	$(BIN)/nas export --study-name quickstart --run-dir runs/quickstart --out runs/quickstart/export
 	@echo
 	@echo "Exported query network: runs/quickstart/export (MODEL_CARD.md, arch.json, weights.safetensors, model.onnx, model.torchscript.pt)"
-	@echo "Browse the trials:      $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/quickstart/mlflow.db --host 127.0.0.1 --port 5000"
+	@echo "Browse the trials:      $(BIN)/nas ui --study-name quickstart   (MLflow UI on http://127.0.0.1:5000)"
 
 test: setup
 	$(BIN)/python -m pytest

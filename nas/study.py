@@ -687,7 +687,10 @@ def summary(study: optuna.Study, config: ExperimentConfig) -> str:
         lines.append(f"  architecture: {best.user_attrs['arch']}")
     lines.append("")
     lines.append("Browse the trials in the MLflow UI:")
-    lines.append(f"  .venv/bin/mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000")
+    if config.tracking.uri:
+        lines.append(f"  .venv/bin/nas ui --tracking-uri {config.tracking_uri}")
+    else:
+        lines.append(f"  .venv/bin/nas ui --run-dir {config.out_dir}")
     storage = f" --storage {config.search.storage}" if config.search.storage else f" --run-dir {config.out_dir}"
     lines.append("Export the best query network:")
     lines.append(f"  .venv/bin/nas export --study-name {study.study_name}{storage} --out {config.out_dir / 'export'}")

@@ -70,7 +70,7 @@ def test_paragon_and_best_trial_are_stored(searched) -> None:
     assert best is not None and best.user_attrs["state"] == "complete"
     assert best.value == max(t.value for t in study.trials if t.user_attrs["state"] == "complete")
     text = summary(study, config)
-    assert f"Best trial #{best.number}" in text and "of the paragon" in text and "mlflow ui" in text
+    assert f"Best trial #{best.number}" in text and "of the paragon" in text and f"nas ui --run-dir {config.out_dir}" in text
 
 
 def test_mlflow_has_one_parent_and_one_child_per_trial(searched) -> None:

@@ -24,7 +24,7 @@ def _running_trial_in_training(db: Path, name: str) -> bool:
     try:
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
         trials = study.get_trials(deepcopy=False)
-    except (KeyError, sqlalchemy.exc.OperationalError):  # not created yet, or the writer holds the lock
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # not created yet, or the writer holds the lock
         return False
     return any(t.state == optuna.trial.TrialState.RUNNING and "budgets" in t.user_attrs for t in trials)
 

@@ -248,6 +248,7 @@ def _read_cache(path: Path, key: str) -> GalleryEmbeddings | None:
         with np.load(path, allow_pickle=False) as archive:
             meta = json.loads(str(archive["meta"]))
             cached = GalleryEmbeddings(key=meta["key"], **{n: archive[n] for n in ("train", "val", "query", "gallery")})
+    # a damaged .npz surfaces as any of these (zipfile raises NotImplementedError for a garbled version field)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
         raise _StaleCache(f"unreadable ({type(exc).__name__}: {exc})") from None
     if meta.get("format") != CACHE_FORMAT or cached.key != key:

@@ -51,6 +51,28 @@ class QueryNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def pieces(self) -> list[nn.Module]:
+        """The network as a chain of modules whose composition is :meth:`forward`.
+
+        Stem, then every block of every stage, then the head (conv head, pooling, embedding
+        and normalisation). Per-piece latencies are what the latency lookup table stores.
+        """
+        stem = nn.Sequential(self.conv_stem, self.bn1, self.act1)
+        blocks = [block for stage in self.blocks for block in stage]
+        return [stem, *blocks, _Head(self)]
+
+
+class _Head(nn.Module):
+    """Everything after the last block, as one module (a view on the net's own layers)."""
+
+    def __init__(self, net: QueryNet) -> None:
+        super().__init__()
+        self.conv_head, self.bn2, self.act2, self.global_pool, self.embed = net.conv_head, net.bn2, net.act2, net.global_pool, net.embed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act2(self.bn2(self.conv_head(x)))
+        return F.normalize(self.embed(torch.flatten(self.global_pool(x), 1)), dim=1)
+
 
 def build(arch: Architecture) -> QueryNet:
     """Build the query network of ``arch`` (randomly initialised)."""

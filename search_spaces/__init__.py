@@ -4,21 +4,32 @@ from __future__ import annotations
 
 from search_spaces._base import Architecture, SearchSpace
 from search_spaces._blocks import BlockSpec, decode_block, encode_block
+from search_spaces._efficientnet import EfficientNetSpace
 from search_spaces._mobilenet import MobileNetSpace
-from search_spaces._net import QueryNet, build
+from search_spaces._net import QueryNet, TimmQueryNet, build, count_macs
+from search_spaces._resnet import ResNetSpace
+from search_spaces._timm_zoo import FAMILIES as TIMM_FAMILIES
+from search_spaces._timm_zoo import TimmZooSpace, timm_architecture
 from search_spaces._registry import create_space, list_spaces, register_space, space_options
 
 __all__ = [
     "Architecture",
     "BlockSpec",
+    "EfficientNetSpace",
     "MobileNetSpace",
     "QueryNet",
+    "ResNetSpace",
     "SearchSpace",
+    "TIMM_FAMILIES",
+    "TimmQueryNet",
+    "TimmZooSpace",
     "build",
+    "count_macs",
     "create_space",
     "decode_block",
     "encode_block",
     "list_spaces",
     "register_space",
     "space_options",
+    "timm_architecture",
 ]

@@ -5,14 +5,15 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
 
-from search_spaces._blocks import decode_block, encode_block, format_number
+from search_spaces._blocks import RESNET_BLOCK_TYPES, decode_block, encode_block, format_number
 
-__all__ = ["Architecture", "SearchSpace"]
+__all__ = ["Architecture", "SearchSpace", "choices"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,13 @@ class Architecture:
     Hashable and comparable; :meth:`to_string` is its canonical text form and
     :attr:`arch_id` a stable hash of that text, used to recognise duplicates.
     ``stages`` holds timm block strings (canonical form), one tuple per stage; channel
-    counts in them are before the ``width`` multiplier.
+    counts in them are before the ``width`` multiplier. ``head_chs`` 0 means no 1x1 head
+    convolution (the ResNet layout: pool the last stage directly).
+
+    An architecture may instead name a timm model (``timm_model``, e.g.
+    ``mobilenetv3_small_075``): then it is that model as timm builds it, at ``resolution``,
+    with ``width`` scaling its channels where the family allows (see the ``timm_zoo``
+    space); ``stages`` is empty and ``stem_chs``/``head_chs`` are 0.
     """
 
     space: str
@@ -34,12 +41,27 @@ class Architecture:
     embed_dim: int
     in_chans: int
     act: str = "hard_swish"
+    timm_model: str = ""
 
     def __post_init__(self) -> None:
         if self.resolution < 8:
             raise ValueError(f"Architecture resolution must be >= 8, but got {self.resolution}.")
         if not 0 < self.width <= 4:
             raise ValueError(f"Architecture width multiplier must be in (0, 4], but got {self.width}.")
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"Architecture in_chans must be 1 or 3, but got {self.in_chans}.")
+        if self.embed_dim < 2:
+            raise ValueError(f"Architecture embed_dim must be >= 2, but got {self.embed_dim}.")
+        if self.timm_model:
+            if self.stages or self.stem_chs or self.head_chs:
+                raise ValueError(
+                    f"An architecture naming timm model {self.timm_model!r} takes its layers from timm: "
+                    f"stages must be empty and stem/head 0, but got stages={self.stages!r}, stem={self.stem_chs}, head={self.head_chs}."
+                )
+            object.__setattr__(self, "stages", ())
+            return
+        if self.stem_chs < 1 or self.head_chs < 0:
+            raise ValueError(f"Architecture stem channels must be >= 1 and head channels >= 0, but got {self.stem_chs} and {self.head_chs}.")
         if not self.stages or any(not stage for stage in self.stages):
             raise ValueError(f"Architecture needs at least one non-empty stage, but got {self.stages!r}.")
         specs = [[decode_block(b) for b in stage] for stage in self.stages]
@@ -50,15 +72,27 @@ class Architecture:
                     f"Only the first block string of a stage may have stride 2, but got stage {[encode_block(s) for s in stage]}; "
                     f"start a new stage for the downsampling block."
                 )
+        kinds = {spec.block_type in RESNET_BLOCK_TYPES for stage in specs for spec in stage}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"An architecture uses either ResNet blocks ({', '.join(RESNET_BLOCK_TYPES)}) or EfficientNet-builder blocks, "
+                f"not both, but got {[encode_block(s) for stage in specs for s in stage]}."
+            )
         object.__setattr__(self, "stages", tuple(tuple(encode_block(spec) for spec in stage) for stage in specs))
-        if self.in_chans not in (1, 3):
-            raise ValueError(f"Architecture in_chans must be 1 or 3, but got {self.in_chans}.")
-        if self.embed_dim < 2:
-            raise ValueError(f"Architecture embed_dim must be >= 2, but got {self.embed_dim}.")
+
+    @property
+    def is_resnet(self) -> bool:
+        """Whether the stages are ResNet blocks (``bb`` / ``bt``)."""
+        return bool(self.stages) and decode_block(self.stages[0][0]).block_type in RESNET_BLOCK_TYPES
 
     # ------------------------------------------------------------------ text form
     def to_string(self) -> str:
         """Canonical one-line form: ``key=value`` fields, stages joined by ``/``, blocks by ``+``."""
+        if self.timm_model:
+            return (
+                f"space={self.space} res={self.resolution} width={format_number(self.width)} model={self.timm_model} "
+                f"embed={self.embed_dim} in={self.in_chans}"
+            )
         stages = "/".join("+".join(stage) for stage in self.stages)
         return (
             f"space={self.space} res={self.resolution} width={format_number(self.width)} stem={self.stem_chs} "
@@ -74,6 +108,8 @@ class Architecture:
             if not sep:
                 raise ValueError(f"Architecture string token {token!r} is not of the form key=value.")
             fields[key] = value
+        if "model" in fields:
+            return cls._timm_from_fields(fields, text)
         required = ("space", "res", "width", "stem", "stages", "head", "embed", "in")
         missing = [k for k in required if k not in fields]
         if missing:
@@ -89,6 +125,19 @@ class Architecture:
                 embed_dim=int(fields["embed"]),
                 in_chans=int(fields["in"]),
                 act=fields.get("act", "hard_swish"),
+            )
+        except ValueError as exc:
+            raise ValueError(f"Invalid architecture string {text!r}: {exc}") from None
+
+    @classmethod
+    def _timm_from_fields(cls, fields: dict[str, str], text: str) -> Architecture:
+        missing = [k for k in ("space", "res", "width", "embed", "in") if k not in fields]
+        if missing:
+            raise ValueError(f"Architecture string is missing field(s) {', '.join(missing)}: {text!r}.")
+        try:
+            return cls(
+                space=fields["space"], resolution=int(fields["res"]), width=float(fields["width"]), stem_chs=0, stages=(),
+                head_chs=0, embed_dim=int(fields["embed"]), in_chans=int(fields["in"]), timm_model=fields["model"],
             )
         except ValueError as exc:
             raise ValueError(f"Invalid architecture string {text!r}: {exc}") from None
@@ -152,3 +201,18 @@ class SearchSpace(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
         """The choices of every dimension and the number of distinct architectures."""
+
+
+def choices(name: str, values: Sequence[Any], kind: type) -> tuple:
+    """``values`` as a sorted tuple of ``kind``; ``ValueError`` for an empty, mistyped or repeated list."""
+    values = tuple(values)
+    if not values:
+        raise ValueError(f"Search space option {name!r} needs at least one choice, but got an empty list.")
+    for v in values:
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"Every choice of {name!r} must be an integer, but got {v!r}.")
+        if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"Every choice of {name!r} must be a number, but got {v!r}.")
+    if len(set(values)) != len(values):
+        raise ValueError(f"Choices of {name!r} must be distinct, but got {list(values)}.")
+    return tuple(sorted(kind(v) for v in values))

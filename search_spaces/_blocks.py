@@ -4,7 +4,9 @@ A block string is the notation of timm's EfficientNet builder, e.g.
 ``ir_r2_k5_s2_e3_c40_se0.25_nhs``: block type first, then options in any order
 (``r`` repeats, ``k`` depthwise kernel, ``s`` stride, ``e`` expansion ratio,
 ``c`` output channels, ``se`` squeeze-excitation ratio, ``n`` activation override,
-``noskip``). Unlike timm's decoder, a malformed string raises :class:`ValueError` naming
+``noskip``). Two ResNet block types extend timm's grammar: ``bb`` (basic block, two 3x3
+convs) and ``bt`` (bottleneck, 1x1-3x3-1x1 with the middle width a quarter of ``c``), e.g.
+``bb_r2_k3_s2_c128``; they are built from timm's ResNet blocks. Unlike timm's decoder, a malformed string raises :class:`ValueError` naming
 the offending token, and :func:`encode_block` writes one canonical form so that
 ``encode_block(decode_block(s))`` is stable.
 """
@@ -15,11 +17,13 @@ import re
 from decimal import Decimal
 from dataclasses import dataclass
 
-__all__ = ["BlockSpec", "decode_block", "encode_block", "format_number", "BLOCK_TYPES", "ACTIVATIONS"]
+__all__ = ["BlockSpec", "decode_block", "encode_block", "format_number", "BLOCK_TYPES", "RESNET_BLOCK_TYPES", "ACTIVATIONS"]
 
 #: Block types we accept: inverted residual, depthwise-separable (with/without pointwise
-#: activation), edge residual and conv-bn-act.
-BLOCK_TYPES = ("ir", "ds", "dsa", "er", "cn")
+#: activation), edge residual, conv-bn-act, and the ResNet basic and bottleneck blocks.
+BLOCK_TYPES = ("ir", "ds", "dsa", "er", "cn", "bb", "bt")
+#: Block types built from timm's ResNet blocks rather than its EfficientNet builder.
+RESNET_BLOCK_TYPES = ("bb", "bt")
 #: Activation codes of the ``n`` option and the timm activation names they stand for.
 ACTIVATIONS = {"re": "relu", "r6": "relu6", "hs": "hard_swish", "sw": "swish", "mi": "mish"}
 
@@ -57,8 +61,15 @@ class BlockSpec:
             raise ValueError(f"Block type {self.block_type!r} has no expansion ratio, but got e{format_number(self.exp_ratio)}.")
         if not 0.0 <= self.se_ratio < 1.0:
             raise ValueError(f"Squeeze-excitation ratio must be in [0, 1), but got {self.se_ratio}.")
-        if self.block_type == "cn" and self.se_ratio > 0:
-            raise ValueError(f"Block type 'cn' (conv-bn-act) has no squeeze-excitation, but got se{format_number(self.se_ratio)}.")
+        if self.block_type in ("cn", *RESNET_BLOCK_TYPES) and self.se_ratio > 0:
+            raise ValueError(f"Block type {self.block_type!r} has no squeeze-excitation, but got se{format_number(self.se_ratio)}.")
+        if self.block_type in RESNET_BLOCK_TYPES:
+            if self.kernel != 3:
+                raise ValueError(f"Block type {self.block_type!r} (ResNet) has 3x3 convolutions only, but got k{self.kernel}.")
+            if self.noskip:
+                raise ValueError(f"Block type {self.block_type!r} (ResNet) always has its residual connection, but got noskip.")
+            if self.block_type == "bt" and self.out_chs % 4:
+                raise ValueError(f"Block type 'bt' (bottleneck) needs output channels divisible by 4, but got c{self.out_chs}.")
         if self.act is not None and self.act not in ACTIVATIONS:
             raise ValueError(f"Activation code must be one of {', '.join(ACTIVATIONS)}, but got {self.act!r}.")
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import optuna
 
-from search_spaces._base import Architecture, SearchSpace
+from search_spaces._base import Architecture, SearchSpace, choices as _choices
 from search_spaces._registry import register_space
 
 __all__ = ["MobileNetSpace"]
@@ -37,20 +37,6 @@ __all__ = ["MobileNetSpace"]
 _STAGES: tuple[tuple[int, int, str | None], ...] = ((24, 2, "re"), (40, 2, None), (48, 1, None), (96, 2, None))
 _FIXED_FIRST = "ds_r1_k3_s1_c16_nre"
 _SE_RATIO = 0.25
-
-
-def _choices(name: str, values: Sequence[Any], kind: type) -> tuple:
-    values = tuple(values)
-    if not values:
-        raise ValueError(f"Search space option {name!r} needs at least one choice, but got an empty list.")
-    for v in values:
-        if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-            raise ValueError(f"Every choice of {name!r} must be an integer, but got {v!r}.")
-        if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise ValueError(f"Every choice of {name!r} must be a number, but got {v!r}.")
-    if len(set(values)) != len(values):
-        raise ValueError(f"Choices of {name!r} must be distinct, but got {list(values)}.")
-    return tuple(sorted(kind(v) for v in values))
 
 
 @register_space("mobilenet")

@@ -1,19 +1,20 @@
-"""The query network module built from an :class:`Architecture`."""
+"""The query network modules built from an :class:`Architecture`."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from search_spaces._base import Architecture
-from search_spaces._timm_builder import activation, build_stages, init_weights, scale_channels
+from search_spaces._timm_builder import activation, build_stages, create_timm_model, init_weights, scale_channels
 
-__all__ = ["QueryNet", "build"]
+__all__ = ["QueryNet", "TimmQueryNet", "build", "count_macs"]
 
 
 class QueryNet(nn.Module):
-    """Stem, timm-built stages, a 1x1 head conv, global pooling and an embedding layer.
+    """Stem, timm-built stages, an optional 1x1 head conv, global pooling and an embedding layer.
 
     Follows timm's head contract: :meth:`forward_features` returns the last feature map,
     :meth:`forward_head` pools it and (unless ``pre_logits``) projects to the gallery
@@ -29,10 +30,14 @@ class QueryNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(stem_chs)
         self.act1 = act(inplace=True)
         self.blocks, chs = build_stages(arch.stages, stem_chs, arch.width, arch.act)
-        self.num_features = scale_channels(arch.head_chs, arch.width)
-        self.conv_head = nn.Conv2d(chs, self.num_features, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(self.num_features)
-        self.act2 = act(inplace=True)
+        if arch.head_chs:
+            self.num_features = scale_channels(arch.head_chs, arch.width)
+            self.conv_head: nn.Module = nn.Conv2d(chs, self.num_features, 1, bias=False)
+            self.bn2: nn.Module = nn.BatchNorm2d(self.num_features)
+            self.act2: nn.Module = act(inplace=True)
+        else:  # ResNet layout: pool the last stage directly
+            self.num_features = chs
+            self.conv_head, self.bn2, self.act2 = nn.Identity(), nn.Identity(), nn.Identity()
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.embed = nn.Linear(self.num_features, arch.embed_dim)
         init_weights(self)
@@ -59,21 +64,109 @@ class QueryNet(nn.Module):
         """
         stem = nn.Sequential(self.conv_stem, self.bn1, self.act1)
         blocks = [block for stage in self.blocks for block in stage]
-        return [stem, *blocks, _Head(self)]
+        pool = nn.Sequential(self.conv_head, self.bn2, self.act2, self.global_pool, nn.Flatten(1))
+        return [stem, *blocks, _Head(pool, self.embed)]
+
+
+class TimmQueryNet(nn.Module):
+    """A timm model (``arch.timm_model``) with the embedding head of :class:`QueryNet`.
+
+    timm's own pooling and pre-logits layers are kept (for MobileNetV3 that includes its
+    1x1 head conv after pooling); the classifier is replaced by the embedding layer.
+    """
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        from search_spaces._timm_zoo import timm_kwargs
+
+        self.arch = arch
+        self.model = create_timm_model(arch.timm_model, arch.in_chans, **timm_kwargs(arch))
+        with torch.no_grad():
+            was_training = self.model.training
+            self.model.eval()
+            probe = self.model.forward_head(self.model.forward_features(torch.zeros(1, arch.in_chans, arch.resolution, arch.resolution)), pre_logits=True)
+            self.model.train(was_training)
+        self.num_features = int(probe.shape[1])
+        self.embed = nn.Linear(self.num_features, arch.embed_dim)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.model.forward_head(x, pre_logits=True)
+        if pre_logits:
+            return x
+        return F.normalize(self.embed(x), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def pieces(self) -> list[nn.Module]:
+        """Stem, every block, head: see :meth:`QueryNet.pieces`. Knows timm's EfficientNet,
+        MobileNetV3 and ResNet layouts; any other model is one piece before the head."""
+        m = self.model
+        if hasattr(m, "conv_stem") and hasattr(m, "blocks"):
+            stem = nn.Sequential(m.conv_stem, m.bn1)
+            blocks = [block for stage in m.blocks for block in stage]
+            if hasattr(m, "norm_head"):  # MobileNetV3 / LCNet: pool first, then the 1x1 head conv
+                pool = nn.Sequential(m.global_pool, m.conv_head, m.norm_head, m.act2, m.flatten)
+            else:  # EfficientNet: head conv, then pool
+                pool = nn.Sequential(m.conv_head, m.bn2, m.global_pool)
+            return [stem, *blocks, _Head(pool, self.embed)]
+        if hasattr(m, "layer1"):  # ResNet
+            stem = nn.Sequential(m.conv1, m.bn1, m.act1, m.maxpool)
+            blocks = [block for name in ("layer1", "layer2", "layer3", "layer4") for block in getattr(m, name)]
+            return [stem, *blocks, _Head(m.global_pool, self.embed)]
+        return [_Features(m), _Head(_PreLogits(m), self.embed)]
 
 
 class _Head(nn.Module):
-    """Everything after the last block, as one module (a view on the net's own layers)."""
+    """Everything after the last block as one module: pooling to a vector, embedding, L2 norm.
 
-    def __init__(self, net: QueryNet) -> None:
+    Built from the net's own layers, so its ``repr`` spells out what it computes.
+    """
+
+    def __init__(self, pool: nn.Module, embed: nn.Linear) -> None:
         super().__init__()
-        self.conv_head, self.bn2, self.act2, self.global_pool, self.embed = net.conv_head, net.bn2, net.act2, net.global_pool, net.embed
+        self.pool, self.embed = pool, embed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act2(self.bn2(self.conv_head(x)))
-        return F.normalize(self.embed(torch.flatten(self.global_pool(x), 1)), dim=1)
+        return F.normalize(self.embed(self.pool(x)), dim=1)
 
 
-def build(arch: Architecture) -> QueryNet:
+class _Features(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+class _PreLogits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(x, pre_logits=True)
+
+
+def build(arch: Architecture) -> QueryNet | TimmQueryNet:
     """Build the query network of ``arch`` (randomly initialised)."""
+    if arch.timm_model:
+        return TimmQueryNet(arch)
     return QueryNet(arch)
+
+
+def count_macs(arch: Architecture) -> float:
+    """Multiply-accumulates of one batch-1 forward pass (torch's FLOP counter, halved).
+
+    Used to order a space's members (e.g. to find its smallest); the budgets' MFLOPs are
+    fvcore's count (``nas.budgets.count_mflops``), which agrees on conv / linear layers.
+    """
+    model = build(arch).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, arch.in_chans, arch.resolution, arch.resolution))
+    return counter.get_total_flops() / 2

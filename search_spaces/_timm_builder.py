@@ -1,6 +1,7 @@
-"""The one module that touches timm's private EfficientNet block builder.
+"""The one module that builds timm layers: its private EfficientNet builder, its ResNet
+blocks and its model factory.
 
-timm keeps ``_efficientnet_builder`` private, so every use of it goes through the two
+timm keeps ``_efficientnet_builder`` private, so every use of it goes through the
 functions here and timm is pinned exactly in ``setup.cfg``. The split is timm's own:
 decode block strings into keyword arguments, then build modules from them.
 """
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
+import timm
 from torch import nn
 
 from timm.layers import get_act_layer
@@ -20,8 +23,16 @@ from timm.models._efficientnet_builder import (
     efficientnet_init_weights,
     round_channels,
 )
+from timm.models.resnet import BasicBlock, Bottleneck, downsample_conv
 
-__all__ = ["build_stages", "scale_channels", "init_weights", "activation"]
+from search_spaces._blocks import RESNET_BLOCK_TYPES, decode_block
+
+__all__ = ["build_stages", "scale_channels", "init_weights", "activation", "create_timm_model", "timm_model_exists"]
+
+#: Activations whose nets use EfficientNet's squeeze-excitation (sigmoid gate, SiLU inside,
+#: reduction from the block's input channels); all others use MobileNetV3's (hard-sigmoid
+#: gate, ReLU inside, reduction from the expanded channels).
+_EFFICIENTNET_SE_ACTS = ("swish", "silu")
 
 
 def activation(name: str) -> type[nn.Module]:
@@ -37,21 +48,26 @@ def scale_channels(channels: int, width: float) -> int:
     return int(round_channels(channels, multiplier=width))
 
 
-def build_stages(
-    stages: Sequence[Sequence[str]], in_chs: int, width: float, act: str, se_gate: str = "hard_sigmoid"
-) -> tuple[nn.Sequential, int]:
+def build_stages(stages: Sequence[Sequence[str]], in_chs: int, width: float, act: str) -> tuple[nn.Sequential, int]:
     """Build the stages of block strings ``stages`` with width multiplier ``width``.
 
-    Returns the stages as one ``nn.Sequential`` and the number of output channels.
-    Squeeze-excitation is MobileNetV3's: reduction from the expanded channels, a ReLU
-    inside and a hard-sigmoid (or ``se_gate``) gate.
+    Returns one ``nn.Sequential`` of stages (each an ``nn.Sequential`` of blocks) and the
+    number of output channels. ResNet block strings (``bb``/``bt``) are built from timm's
+    ``BasicBlock``/``Bottleneck``; all others by timm's EfficientNet builder.
     """
+    first = decode_block(stages[0][0])
+    if first.block_type in RESNET_BLOCK_TYPES:
+        return _build_resnet_stages(stages, in_chs, width, act)
     block_args = decode_arch_def([list(stage) for stage in stages], depth_multiplier=1.0)
-    se_layer = partial(SqueezeExcite, gate_layer=se_gate, force_act_layer=nn.ReLU, rd_round_fn=round_channels)
+    if act in _EFFICIENTNET_SE_ACTS:
+        se_layer, se_from_exp = partial(SqueezeExcite, gate_layer="sigmoid"), False
+    else:
+        se_layer = partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=nn.ReLU, rd_round_fn=round_channels)
+        se_from_exp = True
     builder = EfficientNetBuilder(
         output_stride=32,
         round_chs_fn=partial(round_channels, multiplier=width),
-        se_from_exp=True,
+        se_from_exp=se_from_exp,
         act_layer=activation(act),
         norm_layer=nn.BatchNorm2d,
         se_layer=se_layer,
@@ -60,6 +76,39 @@ def build_stages(
     return blocks, int(builder.in_chs)
 
 
+def _build_resnet_stages(stages: Sequence[Sequence[str]], in_chs: int, width: float, act: str) -> tuple[nn.Sequential, int]:
+    act_layer = activation(act)
+    built = []
+    for stage in stages:
+        blocks: list[nn.Module] = []
+        for text in stage:
+            spec = decode_block(text)
+            out_chs = scale_channels(spec.out_chs, width)
+            block_cls = BasicBlock if spec.block_type == "bb" else Bottleneck
+            planes = out_chs // block_cls.expansion
+            for i in range(spec.repeats):
+                stride = spec.stride if i == 0 else 1
+                downsample = None
+                if stride != 1 or in_chs != out_chs:
+                    downsample = downsample_conv(in_chs, out_chs, kernel_size=1, stride=stride, norm_layer=nn.BatchNorm2d)
+                blocks.append(block_cls(in_chs, planes, stride=stride, downsample=downsample, act_layer=act_layer))
+                in_chs = out_chs
+        built.append(nn.Sequential(*blocks))
+    return nn.Sequential(*built), in_chs
+
+
 def init_weights(model: nn.Module) -> None:
     """timm's EfficientNet weight initialisation (fan-out normal convs, uniform linear)."""
     efficientnet_init_weights(model)
+
+
+def timm_model_exists(name: str) -> bool:
+    """Whether timm registers a model called ``name``."""
+    return name in timm.list_models()
+
+
+def create_timm_model(name: str, in_chans: int, **kwargs: Any) -> nn.Module:
+    """timm model ``name`` without its classifier, randomly initialised (never downloads)."""
+    if not timm_model_exists(name):
+        raise ValueError(f"timm has no model named {name!r}; `timm.list_models('{name.split('_')[0]}*')` lists the names it knows.")
+    return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)

@@ -18,7 +18,9 @@ from search_spaces import (
     MobileNetSpace,
     QueryNet,
     SearchSpace,
+    TimmQueryNet,
     build,
+    count_macs,
     create_space,
     decode_block,
     encode_block,
@@ -513,8 +515,10 @@ def test_space_contract_sample_build_forward(space_name: str, in_chans: int) -> 
         # the same parameters give the same architecture
         assert space.sample(optuna.trial.FixedTrial(trial.params)) == arch
         assert Architecture.from_string(arch.to_string()) == arch
+        assert Architecture.from_json(arch.to_json()) == arch
+        assert Architecture.from_string(arch.to_string()).arch_id == arch.arch_id
         net = build(arch)
-        assert isinstance(net, QueryNet)
+        assert isinstance(net, (QueryNet, TimmQueryNet))
         net.eval()
         x = torch.randn(3, in_chans, arch.resolution, arch.resolution)
         with torch.no_grad():
@@ -526,9 +530,25 @@ def test_space_contract_sample_build_forward(space_name: str, in_chans: int) -> 
         assert torch.isfinite(out).all()
         assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
         assert features.ndim == 4 and features.shape[0] == 3
-        assert pooled.shape == (3, features.shape[1])
-        assert pooled.shape[1] == net.num_features
+        assert pooled.shape == (3, net.num_features)  # MobileNetV3's head conv comes after pooling
         assert torch.allclose(head, out, atol=1e-6)
+        # the pieces (what the latency lookup table times) compose to the whole net
+        chained = x
+        with torch.no_grad():
+            for piece in net.pieces():
+                chained = piece(chained)
+        assert torch.allclose(chained, out, atol=1e-5)
+        study.tell(trial, 0.0)
+
+
+def test_space_contract_smallest_member_is_smallest(space_name: str) -> None:
+    space = create_space(space_name, 16, 1)
+    smallest = count_macs(space.extreme(smallest=True))
+    largest = count_macs(space.extreme(smallest=False))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(8):
+        trial, arch = _ask(study, space)
+        assert smallest <= count_macs(arch) <= largest
         study.tell(trial, 0.0)
 
 
@@ -553,3 +573,108 @@ def test_space_contract_training_step_runs(space_name: str) -> None:
     out.sum().backward()
     grads = [p.grad for p in net.parameters() if p.requires_grad]
     assert all(g is not None for g in grads)
+
+
+# --------------------------------------------------------------------- ResNet blocks, spaces
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("bb_r1_k5_s1_c16", "k5"),
+        ("bt_r1_k3_s1_c18", "c18"),
+        ("bb_r1_k3_s1_c16_se0.25", "se0.25"),
+        ("bb_r1_k3_s1_e4_c16", "e4"),
+        ("bt_r1_k3_s1_c16_noskip", "noskip"),
+    ],
+)
+def test_resnet_block_strings_name_the_impossible_token(text: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        decode_block(text)
+
+
+def test_resnet_block_round_trips_and_builds_timm_blocks() -> None:
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    assert encode_block(decode_block("bt_c64_s2_k3_r2")) == "bt_r2_k3_s2_c64"
+    arch = Architecture("resnet", 24, 1.0, 16, (("bb_r2_k3_s1_c16",), ("bt_r1_k3_s2_c64",)), 0, 8, 1, act="relu")
+    net = build(arch)
+    kinds = [type(b) for stage in net.blocks for b in stage]
+    assert kinds == [BasicBlock, BasicBlock, Bottleneck]
+    assert net.num_features == 64 and isinstance(net.conv_head, torch.nn.Identity)
+    assert net.blocks[1][0].conv2.out_channels == 16  # bottleneck middle width: a quarter of c64
+    assert net(torch.randn(2, 1, 24, 24)).shape == (2, 8)
+
+
+def test_architecture_refuses_resnet_and_mobilenet_blocks_together() -> None:
+    with pytest.raises(ValueError, match="either ResNet blocks"):
+        Architecture("x", 24, 1.0, 16, (("bb_r1_k3_s1_c16",), ("ir_r1_k3_s2_e3_c24",)), 0, 8, 1)
+
+
+def test_resnet_space_make_and_channels() -> None:
+    space = create_space("resnet", 8, 1)
+    basic = space.make(24, "basic", [(1, 0.25), (2, 0.25), (1, 0.5), (1, 0.125)])
+    assert basic.stages == (("bb_r1_k3_s1_c16",), ("bb_r2_k3_s2_c32",), ("bb_r1_k3_s2_c128",), ("bb_r1_k3_s2_c64",))
+    bottleneck = space.make(24, "bottleneck", [(1, 0.25), (1, 0.25), (1, 0.25), (1, 0.25)])
+    assert [s[0].split("_")[-1] for s in bottleneck.stages] == ["c64", "c128", "c256", "c512"]
+    with pytest.raises(ValueError, match="'wide'"):
+        space.make(24, "wide", [(1, 0.25)] * 4)
+    assert space.describe()["num_architectures"] == 4 * 2 * (2 * 3) * (2 * 3) * (3 * 3) * (2 * 3)
+
+
+def test_efficientnet_space_scales_depth_like_efficientnet() -> None:
+    space = create_space("efficientnet", 8, 1)
+    assert [space.repeats(b, 0.5) for b in (1, 2, 3, 4)] == [1, 1, 2, 2]
+    assert [space.repeats(b, 1.0) for b in (1, 2, 3, 4)] == [1, 2, 3, 4]
+    arch = space.make(24, 0.5, 0.5, [(5, 6, True)] * 6)
+    assert arch.act == "swish"
+    assert arch.stages[1] == ("ir_r1_k5_s2_e6_c24_se0.25",)
+    net = build(arch)
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
+    se = next(m for m in net.modules() if isinstance(m, SqueezeExcite))
+    assert type(se.gate).__name__ == "Sigmoid"  # EfficientNet's gate, not MobileNetV3's hard-sigmoid
+
+
+def test_timm_architecture_string_round_trip_and_width() -> None:
+    arch = search_spaces.timm_architecture("resnet18", 32, 8, 1, width=0.5)
+    assert arch.to_string() == "space=timm res=32 width=0.5 model=resnet18 embed=8 in=1"
+    assert Architecture.from_string(arch.to_string()) == arch
+    assert Architecture.from_json(arch.to_json()) == arch
+    net = build(arch)
+    assert net.model.layer1[0].conv1.out_channels == 32  # 64 x 0.5
+    with pytest.raises(ValueError, match="fixed width"):
+        build(search_spaces.timm_architecture("mobilenetv3_small_050", 32, 8, 1, width=0.75))
+    with pytest.raises(ValueError, match="no model named 'mobilenetv9'"):
+        build(search_spaces.timm_architecture("mobilenetv9", 32, 8, 1))
+    with pytest.raises(ValueError, match="stages must be empty"):
+        Architecture("timm", 32, 1.0, 16, (("ir_r1_k3_s1_e3_c16",),), 0, 8, 1, timm_model="resnet18")
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"families": ["mobilenetv4"]}, "mobilenetv4"),
+        ({"families": []}, "at least one family"),
+        ({"resolutions": [16]}, ">= 32"),
+        ({"widths": {"lcnet": [0.6]}}, "0.6"),
+        ({"families": ["lcnet"], "widths": {"resnet": [0.5]}}, "'resnet'"),
+    ],
+)
+def test_timm_zoo_options_are_validated(options: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        create_space("timm_zoo", 8, 1, **options)
+
+
+def test_timm_zoo_samples_registered_variants() -> None:
+    space = create_space("timm_zoo", 8, 1, families=["lcnet", "resnet"], resolutions=[32], widths={"lcnet": [0.35, 0.5]})
+    assert space.describe()["num_architectures"] == 2 + 4
+    assert space.extreme(smallest=True).timm_model == "lcnet_035"
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial, arch = _ask(study, space)
+        seen.add(arch.timm_model)
+        assert f"width_{trial.params['family']}" in trial.params
+        study.tell(trial, 0.0)
+    assert seen <= {"lcnet_035", "lcnet_050", "resnet18"} and "resnet18" in seen

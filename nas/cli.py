@@ -1,7 +1,7 @@
 """The ``nas`` command line.
 
 ``nas search CONFIG``, ``nas worker CONFIG``, ``nas gallery train CONFIG``, ``nas export``,
-``nas results``, ``nas embed``, ``nas ui`` and ``nas spaces``. Errors that are the user's to fix print one paragraph and exit with 2.
+``nas results``, ``nas embed``, ``nas ui``, ``nas spaces`` and ``nas space show``. Errors that are the user's to fix print one paragraph and exit with 2.
 """
 
 from __future__ import annotations
@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
 
     sub.add_parser("spaces", help="list the registered search spaces and their options")
+    space = sub.add_parser("space", help="search-space commands")
+    ssub = space.add_subparsers(dest="space_command", required=True)
+    sshow = ssub.add_parser("show", help="print a space's choices, size, and the cost of its smallest and largest members")
+    sshow.add_argument("name", help="a registered space (see 'nas spaces')")
+    sshow.add_argument("--config", help="take the space's options, embedding size and channels from this experiment YAML")
+    sshow.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a space option as YAML, e.g. widths=[0.5,1.0]")
+    sshow.add_argument("--embed-dim", type=int, default=128, help="embedding dimension of the head (default 128)")
+    sshow.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="input channels (default 1)")
     return parser
 
 
@@ -121,6 +129,44 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, object]:
         "search.timeout": args.timeout,
         "search.threads": args.threads,
     }
+
+
+def _parse_options(pairs: Sequence[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs, each value parsed as YAML (``widths=[0.5,1]`` is a list)."""
+    import yaml
+
+    from nas.errors import ConfigError
+
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option takes KEY=VALUE (the value as YAML, e.g. widths=[0.5,1.0]), but got {pair!r}.")
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--option {key}: {value!r} is not valid YAML ({exc}).") from None
+    return options
+
+
+def _space_from_args(args: argparse.Namespace):
+    from nas.config import load_config
+    from nas.errors import ConfigError
+    from search_spaces import create_space
+
+    options: dict[str, object] = {}
+    embed_dim, in_chans = args.embed_dim, args.in_chans
+    if args.config:
+        config = load_config(args.config)
+        if config.space.name == args.name:
+            options.update(config.space.options)
+        embed_dim = config.gallery.embed_dim or embed_dim
+        in_chans = config.data.resolved_channels
+    options.update(_parse_options(args.option))
+    try:
+        return create_space(args.name, embed_dim=embed_dim, in_chans=in_chans, **options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -204,6 +250,11 @@ def _run(args: argparse.Namespace) -> int:
 
         for name in list_spaces():
             print(f"{name}: options {', '.join(space_options(name))}")
+        return 0
+    if args.command == "space":
+        from nas.profile import space_report
+
+        print(space_report(_space_from_args(args)))
         return 0
     raise AssertionError(args.command)
 

@@ -50,7 +50,7 @@ def test_missing_data_says_where_and_how_to_get_it(tmp_path: Path, tiny_config, 
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        ("space__name", "mobilenett", "Valid spaces: mobilenet"),
+        ("space__name", "mobilenett", "Valid spaces: efficientnet, mobilenet"),
         ("train__loss", "regresion", "Valid losses: regression"),
         ("data__dataset", "fashion", "Valid datasets: fashion_mnist, image_folder"),
         ("gallery__model", "resnet_18", "not a timm architecture"),
@@ -127,3 +127,37 @@ def test_search_with_two_local_workers_on_sqlite(tmp_path: Path, tiny_config, ca
     # running it again adds 4 more, as a single-process search would
     assert main(["search", str(file), "--workers", "2", "--trials", "4"]) == 0
     assert len(optuna.load_study(study_name="two", storage=f"sqlite:///{tmp_path / 'run' / 'optuna.db'}").trials) == 8
+
+
+def test_space_show_prints_choices_size_and_extremes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["space", "show", "resnet", "--option", "resolutions=[16,24]", "--option", "blocks=[basic]"]) == 0
+    out = capsys.readouterr().out
+    assert "Search space 'resnet': 3,888 architectures" in out  # 2 resolutions x 1 block x (2*3)(2*3)(3*3)(2*3)
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("16 ", "24 "))]
+    assert [r[0] for r in rows] == ["16", "24"]
+    for row in rows:  # smallest MFLOPs < largest MFLOPs, and the same params at every resolution
+        assert float(row[1]) < float(row[3])
+    assert rows[0][2] == rows[1][2] and float(rows[0][1]) < float(rows[1][1])
+    assert "multiply-accumulates" in out and "Smallest: space=resnet res=16" in out
+
+
+def test_space_show_takes_options_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("space:\n  name: mobilenet\n  options:\n    resolutions: [16]\n    widths: [0.5]\ngallery:\n  embed_dim: 32\n")
+    assert main(["space", "show", "mobilenet", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "embed=32" in out and "res=16 width=0.5" in out
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["space", "show", "mobilenett"], "Did you mean 'mobilenet'"),
+        (["space", "show", "resnet", "--option", "widthz=[1]"], "Unknown option 'widthz'"),
+        (["space", "show", "resnet", "--option", "blocks"], "KEY=VALUE"),
+        (["space", "show", "timm_zoo", "--option", "families=[mobilenetv4]"], "mobilenetv4"),
+    ],
+)
+def test_space_show_bad_input_is_a_clear_error(argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert fragment in capsys.readouterr().err

@@ -482,14 +482,24 @@ def results_table(study: optuna.Study, top: int | None = None) -> str:
 
 
 class _Progress:
-    """One line per finished trial: k of N, state, scores, best so far, elapsed and remaining."""
+    """One line per finished trial: k of N (candidates rejected over budget do not count), state, scores, best so far, elapsed and remaining."""
 
     def __init__(self, total: int, timeout: float | None, log: Log) -> None:
         self.total, self.timeout, self.log = total, timeout, log
         self.start = time.perf_counter()
         self.done = 0
+        self.rejected = 0
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        rejected = trial.user_attrs.get("state") == "infeasible"
+        if rejected:
+            self.rejected += 1
+            b = trial.user_attrs.get("budgets", {})
+            self.log(
+                f"[trial {trial.number:>3} | rejected] over budget in {trial.user_attrs.get('budget_seconds', 0):.2f} s, not trained: "
+                f"{trial.user_attrs.get('reason', '')} ({self.rejected} rejected so far)"
+            )
+            return
         self.done += 1
         elapsed = time.perf_counter() - self.start
         remaining = elapsed / self.done * (self.total - self.done)
@@ -518,12 +528,16 @@ class _Progress:
 def counted_trials(study: optuna.Study) -> int:
     """Trials that count toward the study's trial budget.
 
-    Every trial counts (complete, infeasible, pruned, failed, running, waiting) except a
-    failed one that is being retried: its retry (a waiting or later trial) counts instead.
+    Every trial counts (complete, pruned, failed, running, waiting) except an infeasible
+    one (over budget: rejected before any training) and a failed one that is being
+    retried (its retry counts instead).
     """
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return sum(1 for t in trials if not (t.state == optuna.trial.TrialState.FAIL and t.number in retried))
+    return sum(
+        1 for t in trials
+        if not (t.state == optuna.trial.TrialState.FAIL and t.number in retried) and t.user_attrs.get("state") != "infeasible"
+    )
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> None:
@@ -624,8 +638,15 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
     progress = _Progress(max(target - before, 0), config.search.timeout, log)
     start = time.monotonic()
     status = "FINISHED"
+    infeasible_in_a_row = 0
     try:
         while config.search.timeout is None or time.monotonic() - start < config.search.timeout:
+            if infeasible_in_a_row >= config.search.max_infeasible_in_a_row:
+                log(
+                    f"Stopping: the last {infeasible_in_a_row} candidates were all over budget. Few members of the space fit; "
+                    f"narrow the space's choices (space.options, see 'nas space show {config.space.name}') or loosen the budgets."
+                )
+                break
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, then retried
@@ -636,7 +657,9 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
                     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                     trial = study.ask()
             _run_one(study, trial, objective)
-            progress(study, next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number))
+            finished = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+            infeasible_in_a_row = infeasible_in_a_row + 1 if finished.user_attrs.get("state") == "infeasible" else 0
+            progress(study, finished)
             _keep_best_weights(study, config.search.keep_best)
     except KeyboardInterrupt:
         status = "KILLED"

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from nas.config import config_from_dict
 from nas.errors import BudgetError, GalleryError
-from nas.study import best_trial, open_study, run_search, summary
+from nas.study import best_trial, counted_trials, open_study, run_search, summary
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
@@ -39,7 +39,9 @@ def searched(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path):
 
 def test_search_records_complete_and_infeasible_trials(searched) -> None:
     config, study, logs = searched
-    assert len(study.trials) == config.search.trials
+    # candidates over budget are recorded but do not count toward search.trials
+    assert counted_trials(study) == config.search.trials
+    assert len(study.trials) == config.search.trials + sum(t.user_attrs["state"] == "infeasible" for t in study.trials)
     states = [t.user_attrs.get("state") for t in study.trials]
     assert "infeasible" in states and states.count("complete") >= 3
     for t in study.trials:
@@ -56,10 +58,13 @@ def test_search_records_complete_and_infeasible_trials(searched) -> None:
             m = t.user_attrs["metrics"]
             assert 0 < m["query_mAP"] <= 1 and 0 < m["query_mAP_ratio"]
             assert t.value == pytest.approx(m["val_mAP"])
-            assert Path(t.user_attrs["weights"]).is_file()
+            assert "weights" in t.user_attrs
             assert t.intermediate_values.keys() == {1, 2}  # one report per epoch
+    ranked = sorted((t for t in study.trials if t.user_attrs["state"] == "complete"), key=lambda t: -t.value)
+    assert all(Path(t.user_attrs["weights"]).is_file() for t in ranked[: config.search.keep_best])  # the rest may be pruned
     assert any("Gallery model: no checkpoint configured; training" in line for line in logs)
-    assert any(line.startswith("[trial") for line in logs)  # progress display
+    assert any(line.startswith("[trial") and f"/{config.search.trials}]" in line for line in logs)  # progress display
+    assert any("| rejected] over budget" in line for line in logs)
 
 
 def test_paragon_and_best_trial_are_stored(searched) -> None:
@@ -106,12 +111,13 @@ def test_mlflow_has_one_parent_and_one_child_per_trial(searched) -> None:
 def test_running_again_resumes_without_recomputing_the_gallery(searched) -> None:
     config, study, _ = searched
     before = {t.number: t.value for t in study.trials}
+    counted_before = counted_trials(study)
     gallery_file = config.out_dir / "gallery" / "gallery.safetensors"
     mtime = gallery_file.stat().st_mtime_ns
     resumed_config = config_from_dict({**_as_dict(config), "search": {**_as_dict(config)["search"], "trials": 2}})
     logs: list[str] = []
     resumed = run_search(resumed_config, log=logs.append)
-    assert len(resumed.trials) == len(before) + 2
+    assert counted_trials(resumed) == counted_before + 2
     assert {t.number: t.value for t in resumed.trials if t.number in before} == before
     assert gallery_file.stat().st_mtime_ns == mtime
     assert any("loaded from cache" in line for line in logs)
@@ -181,3 +187,19 @@ def test_pruner_stops_only_trials_below_the_configured_percentile(tmp_path: Path
     trial = study.ask()
     trial.report(value, 1)
     assert bool(trial.should_prune()) is pruned
+
+
+def test_a_search_whose_sampler_only_finds_infeasible_candidates_stops(searched, tmp_path: Path, tiny_config) -> None:
+    config, _, _ = searched
+    gallery = str(config.out_dir / "gallery" / "gallery.safetensors")
+    from nas.budgets import count_mflops
+    from search_spaces import build, create_space
+
+    # a budget only the space's smallest member meets: (almost) every proposal is over it
+    smallest = create_space("mobilenet", 32, 1, **config.space.options).extreme(smallest=True)
+    limit = count_mflops(build(smallest), smallest.resolution, 1) * 1.001
+    raw = tiny_config(tmp_path, gallery__checkpoint=gallery, search__trials=2, search__max_infeasible_in_a_row=3, budgets__max_mflops=limit)
+    logs: list[str] = []
+    study = run_search(config_from_dict(raw), log=logs.append)
+    assert counted_trials(study) <= 2
+    assert any("Stopping: the last 3 candidates were all over budget" in line for line in logs)

@@ -35,7 +35,7 @@ from nas.metrics import compatibility_ratios, retrieval_metrics
 from nas.report import write_report
 from nas.tracking import NullTracker, Tracker, flatten
 from search_spaces import Architecture, QueryNet, SearchSpace, build, create_space
-from trainers import CompatibilityLoss, EpochResult, TrainingDiverged, create_loss, train_compatible
+from trainers import CompatibilityLoss, EpochResult, TrainingDiverged, create_loss_from_config, train_compatible
 
 __all__ = [
     "Context",
@@ -43,6 +43,7 @@ __all__ = [
     "best_trial",
     "build_seeded",
     "counted_trials",
+    "make_sampler",
     "check_reachable",
     "ensure_gallery",
     "open_study",
@@ -114,6 +115,11 @@ def check_reachable(space: SearchSpace, budgets: list[Budget]) -> dict[str, floa
     return report.values
 
 
+def _classifier(gallery: GalleryNet) -> torch.Tensor | None:
+    """The gallery model's frozen cosine-classifier weights (for the bct loss), if it has one."""
+    return None if gallery.classifier is None else gallery.classifier.detach().cpu()
+
+
 def prepare(config: ExperimentConfig, log: Log = print) -> Context:
     """Load data, split, gallery model and its cached embeddings; build space, budgets and loss."""
     if config.search.threads:
@@ -126,7 +132,7 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        loss = create_loss(config.train.loss, **config.train.loss_options)
+        loss = create_loss_from_config(config.train.loss, config.train.loss_options)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     budgets = make_budgets(config.budgets)
@@ -141,7 +147,18 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
     )
     if cached:
         log("Gallery embeddings: loaded from cache (content hash verified)")
+    try:  # fail before any trial, e.g. the bct loss on a gallery model without a classifier
+        loss.bind(torch.from_numpy(emb.train), torch.from_numpy(data.labels[split.train]), _classifier(gallery), config.gallery.train.scale)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return Context(config, data, split, gallery, sha, emb, space, budgets, loss, device, smallest)
+
+
+def make_sampler(search: SearchConfig) -> optuna.samplers.BaseSampler:
+    """The study's sampler: TPE, seeded. Constraint-aware: Optuna's TPE ranks a trial whose
+    ``trial.set_constraint`` values are positive (over budget) below every feasible one, so
+    it learns where the budget lies from the candidates it was refused."""
+    return optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.n_startup_trials)
 
 
 def open_study(
@@ -176,7 +193,7 @@ def open_study(
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     else:
         raise ConfigError(f"Unsupported Optuna storage URL {url!r}: use sqlite:///PATH, postgresql://..., or journal:///PATH.")
-    sampler = optuna.samplers.TPESampler(seed=config.search.seed, n_startup_trials=config.search.n_startup_trials)
+    sampler = make_sampler(config.search)
     sc = config.search
     pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
     if sc.pruner != "none":
@@ -269,6 +286,8 @@ def train_and_score(
         device=ctx.device,
         seed=seed,
         on_epoch=after_epoch,
+        classifier=_classifier(ctx.gallery),
+        classifier_scale=ctx.config.gallery.train.scale,
     )
     train_seconds = time.perf_counter() - start
     asym = score("query")

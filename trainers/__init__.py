@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 from trainers._base import CompatibilityLoss
-from trainers._losses import RegressionLoss, create_loss, list_losses, register_loss
+from trainers._losses import (
+    BackwardCompatibleLoss,
+    ContextualSimilarityLoss,
+    ContrastiveLoss,
+    RegressionLoss,
+    RelationalLoss,
+    WeightedSum,
+    create_loss,
+    create_loss_from_config,
+    list_losses,
+    register_loss,
+)
 from trainers._train import EpochResult, TrainingDiverged, train_compatible
 
 __all__ = [
+    "BackwardCompatibleLoss",
     "CompatibilityLoss",
+    "ContextualSimilarityLoss",
+    "ContrastiveLoss",
     "EpochResult",
     "RegressionLoss",
+    "RelationalLoss",
     "TrainingDiverged",
+    "WeightedSum",
     "create_loss",
+    "create_loss_from_config",
     "list_losses",
     "register_loss",
     "train_compatible",

@@ -61,11 +61,17 @@ def train_compatible(
     device: torch.device | str = "cpu",
     seed: int = 0,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    classifier: torch.Tensor | None = None,
+    classifier_scale: float | None = None,
 ) -> list[EpochResult]:
     """Train ``model`` so that ``model(images[i])`` lands on ``targets[i]``.
 
     ``images`` are preprocessed at the model's input resolution; ``targets`` are the
-    gallery model's embeddings of the same images. ``on_epoch`` is called after every
+    gallery model's embeddings of the same images. Before training, the loss is bound to
+    all of them: ``loss_fn.bind(targets, labels, classifier, classifier_scale)``, where
+    ``classifier`` is the gallery model's classifier weight ``(num_classes, dim)`` (or
+    ``None``) and ``classifier_scale`` its logit scale; a loss that needs what is missing
+    raises ``ValueError`` there, before any step. ``on_epoch`` is called after every
     epoch (it may raise, e.g. ``optuna.TrialPruned``, to stop training). A NaN or
     infinite loss raises :class:`TrainingDiverged`. The model is left in eval mode on
     the CPU.
@@ -75,6 +81,7 @@ def train_compatible(
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    loss_fn.bind(targets, labels, classifier, classifier_scale)
     model.to(device)
     loss_fn.to(device)
     opt = _optimizer(model, optimizer, lr, weight_decay, momentum)

@@ -6,38 +6,57 @@ Units:
   them (batch 1, at the candidate's input resolution). Batch-norm, pooling and
   element-wise operations are not counted: the MobileNet/EfficientNet "MAdds" convention.
 * **params (M)**: millions of parameters (all, including the embedding layer).
+* **memory (MiB)**: peak memory of one inference forward pass: bytes of parameters and
+  buffers plus the peak bytes of live tensors (input and activations) of an inference
+  forward pass at the latency batch size, tracked per ATen operator (see
+  :func:`measure_peak_memory_mb`); 1 MiB = 2**20 bytes.
 * **latency (ms)**: median of timed batch forward passes after warm-up, on the stated
-  runtime with the stated thread count and batch size; the p90 is recorded beside it.
+  runtime (``torch`` eager CPU, ``onnxruntime`` CPU execution provider, ``cuda``) with the
+  stated thread count and batch size; the p90 is recorded beside it. With
+  ``latency.predict`` the latency lookup table (:mod:`nas.latency_table`) predicts it first,
+  and a candidate predicted beyond ``limit * (1 + margin)`` is rejected without a measurement.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import io
 import statistics
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from nas.config import BudgetConfig, LatencyConfig
 from nas.errors import BudgetError
+
+if TYPE_CHECKING:
+    from nas.latency_table import LatencyTable
 
 __all__ = [
     "Budget",
     "MflopsBudget",
     "ParamsBudget",
+    "MemoryBudget",
     "LatencyBudget",
+    "Measurement",
     "BudgetReport",
     "make_budgets",
     "check_budgets",
     "count_mflops",
     "count_params_m",
     "measure_latency",
+    "measure_latency_of_input",
+    "measure_peak_memory_mb",
 ]
 
 # fvcore op handles kept: the multiply-accumulate ops of conv, linear and matmul.
@@ -68,6 +87,22 @@ def count_params_m(model: nn.Module) -> float:
 
 
 @contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, then restore each one's own mode.
+
+    Per submodule, because a piece of a network (a fresh ``nn.Sequential`` around the net's
+    own layers) may be in another mode than the layers it holds.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
 def _threads(n: int) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -78,32 +113,164 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def measure_latency(model: nn.Module, resolution: int, in_chans: int, config: LatencyConfig) -> tuple[float, float]:
-    """Median and p90 milliseconds of a forward pass of ``config.batch_size`` images."""
+    """Median and p90 milliseconds of a forward pass of ``config.batch_size`` images on ``config.runtime``."""
+    return measure_latency_of_input(model, (config.batch_size, in_chans, resolution, resolution), config)
+
+
+def measure_latency_of_input(model: nn.Module, input_shape: Sequence[int], config: LatencyConfig) -> tuple[float, float]:
+    """Median and p90 milliseconds of ``model`` on a random input of ``input_shape`` (batch first).
+
+    ``config.runtime`` ``torch`` runs the module eagerly on the CPU, ``cuda`` on the GPU
+    (synchronised), ``onnxruntime`` exports it to ONNX (opset 18) and runs it with ONNX
+    Runtime's CPU execution provider; ``config.threads`` intra-op threads, ``config.warmup``
+    untimed then ``config.repeats`` timed runs. The module's training mode is restored and it
+    is left on the CPU.
+    """
+    shape = tuple(int(n) for n in input_shape)
+    if config.runtime == "onnxruntime":
+        times = _onnxruntime_times(model, shape, config)
+    else:
+        times = _torch_times(model, shape, config)
+    return statistics.median(times), float(np.percentile(times, 90))
+
+
+def _torch_times(model: nn.Module, shape: tuple[int, ...], config: LatencyConfig) -> list[float]:
     if config.runtime == "cuda" and not torch.cuda.is_available():
-        raise BudgetError("budgets.latency.runtime is 'cuda' but no CUDA device is available; use runtime 'torch' (CPU).")
+        raise BudgetError("budgets.latency.runtime is 'cuda' but no CUDA device is available; use runtime 'torch' or 'onnxruntime' (CPU).")
     device = torch.device("cuda" if config.runtime == "cuda" else "cpu")
-    was_training = model.training
-    model.eval().to(device)
-    x = torch.randn(config.batch_size, in_chans, resolution, resolution, device=device)
+    model.to(device)
+    x = torch.randn(shape, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
-    with _threads(config.threads), torch.inference_mode():
-        for _ in range(config.warmup):
-            model(x)
-        sync()
-        for _ in range(config.repeats):
-            start = time.perf_counter()
-            model(x)
+    try:
+        with _eval_mode(model), _threads(config.threads), torch.inference_mode():
+            for _ in range(config.warmup):
+                model(x)
             sync()
-            times.append((time.perf_counter() - start) * 1e3)
-    model.cpu().train(was_training)
-    return statistics.median(times), float(np.percentile(times, 90))
+            for _ in range(config.repeats):
+                start = time.perf_counter()
+                model(x)
+                sync()
+                times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        model.cpu()
+    return times
+
+
+def _onnxruntime_session(model: nn.Module, x: torch.Tensor, threads: int):
+    """An ONNX Runtime CPU session of ``model`` exported in memory (legacy exporter: ~0.2 s vs ~3 s for dynamo)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BudgetError("budgets.latency.runtime is 'onnxruntime' but onnxruntime is not installed; install it or use runtime 'torch'.") from None
+    buffer = io.BytesIO()
+    model.cpu()
+    with _eval_mode(model), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=18)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: no "removing initializer" chatter
+    return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+
+def _onnxruntime_times(model: nn.Module, shape: tuple[int, ...], config: LatencyConfig) -> list[float]:
+    x = torch.randn(shape)
+    session = _onnxruntime_session(model, x, config.threads)
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    for _ in range(config.warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(config.repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+class _StorageTracker(TorchDispatchMode):
+    """Bytes of the tensor storages alive now, and the most alive at once.
+
+    Every operator output's storage is counted the first time it is seen and uncounted when
+    it dies (a weakref callback on the storage), so in-place operators and views, which
+    return an existing storage, allocate nothing. Workspace an operator frees before it
+    returns is not seen: the granularity is one ATen operator.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, weakref.ref] = {}
+        self.current = 0
+        self.peak = 0
+
+    def track(self, storage: torch.UntypedStorage, counted: bool = True) -> None:
+        key = id(storage)
+        if key in self._live:
+            return
+        nbytes = storage.nbytes() if counted else 0
+
+        def died(_ref: weakref.ref, key: int = key, nbytes: int = nbytes) -> None:
+            self._live.pop(key, None)
+            self.current -= nbytes
+
+        self._live[key] = weakref.ref(storage, died)
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                self.track(t.untyped_storage())
+        return out
+
+
+def _storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+    return sum(seen.values())
+
+
+def measure_peak_memory_mb(model: nn.Module, resolution: int, in_chans: int, batch_size: int = 1) -> float:
+    """Peak MiB (2**20 bytes) of one inference forward pass of ``batch_size`` images.
+
+    Bytes of the parameters and buffers (each storage once) plus the peak bytes of live
+    tensors during an eval-mode ``torch.inference_mode`` forward: the input, every
+    activation from when its operator returns until nothing references it, and the output.
+    Tracked per ATen operator on the model's device (see :class:`_StorageTracker`); allocator
+    rounding, operator workspaces and the runtime's own memory are not included.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    weights = _storage_bytes(iter(tensors))
+    x = torch.zeros(batch_size, in_chans, resolution, resolution, device=device)
+    tracker = _StorageTracker()
+    with _eval_mode(model), torch.inference_mode(), tracker:
+        for t in tensors:
+            tracker.track(t.untyped_storage(), counted=False)
+        tracker.track(x.untyped_storage())
+        model(x)
+    return (weights + tracker.peak) / 2**20
 
 
 @dataclass
 class Measurement:
+    """What :meth:`Budget.measure` returns.
+
+    ``value`` is compared with the limit; ``extra`` holds further named values for the
+    report. ``measured`` is false when ``value`` is an estimate (it is then not recorded under
+    the budget's name), and ``note`` says how it was obtained; it is added to a violation.
+    """
+
     value: float
     extra: dict[str, float] = field(default_factory=dict)
+    measured: bool = True
+    note: str = ""
 
 
 class Budget(abc.ABC):
@@ -142,17 +309,57 @@ class MflopsBudget(Budget):
         return Measurement(count_mflops(model, resolution, in_chans))
 
 
+class MemoryBudget(Budget):
+    """Peak MiB of one inference forward pass (weights + activations), see :func:`measure_peak_memory_mb`."""
+
+    name, cost = "memory_mb", 2
+
+    def __init__(self, limit: float | None, batch_size: int = 1) -> None:
+        super().__init__(limit)
+        if batch_size < 1:
+            raise ValueError(f"MemoryBudget batch_size must be >= 1, but got {batch_size}.")
+        self.batch_size = batch_size
+        self.unit = f"MiB peak of one forward pass (weights + activations), batch {batch_size}"
+
+    def measure(self, model: nn.Module, resolution: int, in_chans: int) -> Measurement:
+        return Measurement(measure_peak_memory_mb(model, resolution, in_chans, self.batch_size))
+
+
 class LatencyBudget(Budget):
-    name, cost = "latency_ms", 2
+    """Median latency on ``config.runtime``; with ``config.predict`` the lookup table predicts it first.
+
+    A candidate predicted above ``limit * (1 + config.margin)`` is rejected without being
+    measured; otherwise it is measured. The prediction is recorded as
+    ``latency_predicted_ms`` beside ``latency_ms`` (measured) and ``latency_p90_ms``.
+    """
+
+    name, cost = "latency_ms", 3
 
     def __init__(self, limit: float | None, config: LatencyConfig) -> None:
         super().__init__(limit)
         self.config = config
         self.unit = f"ms median, {config.runtime} runtime, {config.threads} thread(s), batch {config.batch_size}"
+        self._table: LatencyTable | None = None
+
+    @property
+    def table(self) -> LatencyTable:
+        """The lookup table of ``config`` (opened on first use)."""
+        if self._table is None:
+            from nas.latency_table import LatencyTable
+
+            self._table = LatencyTable(self.config)
+        return self._table
 
     def measure(self, model: nn.Module, resolution: int, in_chans: int) -> Measurement:
+        extra: dict[str, float] = {}
+        if self.config.predict:
+            predicted = self.table.predict(model, resolution, in_chans)
+            extra["latency_predicted_ms"] = predicted
+            if self.limit is not None and predicted > self.limit * (1 + self.config.margin):
+                note = f"predicted from the latency lookup table, not measured: more than {self.config.margin:.0%} over the limit"
+                return Measurement(predicted, extra, measured=False, note=note)
         median, p90 = measure_latency(model, resolution, in_chans, self.config)
-        return Measurement(median, {"latency_p90_ms": p90})
+        return Measurement(median, {"latency_p90_ms": p90, **extra})
 
 
 def make_budgets(config: BudgetConfig) -> list[Budget]:
@@ -160,6 +367,7 @@ def make_budgets(config: BudgetConfig) -> list[Budget]:
     budgets: list[Budget] = [
         ParamsBudget(config.max_params_m),
         MflopsBudget(config.max_mflops),
+        MemoryBudget(config.max_memory_mb, config.latency.batch_size),
         LatencyBudget(config.max_latency_ms, config.latency),
     ]
     return sorted(budgets, key=lambda b: b.cost)
@@ -199,12 +407,14 @@ def check_budgets(model: nn.Module, resolution: int, in_chans: int, budgets: Seq
             constraints.append(0.0)
             continue
         measured = budget.measure(model, resolution, in_chans)
-        values[budget.name] = measured.value
+        if measured.measured:
+            values[budget.name] = measured.value
         values.update(measured.extra)
         if budget.limit is None:
             constraints.append(0.0)
             continue
         constraints.append((measured.value - budget.limit) / budget.limit)
         if measured.value > budget.limit:
-            violations.append(f"{budget.name} {measured.value:.3g} > limit {budget.limit:g} ({budget.unit})")
+            note = f"; {measured.note}" if measured.note else ""
+            violations.append(f"{budget.name} {measured.value:.3g} > limit {budget.limit:g} ({budget.unit}{note})")
     return BudgetReport(values, violations, constraints, time.perf_counter() - start)

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-mflops", type=float, help="budget: millions of multiply-accumulates (fvcore, batch 1)")
     search.add_argument("--max-latency-ms", type=float, help="budget: median latency in ms on budgets.latency.runtime")
     search.add_argument("--max-params-m", type=float, help="budget: millions of parameters")
+    search.add_argument("--max-memory-mb", type=float, help="budget: MiB peak memory of one forward pass (weights + activations)")
     search.add_argument("--seed", type=int, help="sampler seed (search.seed)")
     search.add_argument("--threads", type=int, help="torch threads for training (search.threads)")
     search.add_argument("--workers", type=int, default=1, help="run N worker processes on this machine (default 1)")
@@ -85,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     sshow.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a space option as YAML, e.g. widths=[0.5,1.0]")
     sshow.add_argument("--embed-dim", type=int, default=128, help="embedding dimension of the head (default 128)")
     sshow.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="input channels (default 1)")
+    profile = sub.add_parser("profile", help="measure candidates: MFLOPs, params, memory, measured and predicted latency")
+    what = profile.add_mutually_exclusive_group(required=True)
+    what.add_argument("--arch", help="an architecture string (as 'nas results' prints) or an arch.json file")
+    what.add_argument("--timm", help="a timm model name, e.g. mobilenetv3_small_050")
+    what.add_argument("--space", help="profile --sample random members of this registered space")
+    profile.add_argument("--sample", type=int, default=5, help="with --space: how many members (default 5)")
+    profile.add_argument("--seed", type=int, default=0, help="with --space: sampling seed")
+    profile.add_argument("--resolution", type=int, help="input resolution (--timm: default 32; --arch: override)")
+    profile.add_argument("--config", help="take latency settings, embedding size, channels and space options from this experiment YAML")
+    profile.add_argument("--runtime", choices=("torch", "onnxruntime", "cuda"), help="latency runtime (default: the config's, else torch)")
+    profile.add_argument("--threads", type=int, help="threads of the runtime")
+    profile.add_argument("--batch-size", type=int, help="batch size of the latency and memory measurements")
+    profile.add_argument("--table-dir", help="folder of the latency lookup tables")
+    profile.add_argument("--embed-dim", type=int, default=128, help="embedding size (default 128, or the config's)")
+    profile.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="input channels (default 1, or the config's)")
     return parser
 
 
@@ -169,6 +185,47 @@ def _space_from_args(args: argparse.Namespace):
         raise ConfigError(str(exc)) from None
 
 
+def _profile(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import optuna
+
+    from nas.config import LatencyConfig, load_config
+    from nas.errors import ConfigError
+    from nas.profile import profile_architecture, profile_table
+    from search_spaces import Architecture, create_space, timm_architecture
+
+    latency, embed_dim, in_chans, space_options = LatencyConfig(), args.embed_dim, args.in_chans, {}
+    if args.config:
+        config = load_config(args.config)
+        latency, embed_dim, in_chans = config.budgets.latency, config.gallery.embed_dim or embed_dim, config.data.resolved_channels
+        space_options = dict(config.space.options) if args.space == config.space.name else {}
+    changes = {"runtime": args.runtime, "threads": args.threads, "batch_size": args.batch_size, "table_dir": args.table_dir}
+    try:
+        latency = dataclasses.replace(latency, **{k: v for k, v in changes.items() if v is not None})
+        if args.arch:
+            text = Path(args.arch).read_text() if args.arch.endswith(".json") else args.arch
+            arch = Architecture.from_json(text) if args.arch.endswith(".json") else Architecture.from_string(text)
+            if args.resolution:
+                arch = dataclasses.replace(arch, resolution=args.resolution)
+            archs = [arch]
+        elif args.timm:
+            archs = [timm_architecture(args.timm, args.resolution or 32, embed_dim, in_chans)]
+        else:
+            space = create_space(args.space, embed_dim=embed_dim, in_chans=in_chans, **space_options)
+            study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=args.seed))
+            archs = []
+            for _ in range(args.sample):
+                trial = study.ask()
+                archs.append(space.sample(trial))
+                study.tell(trial, 0.0)
+        profiles = [profile_architecture(arch, latency, log=print) for arch in archs]
+    except (ValueError, OSError) as exc:
+        raise ConfigError(str(exc)) from None
+    print(profile_table(profiles, latency))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from nas.config import load_config
 
@@ -183,6 +240,7 @@ def _run(args: argparse.Namespace) -> int:
             "budgets.max_mflops": args.max_mflops,
             "budgets.max_latency_ms": args.max_latency_ms,
             "budgets.max_params_m": args.max_params_m,
+            "budgets.max_memory_mb": args.max_memory_mb,
         }
         config = load_config(args.config, overrides)
         if args.workers > 1:
@@ -251,6 +309,8 @@ def _run(args: argparse.Namespace) -> int:
         for name in list_spaces():
             print(f"{name}: options {', '.join(space_options(name))}")
         return 0
+    if args.command == "profile":
+        return _profile(args)
     if args.command == "space":
         from nas.profile import space_report
 

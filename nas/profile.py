@@ -6,12 +6,15 @@ batch 1, at the candidate's resolution); params in millions; memory in MiB.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from nas.budgets import count_mflops, count_params_m
-from search_spaces import SearchSpace, build
+from nas.budgets import count_mflops, count_params_m, measure_latency, measure_peak_memory_mb
+from nas.config import LatencyConfig
+from search_spaces import Architecture, SearchSpace, build
 
-__all__ = ["space_report"]
+__all__ = ["space_report", "Profile", "profile_architecture", "profile_table"]
 
 
 def _resolutions(space: SearchSpace) -> list[int]:
@@ -42,4 +45,47 @@ def space_report(space: SearchSpace) -> str:
             row += [count_mflops(net, arch.resolution, arch.in_chans), count_params_m(net)]
         lines.append(f"{res:>4} {row[0]:>15.3f} {row[1]:>8.3f} {row[2]:>14.3f} {row[3]:>8.3f}")
     lines += ["", f"Smallest: {space.extreme(True).to_string()}", f"Largest:  {space.extreme(False).to_string()}"]
+    return "\n".join(lines)
+
+
+@dataclass
+class Profile:
+    """What one candidate costs, measured and predicted."""
+
+    arch: Architecture
+    mflops: float
+    params_m: float
+    memory_mb: float
+    latency_ms: float
+    latency_p90_ms: float
+    predicted_ms: float
+
+
+def profile_architecture(arch: Architecture, config: LatencyConfig, log: Callable[[str], None] | None = None) -> Profile:
+    """MFLOPs, params, peak memory, measured latency and the lookup table's prediction of ``arch``."""
+    from nas.latency_table import LatencyTable
+
+    net = build(arch).eval()
+    res, chans = arch.resolution, arch.in_chans
+    predicted = LatencyTable(config, log=log).predict(net, res, chans)
+    median, p90 = measure_latency(net, res, chans, config)
+    return Profile(
+        arch, count_mflops(net, res, chans), count_params_m(net), measure_peak_memory_mb(net, res, chans, config.batch_size),
+        median, p90, predicted,
+    )
+
+
+def profile_table(profiles: Sequence[Profile], config: LatencyConfig) -> str:
+    """Side by side: MFLOPs, params, memory, measured and predicted latency."""
+    lines = [
+        f"Latency: {config.runtime} runtime, {config.threads} thread(s), batch {config.batch_size}; median of {config.repeats} runs "
+        f"after {config.warmup} warm-up. MFLOPs: millions of multiply-accumulates (fvcore, batch 1). Memory: MiB peak of one "
+        f"forward pass (weights + activations), batch {config.batch_size}.",
+        f"{'#':>3} {'res':>4} {'MFLOPs':>9} {'params M':>8} {'mem MiB':>8} {'measured ms':>11} {'p90 ms':>7} {'predicted ms':>12} {'pred/meas':>9}  architecture",
+    ]
+    for i, p in enumerate(profiles):
+        lines.append(
+            f"{i:>3} {p.arch.resolution:>4} {p.mflops:>9.3f} {p.params_m:>8.3f} {p.memory_mb:>8.3f} {p.latency_ms:>11.3f} "
+            f"{p.latency_p90_ms:>7.3f} {p.predicted_ms:>12.3f} {p.predicted_ms / p.latency_ms:>9.2f}  {p.arch.to_string()}"
+        )
     return "\n".join(lines)

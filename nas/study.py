@@ -109,7 +109,7 @@ def check_reachable(space: SearchSpace, budgets: list[Budget]) -> dict[str, floa
         raise BudgetError(
             f"No architecture in search space {space.name!r} meets the budgets: even its smallest member "
             f"({smallest.to_string()}) measures {reached}, and {report.reason}. Raise the limit(s) "
-            f"(--max-mflops / --max-params-m / --max-latency-ms) to at least what the smallest member reaches, "
+            f"(--max-mflops / --max-params-m / --max-memory-mb / --max-latency-ms) to at least what the smallest member reaches, "
             f"or give the space smaller choices (space.options)."
         )
     return report.values

@@ -1,6 +1,8 @@
-"""nas.budgets: MAC and parameter counts, latency, and the cheapest-first budget check."""
+"""nas.budgets: MAC and parameter counts, peak memory, latency, and the cheapest-first budget check."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from torch import nn
 from nas.budgets import (
     Budget,
     LatencyBudget,
+    MemoryBudget,
     MflopsBudget,
     ParamsBudget,
     check_budgets,
@@ -16,11 +19,18 @@ from nas.budgets import (
     count_params_m,
     make_budgets,
     measure_latency,
+    measure_latency_of_input,
+    measure_peak_memory_mb,
 )
 from nas.config import BudgetConfig, LatencyConfig
-from nas.errors import BudgetError
+from nas.errors import BudgetError, ConfigError
 from search_spaces import build, create_space
 
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Latency lookup tables of these tests go to a temporary folder, never the user's cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 FAST_LATENCY = LatencyConfig(runtime="torch", threads=1, batch_size=1, warmup=1, repeats=5)
@@ -133,20 +143,24 @@ def test_measure_latency_cuda_without_cuda_is_budget_error() -> None:
 
 
 def test_make_budgets_cheapest_first() -> None:
-    budgets = make_budgets(BudgetConfig(max_mflops=3.0, max_params_m=1.0, max_latency_ms=5.0, latency=FAST_LATENCY))
-    assert [b.name for b in budgets] == ["params_m", "mflops", "latency_ms"]
+    budgets = make_budgets(BudgetConfig(max_mflops=3.0, max_params_m=1.0, max_latency_ms=5.0, latency=FAST_LATENCY, max_memory_mb=2.0))
+    assert [b.name for b in budgets] == ["params_m", "mflops", "memory_mb", "latency_ms"]
     assert [b.cost for b in budgets] == sorted(b.cost for b in budgets)
-    assert [b.limit for b in budgets] == [1.0, 3.0, 5.0]
-    assert isinstance(budgets[2], LatencyBudget) and budgets[2].config == FAST_LATENCY
+    assert len({b.cost for b in budgets}) == 4
+    assert [b.limit for b in budgets] == [1.0, 3.0, 2.0, 5.0]
+    assert isinstance(budgets[3], LatencyBudget) and budgets[3].config == FAST_LATENCY
 
 
 def test_make_budgets_without_limits_measures_everything() -> None:
     budgets = make_budgets(BudgetConfig(latency=FAST_LATENCY))
-    assert len(budgets) == 3 and all(b.limit is None for b in budgets)
+    assert len(budgets) == 4 and all(b.limit is None for b in budgets)
     report = check_budgets(tiny_net(), 16, 3, budgets)
     assert report.feasible and report.reason == ""
-    assert report.constraints == [0.0, 0.0, 0.0]
-    assert set(report.values) == {"params_m", "mflops", "latency_ms", "latency_p90_ms"}
+    assert report.constraints == [0.0, 0.0, 0.0, 0.0]
+    assert set(report.values) == {"params_m", "mflops", "memory_mb", "latency_ms", "latency_p90_ms", "latency_predicted_ms"}
+    # without a limit the prediction is recorded, and the latency is measured as well
+    without = check_budgets(tiny_net(), 16, 3, make_budgets(BudgetConfig(latency=replace(FAST_LATENCY, predict=False))))
+    assert set(without.values) == {"params_m", "mflops", "memory_mb", "latency_ms", "latency_p90_ms"}
 
 
 def test_budget_describe_names_the_unit() -> None:
@@ -154,6 +168,8 @@ def test_budget_describe_names_the_unit() -> None:
     assert MflopsBudget(None).describe().startswith("mflops no limit (")
     latency = LatencyBudget(2.0, LatencyConfig(threads=3, batch_size=4))
     assert "torch runtime" in latency.describe() and "3 thread" in latency.describe() and "batch 4" in latency.describe()
+    memory = MemoryBudget(8.0, batch_size=4)
+    assert memory.describe() == "memory_mb <= 8 (MiB peak of one forward pass (weights + activations), batch 4)"
 
 
 @pytest.mark.parametrize("limit", [0, -1.0])
@@ -162,47 +178,49 @@ def test_budget_limit_must_be_positive(limit: float) -> None:
         ParamsBudget(limit)
 
 
-def _budgets(params: float | None, mflops: float | None, latency: float | None) -> list[Budget]:
-    return make_budgets(BudgetConfig(max_mflops=mflops, max_params_m=params, max_latency_ms=latency, latency=FAST_LATENCY))
+def _budgets(params: float | None, mflops: float | None, latency: float | None, memory: float | None = None, predict: bool = True) -> list[Budget]:
+    config = BudgetConfig(max_mflops=mflops, max_params_m=params, max_latency_ms=latency, latency=replace(FAST_LATENCY, predict=predict), max_memory_mb=memory)
+    return make_budgets(config)
 
 
 def test_params_violation_skips_mflops_and_latency() -> None:
     net = tiny_net()
     params = count_params_m(net)
-    report = check_budgets(net, 16, 3, _budgets(params / 2, 1e-9, 1e-9))
+    report = check_budgets(net, 16, 3, _budgets(params / 2, 1e-9, 1e-9, 1e-9))
     assert not report.feasible
     assert set(report.values) == {"params_m"}
     assert report.values["params_m"] == pytest.approx(params)
     assert len(report.violations) == 1 and report.violations[0].startswith("params_m")
     assert "params_m" in report.reason
     assert report.constraints[0] == pytest.approx((params - params / 2) / (params / 2))
-    assert report.constraints[1:] == [0.0, 0.0]
+    assert report.constraints[1:] == [0.0, 0.0, 0.0]
     assert report.seconds >= 0
 
 
 def test_mflops_violation_skips_latency() -> None:
     net = tiny_net()
     mflops = count_mflops(net, 16, 3)
-    report = check_budgets(net, 16, 3, _budgets(10.0, mflops / 4, 1e-9))
+    report = check_budgets(net, 16, 3, _budgets(10.0, mflops / 4, 1e-9, 1e-9))
     assert not report.feasible
     assert set(report.values) == {"params_m", "mflops"}
     assert report.constraints[0] == pytest.approx((report.values["params_m"] - 10.0) / 10.0)
     assert report.constraints[0] < 0
     assert report.constraints[1] == pytest.approx(3.0)  # (m - m/4) / (m/4)
-    assert report.constraints[2] == 0.0
+    assert report.constraints[2:] == [0.0, 0.0]
     assert "mflops" in report.reason and "params_m" not in report.reason
 
 
 def test_feasible_when_all_limits_met() -> None:
     net = tiny_net()
-    report = check_budgets(net, 16, 3, _budgets(1.0, 1.0, 1e6))
+    report = check_budgets(net, 16, 3, _budgets(1.0, 1.0, 1e6, 100.0))
     assert report.feasible
     assert report.violations == [] and report.reason == ""
-    assert set(report.values) == {"params_m", "mflops", "latency_ms", "latency_p90_ms"}
+    assert set(report.values) == {"params_m", "mflops", "memory_mb", "latency_ms", "latency_p90_ms", "latency_predicted_ms"}
     assert report.values["latency_ms"] <= report.values["latency_p90_ms"]
     expected = [
         (report.values["params_m"] - 1.0) / 1.0,
         (report.values["mflops"] - 1.0) / 1.0,
+        (report.values["memory_mb"] - 100.0) / 100.0,
         (report.values["latency_ms"] - 1e6) / 1e6,
     ]
     assert report.constraints == pytest.approx(expected)
@@ -219,11 +237,11 @@ def test_limit_exactly_met_is_feasible() -> None:
 
 def test_measure_all_measures_every_budget() -> None:
     net = tiny_net()
-    report = check_budgets(net, 16, 3, _budgets(1e-9, 1e-9, 1e-9), measure_all=True)
+    report = check_budgets(net, 16, 3, _budgets(1e-9, 1e-9, 1e-9, 1e-9, predict=False), measure_all=True)
     assert not report.feasible
-    assert set(report.values) == {"params_m", "mflops", "latency_ms", "latency_p90_ms"}
-    assert [v.split()[0] for v in report.violations] == ["params_m", "mflops", "latency_ms"]
-    assert report.reason.count(";") == 2
+    assert set(report.values) == {"params_m", "mflops", "memory_mb", "latency_ms", "latency_p90_ms"}
+    assert [v.split()[0] for v in report.violations] == ["params_m", "mflops", "memory_mb", "latency_ms"]
+    assert report.reason.count(";") == 3
     assert all(c > 0 for c in report.constraints)
     assert report.constraints[1] == pytest.approx((report.values["mflops"] - 1e-9) / 1e-9)
 
@@ -239,3 +257,116 @@ def test_rejected_large_candidate_completes_without_measuring_latency() -> None:
     assert not report.feasible
     assert "latency_ms" not in report.values and "mflops" not in report.values
     assert report.values["params_m"] > 0.01
+
+
+# --------------------------------------------------------------------------- runtimes
+
+
+def test_latency_config_runtimes_and_options() -> None:
+    for runtime in ("torch", "onnxruntime", "cuda"):
+        assert LatencyConfig(runtime=runtime).runtime == runtime
+    with pytest.raises(ConfigError, match="'torch', 'onnxruntime', 'cuda', but got 'tflite'"):
+        LatencyConfig(runtime="tflite")
+    with pytest.raises(ConfigError, match="margin"):
+        LatencyConfig(margin=-0.1)
+    with pytest.raises(ConfigError, match="margin"):
+        LatencyConfig(margin=float("nan"))
+    default = LatencyConfig()
+    assert default.predict is True and default.margin == 0.15 and default.table_dir is None
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="budgets.max_memory_mb"):
+            BudgetConfig(max_memory_mb=bad)
+    assert BudgetConfig().max_memory_mb is None
+
+
+def test_onnxruntime_latency_of_a_query_net() -> None:
+    space = create_space("mobilenet", 16, 1)
+    arch = space.extreme(smallest=True)
+    net = build(arch).train()
+    config = LatencyConfig(runtime="onnxruntime", threads=1, warmup=1, repeats=5)
+    median, p90 = measure_latency(net, arch.resolution, 1, config)
+    assert 0 < median <= p90 < 1000
+    assert net.training  # mode restored
+    assert next(net.parameters()).device.type == "cpu"
+    budget = LatencyBudget(None, replace(config, predict=False))
+    assert "onnxruntime runtime" in budget.unit
+    measured = budget.measure(net, arch.resolution, 1)
+    assert measured.value > 0 and measured.extra["latency_p90_ms"] >= measured.value
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_latency_of_input_takes_any_shape(runtime: str) -> None:
+    config = LatencyConfig(runtime=runtime, warmup=1, repeats=3)
+    block = nn.Sequential(nn.Conv2d(5, 7, 3, padding=1), nn.ReLU())
+    median, p90 = measure_latency_of_input(block, (2, 5, 6, 9), config)
+    assert 0 < median <= p90
+    head = nn.Sequential(nn.Flatten(1), nn.Linear(12, 3))
+    assert measure_latency_of_input(head, (1, 3, 2, 2), config)[0] > 0
+
+
+def test_onnxruntime_latency_is_quiet(capfd: pytest.CaptureFixture[str], recwarn: pytest.WarningsRecorder) -> None:
+    measure_latency(tiny_net(), 16, 3, LatencyConfig(runtime="onnxruntime", warmup=0, repeats=3))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert len(recwarn) == 0
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+def test_peak_memory_of_a_single_conv_by_hand() -> None:
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    weights = (8 * 3 * 3 * 3 + 8) * 4  # float32 weight and bias
+    x = 3 * 16 * 16 * 4
+    out = 8 * 16 * 16 * 4
+    assert measure_peak_memory_mb(conv, 16, 3) * 2**20 == weights + x + out == 12160
+
+
+def test_peak_memory_of_a_chain_frees_dead_activations() -> None:
+    # two convs: when the second returns, input, first and second output are all alive
+    two = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(2, 16, 1))
+    weights = (2 * 27 + 2) * 4 + (16 * 2 + 16) * 4
+    x, a, c = 3 * 256 * 4, 2 * 256 * 4, 16 * 256 * 4
+    assert measure_peak_memory_mb(two, 16, 3) * 2**20 == weights + x + a + c
+    # three convs: the first output has died before the large third one is allocated;
+    # the in-place ReLU and the Flatten view allocate nothing
+    three = nn.Sequential(
+        nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(2, 16, 1), nn.Flatten(1)
+    )
+    weights = (2 * 27 + 2) * 4 + (2 * 18 + 2) * 4 + (16 * 2 + 16) * 4
+    b = 2 * 256 * 4
+    assert measure_peak_memory_mb(three, 16, 3) * 2**20 == weights + x + b + c  # not + a
+    # batch 2 doubles the activations, not the weights
+    assert measure_peak_memory_mb(three, 16, 3, batch_size=2) * 2**20 == weights + 2 * (x + b + c)
+
+
+def test_peak_memory_counts_shared_weights_once_and_restores_mode() -> None:
+    conv = nn.Conv2d(4, 4, 1, bias=False)
+    net = nn.Sequential(conv, conv).train()  # one weight, used twice
+    x = out = 4 * 8 * 8 * 4
+    assert measure_peak_memory_mb(net, 8, 4) * 2**20 == 4 * 4 * 4 + x + 2 * out
+    assert net.training
+
+
+def test_peak_memory_of_query_nets() -> None:
+    space = create_space("mobilenet", 16, 1)
+    small, large = space.extreme(smallest=True), space.extreme(smallest=False)
+    small_mb = measure_peak_memory_mb(build(small), small.resolution, 1)
+    large_net = build(large)
+    large_mb = measure_peak_memory_mb(large_net, large.resolution, 1)
+    weights_mb = sum(t.numel() * 4 for t in [*large_net.parameters(), *large_net.buffers()] if t.is_floating_point()) / 2**20
+    assert 0 < small_mb < large_mb
+    assert large_mb > weights_mb  # activations on top of the weights
+    assert large_mb < 4 * weights_mb + 4
+
+
+def test_memory_budget_rejects_when_the_limit_is_tiny() -> None:
+    net = tiny_net()
+    mb = measure_peak_memory_mb(net, 16, 3)
+    report = check_budgets(net, 16, 3, _budgets(1.0, 1.0, 1e6, mb / 2))
+    assert not report.feasible
+    assert set(report.values) == {"params_m", "mflops", "memory_mb"}  # latency not reached
+    assert report.values["memory_mb"] == pytest.approx(mb)
+    assert report.reason.startswith("memory_mb") and "MiB peak of one forward pass" in report.reason
+    assert report.constraints[2] == pytest.approx(1.0) and report.constraints[3] == 0.0
+    assert check_budgets(net, 16, 3, [MemoryBudget(mb)]).feasible

@@ -161,3 +161,39 @@ def test_space_show_takes_options_from_a_config(tmp_path: Path, capsys: pytest.C
 def test_space_show_bad_input_is_a_clear_error(argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_profile_prints_measured_and_predicted_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["profile", "--space", "mobilenet", "--sample", "2", "--table-dir", str(tmp_path), "--runtime", "onnxruntime"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime runtime, 1 thread(s), batch 1" in out and "multiply-accumulates" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 2
+    for row in rows:
+        mflops, params, memory, measured, p90, predicted, ratio = map(float, row[2:9])
+        assert mflops > 0 and params > 0 and memory > params * 4  # float32 weights alone are 4 bytes per parameter
+        assert 0 < measured <= p90 and predicted > 0 and 0.5 < ratio < 2
+    assert list(tmp_path.glob("onnxruntime-1t-b1-*.json"))  # the lookup table was cached
+
+
+def test_profile_of_an_architecture_string_and_a_timm_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    arch = "space=resnet res=16 width=1 stem=16 stages=bb_r1_k3_s1_c8/bb_r1_k3_s2_c16 head=0 embed=8 in=1 act=relu"
+    assert main(["profile", "--arch", arch, "--table-dir", str(tmp_path)]) == 0
+    assert "bb_r1_k3_s2_c16" in capsys.readouterr().out
+    assert main(["profile", "--timm", "lcnet_035", "--resolution", "32", "--table-dir", str(tmp_path), "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "model=lcnet_035" in out and "batch 2" in out
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["profile", "--timm", "mobilenetv9"], "no model named 'mobilenetv9'"),
+        (["profile", "--arch", "space=x res=16"], "missing field"),
+        (["profile", "--arch", "space=r res=16 width=1 stem=16 stages=bb_r1_k5_s1_c8 head=0 embed=8 in=1"], "k5"),
+    ],
+)
+def test_profile_bad_input_is_a_clear_error(argv: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*argv, "--table-dir", str(tmp_path)]) == 2
+    assert fragment in capsys.readouterr().err

@@ -20,6 +20,9 @@ import yaml
 from nas.errors import ConfigError
 
 __all__ = [
+    "DATASETS",
+    "BENCHMARKS",
+    "PROTOCOLS",
     "DataConfig",
     "GalleryTrainConfig",
     "GalleryConfig",
@@ -37,6 +40,20 @@ __all__ = [
 
 FASHION_MNIST_DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
 
+#: Labelled data sets split by ``data.protocol`` (stratified or class-disjoint).
+LABELLED_DATASETS = ("fashion_mnist", "image_folder")
+#: Retrieval benchmarks whose files fix the split (see :mod:`nas.retrieval_data`): the
+#: protocol each follows, and whether its query and gallery are the same images.
+BENCHMARKS = {
+    "cub200": ("class_disjoint", True),
+    "sop": ("class_disjoint", True),
+    "inshop": ("class_disjoint", False),
+    "roxford5k": ("revisited", False),
+    "rparis6k": ("revisited", False),
+}
+DATASETS = (*LABELLED_DATASETS, *BENCHMARKS)
+PROTOCOLS = ("same_classes", "class_disjoint")
+
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
@@ -47,12 +64,31 @@ def _check(condition: bool, message: str) -> None:
 class DataConfig:
     """Which images, and how they are split into train / val / query / gallery.
 
-    ``train``, ``val``, ``query`` and ``gallery`` are fractions of every class (the split is
-    stratified); ``max_per_class`` caps how many images of each class are used at all.
-    ``val`` images are held out from training and drive the search objective; ``query``
-    images are only used for the final, reported scores. ``image_size`` is the size image
-    folders are stored at in memory (Fashion-MNIST keeps its 28x28); ``channels`` null
-    means the data set's own (1 for Fashion-MNIST, 3 for image folders).
+    ``protocol`` (labelled data sets; null means ``same_classes``):
+
+    * ``same_classes``: ``train``, ``val``, ``query`` and ``gallery`` are fractions of every
+      class (the split is stratified); val is searched against the gallery part.
+    * ``class_disjoint``: a seeded ``test_classes`` fraction of the classes (at least 2) is
+      held out for query and gallery; a seeded ``val_classes`` fraction of the remaining
+      classes (at least 2) forms val (searched against itself, each image's own entry
+      excluded); the rest is train.
+      ``train`` is unused; with ``query_is_gallery`` false each held-out class is split
+      query : gallery in the ratio ``query`` : ``gallery``.
+
+    ``query_is_gallery`` (null: false for ``same_classes``, true for ``class_disjoint``, the
+    metric-learning convention) makes query and gallery the same images, each query's own
+    gallery entry excluded by index when scoring.
+
+    The benchmarks (``cub200``, ``sop``, ``inshop``, ``roxford5k``, ``rparis6k``) take their
+    split from their own files, so ``protocol`` and ``query_is_gallery`` may only restate it;
+    ``val_classes`` of their training classes form val (``val`` of the training images for
+    the unlabelled revisited Oxford/Paris sets).
+
+    ``max_per_class`` caps how many images of each class are used at all. ``val`` images
+    are held out from training and drive the search objective; ``query`` images are only
+    used for the final, reported scores. ``image_size`` is the size image folders and
+    benchmark images are stored at in memory (Fashion-MNIST keeps its 28x28); ``channels``
+    null means the data set's own (1 for Fashion-MNIST, 3 otherwise).
     """
 
     dataset: str = "fashion_mnist"
@@ -65,8 +101,39 @@ class DataConfig:
     query: float = 0.1
     gallery: float = 0.25
     seed: int = 0
+    protocol: str | None = None
+    query_is_gallery: bool | None = None
+    test_classes: float = 0.5
+    val_classes: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            close = difflib.get_close_matches(self.dataset, DATASETS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"Unknown dataset {self.dataset!r}.{hint} Valid datasets: {', '.join(sorted(DATASETS))}.")
+        _check(
+            self.protocol is None or self.protocol in PROTOCOLS,
+            f"data.protocol must be one of {', '.join(PROTOCOLS)} or null, but got {self.protocol!r}.",
+        )
+        for name in ("test_classes", "val_classes"):
+            value = getattr(self, name)
+            _check(0.0 < value < 1.0, f"data.{name} must be a fraction in (0, 1), but got {value}.")
+        if self.dataset in BENCHMARKS:
+            protocol, same = BENCHMARKS[self.dataset]
+            _check(
+                self.protocol is None or self.protocol == protocol,
+                f"data.protocol must be null for dataset {self.dataset!r}: its files fix the split "
+                f"({protocol}), but got {self.protocol!r}.",
+            )
+            _check(
+                self.query_is_gallery is None or self.query_is_gallery == same,
+                f"data.query_is_gallery must be null for dataset {self.dataset!r}: its query and gallery are "
+                f"{'the same' if same else 'different'} images, but got {self.query_is_gallery}.",
+            )
+            _check(
+                protocol != "revisited" or self.max_per_class is None,
+                f"data.max_per_class must be null for dataset {self.dataset!r} (it has no classes), but got {self.max_per_class}.",
+            )
         _check(self.image_size >= 8, f"data.image_size must be >= 8, but got {self.image_size}.")
         _check(self.channels in (None, 1, 3), f"data.channels must be 1, 3 or null, but got {self.channels}.")
         _check(
@@ -85,6 +152,22 @@ class DataConfig:
         if self.channels is not None:
             return self.channels
         return 1 if self.dataset == "fashion_mnist" else 3
+
+    @property
+    def resolved_protocol(self) -> str:
+        """``same_classes`` or ``class_disjoint``; a benchmark's own (``revisited`` for Oxford/Paris)."""
+        if self.dataset in BENCHMARKS:
+            return BENCHMARKS[self.dataset][0]
+        return self.protocol or "same_classes"
+
+    @property
+    def resolved_query_is_gallery(self) -> bool:
+        """Whether query and gallery are the same images (then each query's own entry is excluded)."""
+        if self.dataset in BENCHMARKS:
+            return BENCHMARKS[self.dataset][1]
+        if self.query_is_gallery is not None:
+            return self.query_is_gallery
+        return self.resolved_protocol == "class_disjoint"
 
     @property
     def resolved_path(self) -> str | None:
@@ -139,22 +222,39 @@ class SpaceConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+LATENCY_RUNTIMES = ("torch", "onnxruntime", "cuda")
+
+
 @dataclass(frozen=True)
 class LatencyConfig:
-    """How latency is measured: runtime, threads, batch size, warm-up and timed runs."""
+    """How latency is measured: runtime, threads, batch size, warm-up and timed runs.
+
+    ``runtime`` is ``torch`` (eager, CPU), ``onnxruntime`` (ONNX Runtime, CPU execution
+    provider) or ``cuda`` (eager on the GPU). With ``predict`` a per-piece latency lookup
+    table (cached in ``table_dir``; null means ``$XDG_CACHE_HOME/asymnas/latency`` or
+    ``~/.cache/asymnas/latency``) predicts a candidate's latency first, and one predicted more
+    than ``margin`` (a fraction: 0.15 is 15%) over ``max_latency_ms`` is rejected without
+    being measured.
+    """
 
     runtime: str = "torch"
     threads: int = 1
     batch_size: int = 1
     warmup: int = 10
     repeats: int = 30
+    table_dir: str | None = None
+    predict: bool = True
+    margin: float = 0.15
 
     def __post_init__(self) -> None:
-        _check(self.runtime in ("torch", "cuda"), f"budgets.latency.runtime must be 'torch' or 'cuda', but got {self.runtime!r}.")
+        runtimes = ", ".join(repr(r) for r in LATENCY_RUNTIMES)
+        _check(self.runtime in LATENCY_RUNTIMES, f"budgets.latency.runtime must be one of {runtimes}, but got {self.runtime!r}.")
         _check(self.threads >= 1, f"budgets.latency.threads must be >= 1, but got {self.threads}.")
         _check(self.batch_size >= 1, f"budgets.latency.batch_size must be >= 1, but got {self.batch_size}.")
         _check(self.warmup >= 0, f"budgets.latency.warmup must be >= 0, but got {self.warmup}.")
         _check(self.repeats >= 3, f"budgets.latency.repeats must be >= 3, but got {self.repeats}.")
+        _check(self.table_dir is None or bool(self.table_dir), "budgets.latency.table_dir must be a directory or null, but got ''.")
+        _check(0 <= self.margin < float("inf"), f"budgets.latency.margin must be a finite fraction >= 0, but got {self.margin}.")
 
 
 @dataclass(frozen=True)
@@ -163,25 +263,37 @@ class BudgetConfig:
 
     ``max_mflops`` is in millions of multiply-accumulates (fvcore's count, batch 1, at the
     candidate's input resolution); ``max_params_m`` in millions of parameters;
-    ``max_latency_ms`` the median latency on ``latency.runtime``.
+    ``max_latency_ms`` the median latency on ``latency.runtime``; ``max_memory_mb`` the peak
+    MiB of one inference forward pass (parameters and buffers + live activations) at
+    ``latency.batch_size``.
     """
 
     max_mflops: float | None = None
     max_params_m: float | None = None
     max_latency_ms: float | None = None
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    max_memory_mb: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_mflops", "max_params_m", "max_latency_ms"):
+        for name in ("max_mflops", "max_params_m", "max_latency_ms", "max_memory_mb"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"budgets.{name} must be > 0 or null, but got {value}.")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How a candidate query network is trained toward the gallery embedding space."""
+    """How a candidate query network is trained toward the gallery embedding space.
 
-    loss: str = "regression"
+    ``loss`` is one compatibility loss by name, with ``loss_options`` its options
+    (``loss: regression``, ``loss_options: {distance: l2}``), or a weighted sum as a mapping
+    ``{loss name: weight > 0}``, with ``loss_options`` mapping some of those names to their
+    options (``loss: {regression: 1.0, contrastive: 0.5}``,
+    ``loss_options: {contrastive: {margin: 0.5}}``). Names and options are checked against
+    the loss registry when the study is prepared (``trainers.create_loss_from_config``).
+    """
+
+    # str | dict[str, float]; typed Any so that the loader passes either form through to __post_init__
+    loss: Any = "regression"
     loss_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 3
     batch_size: int = 128
@@ -193,6 +305,7 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        self._check_loss()
         _check(self.epochs >= 1, f"train.epochs must be >= 1, but got {self.epochs}.")
         _check(self.batch_size >= 2, f"train.batch_size must be >= 2, but got {self.batch_size}.")
         _check(self.optimizer in ("adamw", "sgd"), f"train.optimizer must be 'adamw' or 'sgd', but got {self.optimizer!r}.")
@@ -203,6 +316,32 @@ class TrainConfig:
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"train.device must be 'auto', 'cpu' or 'cuda[:N]', but got {self.device!r}.",
         )
+
+    def _check_loss(self) -> None:
+        """The shape of ``loss`` / ``loss_options``; a weighted mapping is stored as a plain dict of float weights."""
+        if isinstance(self.loss, str):
+            _check(bool(self.loss), "train.loss must not be empty: name a loss such as 'regression'.")
+            return
+        _check(
+            isinstance(self.loss, dict) and bool(self.loss),
+            f"'train.loss' must be a loss name or a mapping {{loss name: weight}}, but got {self.loss!r}.",
+        )
+        weights: dict[str, float] = {}
+        for name, weight in self.loss.items():
+            _check(isinstance(name, str) and bool(name), f"'train.loss' keys must be loss names, but got {name!r}.")
+            _check(
+                not isinstance(weight, bool) and isinstance(weight, (int, float)) and weight > 0 and weight != float("inf"),
+                f"'train.loss.{name}' is a weight and must be a number > 0, but got {weight!r}.",
+            )
+            weights[name] = float(weight)
+        object.__setattr__(self, "loss", weights)
+        for name, options in self.loss_options.items():
+            if name not in weights:
+                raise ConfigError(
+                    f"Unknown key 'train.loss_options.{name}': with train.loss a mapping of weights, loss_options maps "
+                    f"each of those losses ({', '.join(weights)}) to its options, e.g. {{{next(iter(weights))}: {{...}}}}."
+                )
+            _check(isinstance(options, dict), f"'train.loss_options.{name}' must be a mapping of that loss's options, but got {options!r}.")
 
 
 @dataclass(frozen=True)
@@ -216,6 +355,11 @@ class SearchConfig:
     ``heartbeat_interval`` seconds; one silent for ``grace_period`` seconds (its process
     was killed) is failed when any worker next asks for a trial, and retried up to
     ``max_retries`` times.
+
+    A candidate over budget is recorded as an infeasible trial (its constraint values teach
+    the sampler where the budget lies) but does not count toward ``trials``: it costs a
+    fraction of a second, not a training run. ``max_infeasible_in_a_row`` stops a search
+    whose sampler keeps proposing candidates over budget.
     """
 
     study_name: str = "quickstart"
@@ -233,9 +377,11 @@ class SearchConfig:
     heartbeat_interval: int = 15
     grace_period: int = 60
     max_retries: int = 2
+    max_infeasible_in_a_row: int = 200
 
     def __post_init__(self) -> None:
         _check(bool(self.study_name), "search.study_name must not be empty.")
+        _check(self.max_infeasible_in_a_row >= 1, f"search.max_infeasible_in_a_row must be >= 1, but got {self.max_infeasible_in_a_row}.")
         _check(self.trials >= 0, f"search.trials must be >= 0, but got {self.trials}.")
         _check(self.timeout is None or self.timeout > 0, f"search.timeout must be > 0 or null, but got {self.timeout}.")
         _check(self.pruner in ("median", "percentile", "none"), f"search.pruner must be 'median', 'percentile' or 'none', but got {self.pruner!r}.")

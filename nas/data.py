@@ -8,6 +8,12 @@ Two loaders:
   stratified, seeded split.
 * ``image_folder``: one sub-folder per class, any image format PIL reads, resized to
   ``data.image_size``.
+* the retrieval benchmarks ``cub200``, ``sop``, ``inshop``, ``roxford5k`` and ``rparis6k``
+  (their official layouts, with the split their files define): :mod:`nas.retrieval_data`.
+
+The labelled sets are split by ``data.protocol``: stratified (:func:`stratified_split`, the
+same classes everywhere) or class-disjoint (:func:`class_disjoint_split`, query and gallery
+hold classes never trained on).
 
 Images are kept in memory as ``uint8`` arrays of shape ``(N, H, W, C)``; each model
 resizes them to its own input resolution with :func:`preprocess`.
@@ -27,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nas.config import DataConfig
+from nas.config import BENCHMARKS, DataConfig
 from nas.errors import ConfigError, DataError
 
 __all__ = [
@@ -39,7 +45,9 @@ __all__ = [
     "load_dataset",
     "list_datasets",
     "stratified_split",
+    "class_disjoint_split",
     "split_dataset",
+    "VAL_AGAINST",
     "preprocess",
     "iter_batches",
     "PREPROCESSING",
@@ -86,16 +94,44 @@ class ImageSet:
         return digest.hexdigest()
 
 
+#: What the val part is searched against (see :class:`Split`).
+VAL_AGAINST = ("gallery", "val", "self")
+
+
 @dataclass(frozen=True, eq=False)
 class Split:
-    """Disjoint index arrays into an :class:`ImageSet`."""
+    """Index arrays into an :class:`ImageSet`, and how its val and query parts are scored.
+
+    ``train``, ``val``, ``query`` and ``gallery`` are disjoint, except that with
+    ``query_is_gallery`` query and gallery are the same images (equal arrays): each query's
+    own gallery entry is then excluded *by index* when scoring. ``val_against`` says what the
+    val images are searched against:
+
+    * ``gallery``: the gallery part (same-classes protocol: val shares its classes);
+    * ``val``: the val images themselves, each one's own entry excluded by index
+      (class-disjoint protocols, whose gallery holds none of val's classes);
+    * ``self``: the val images themselves, each image's only positive being its own
+      gallery-model embedding (data without class labels: revisited Oxford/Paris).
+
+    :func:`nas.retrieval_data.score_part` scores a part accordingly.
+    """
 
     train: np.ndarray
     val: np.ndarray
     query: np.ndarray
     gallery: np.ndarray
+    query_is_gallery: bool = False
+    val_against: str = "gallery"
+
+    def __post_init__(self) -> None:
+        if self.val_against not in VAL_AGAINST:
+            raise ValueError(f"val_against must be one of {VAL_AGAINST}, but got {self.val_against!r}.")
+        if self.query_is_gallery and not np.array_equal(self.query, self.gallery):
+            raise ValueError("query_is_gallery needs query and gallery to be the same index array.")
 
     def fingerprint(self) -> str:
+        """SHA-256 of the index arrays: the split part of the gallery cache key (the two flags
+        change how parts are scored, not their embeddings, so they are not part of it)."""
         digest = hashlib.sha256()
         for part in (self.train, self.val, self.query, self.gallery):
             digest.update(part.astype(np.int64).tobytes())
@@ -205,9 +241,16 @@ def load_image_folder(path: str | Path, image_size: int, channels: int = 3) -> I
     )
 
 
+def _load_benchmark_images(config: DataConfig) -> ImageSet:
+    from nas.retrieval_data import load_benchmark  # it imports this module
+
+    return load_benchmark(config).data
+
+
 _LOADERS: dict[str, Callable[[DataConfig], ImageSet]] = {
     "fashion_mnist": lambda cfg: load_fashion_mnist(cfg.resolved_path),
     "image_folder": lambda cfg: load_image_folder(cfg.resolved_path, cfg.image_size, cfg.resolved_channels),
+    **{name: _load_benchmark_images for name in BENCHMARKS},
 }
 
 
@@ -216,7 +259,11 @@ def list_datasets() -> list[str]:
 
 
 def load_dataset(config: DataConfig) -> ImageSet:
-    """Load the data set ``config.dataset`` with ``config.resolved_channels`` channels."""
+    """Load the data set ``config.dataset`` with ``config.resolved_channels`` channels.
+
+    For a benchmark this is only its images; its split and ground truth come with
+    :func:`nas.retrieval_data.load_retrieval_data`, which serves every data set.
+    """
     if config.dataset not in _LOADERS:
         close = difflib.get_close_matches(config.dataset, list(_LOADERS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -265,9 +312,89 @@ def stratified_split(
     return Split(**{name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()})
 
 
+def class_disjoint_split(
+    labels: np.ndarray,
+    test_classes: float,
+    val_classes: float,
+    query: float,
+    gallery: float,
+    seed: int,
+    max_per_class: int | None = None,
+    query_is_gallery: bool = True,
+) -> Split:
+    """Split by class: train, val and the evaluation (query / gallery) classes are disjoint.
+
+    A seeded ``test_classes`` fraction of the classes (at least two) holds the query and
+    gallery images; a seeded ``val_classes`` fraction of the remaining classes (at least
+    two: with one class every neighbour is a positive) is val, searched against itself with
+    each image's own entry excluded; the other classes (at least one) are train. With
+    ``query_is_gallery`` every evaluation image is both a query and a gallery image (the
+    metric-learning convention); otherwise each evaluation class is split query : gallery
+    in the ratio ``query`` : ``gallery`` (at least one of each).
+    ``max_per_class`` keeps a seeded subset of each class. Deterministic for a ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    if len(classes) < 5:
+        raise DataError(
+            f"The class-disjoint protocol needs at least 5 classes (2 test, 2 val, 1 train), but the data set has {len(classes)}."
+        )
+    n_test = min(max(2, int(round(test_classes * len(classes)))), len(classes) - 3)
+    n_val = min(max(2, int(round(val_classes * (len(classes) - n_test)))), len(classes) - n_test - 1)
+    order = rng.permutation(classes)
+    test_set, val_set = order[:n_test], order[n_test : n_test + n_val]
+    members: dict[int, np.ndarray] = {}
+    for cls in classes:
+        idx = np.flatnonzero(labels == cls)
+        if max_per_class is not None and len(idx) > max_per_class:
+            idx = np.sort(rng.choice(idx, max_per_class, replace=False))
+        members[int(cls)] = idx
+
+    def gather(chosen: np.ndarray) -> np.ndarray:
+        return np.sort(np.concatenate([members[int(c)] for c in chosen]))
+
+    train = gather(np.setdiff1d(classes, np.concatenate([test_set, val_set])))
+    val = gather(val_set)
+    if max(len(members[int(c)]) for c in val_set) < 2:
+        raise DataError(
+            f"The val classes {sorted(int(c) for c in val_set)} have one image each: a val image would have no positive. "
+            f"Use more images per class or a larger data.val_classes."
+        )
+    if query_is_gallery:
+        evaluation = gather(test_set)
+        if max(len(members[int(c)]) for c in test_set) < 2:
+            raise DataError("Every held-out class has a single image, so no query has a positive. Use more images per class.")
+        return Split(train, val, evaluation, evaluation.copy(), query_is_gallery=True, val_against="val")
+    share = query / (query + gallery)
+    queries, galleries = [], []
+    for cls in np.sort(test_set):
+        idx = members[int(cls)][rng.permutation(len(members[int(cls)]))]
+        if len(idx) < 2:
+            raise DataError(f"Class {cls} has {len(idx)} image, too few to give both query and gallery one. Use query_is_gallery.")
+        n_query = min(max(1, int(np.floor(share * len(idx)))), len(idx) - 1)
+        queries.append(idx[:n_query])
+        galleries.append(idx[n_query:])
+    return Split(train, val, np.sort(np.concatenate(queries)), np.sort(np.concatenate(galleries)), val_against="val")
+
+
 def split_dataset(data: ImageSet, config: DataConfig) -> Split:
-    """The split ``config`` describes (fractions, seed, per-class cap) of ``data``."""
-    return stratified_split(data.labels, config.train, config.val, config.query, config.gallery, config.seed, config.max_per_class)
+    """The split ``config`` describes (protocol, fractions, seed, per-class cap) of ``data``.
+
+    Only for the labelled data sets; a benchmark's split comes from its files
+    (:func:`nas.retrieval_data.load_retrieval_data`).
+    """
+    if config.dataset in BENCHMARKS:
+        raise ValueError(f"{config.dataset}'s split is defined by its files: use nas.retrieval_data.load_retrieval_data.")
+    if config.resolved_protocol == "class_disjoint":
+        return class_disjoint_split(
+            data.labels, config.test_classes, config.val_classes, config.query, config.gallery, config.seed,
+            config.max_per_class, config.resolved_query_is_gallery,
+        )
+    split = stratified_split(data.labels, config.train, config.val, config.query, config.gallery, config.seed, config.max_per_class)
+    if config.resolved_query_is_gallery:
+        pooled = np.sort(np.concatenate([split.query, split.gallery]))
+        return Split(split.train, split.val, pooled, pooled.copy(), query_is_gallery=True)
+    return split
 
 
 # --------------------------------------------------------------------------- preprocessing

@@ -14,6 +14,17 @@ Definitions (also in the README):
   divided by R.
 * When query and gallery are the same images, ``exclude`` gives each query's own gallery
   index; that entry is removed from its ranking (by index, not by dropping the top hit).
+
+Revisited Oxford and Paris (Radenović et al., "Revisiting Oxford and Paris: Large-Scale
+Image Retrieval Benchmarking", CVPR 2018) give each query explicit *positive* and *junk*
+gallery images instead of classes. :func:`revisited_metrics` follows ``compute_map`` of
+their evaluation code (``revisitop/python/evaluate.py``): junk images are taken out of the
+ranking (each positive's rank drops by the number of junk images ranked above it), AP is
+the trapezoidal AP above with the number of positives as given, and mP@k is the precision
+in the top ``min(k, rank of the last positive)`` (1-based); queries without a positive are
+skipped. :func:`revisited_ground_truth` builds the three protocols of their
+``example_evaluate.py``: easy (positives: easy; junk: junk + hard), medium (easy + hard;
+junk) and hard (hard; junk + easy).
 """
 
 from __future__ import annotations
@@ -21,9 +32,18 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-__all__ = ["retrieval_metrics", "compatibility_ratios", "METRIC_NAMES"]
+__all__ = [
+    "retrieval_metrics",
+    "compatibility_ratios",
+    "revisited_ground_truth",
+    "revisited_metrics",
+    "revisited_protocol_metrics",
+    "METRIC_NAMES",
+    "REVISITED_PROTOCOLS",
+]
 
 METRIC_NAMES = ("mAP", "mAP@R", "R@1", "R@5", "R@10")
+REVISITED_PROTOCOLS = ("easy", "medium", "hard")
 
 
 def _ranked_relevance(
@@ -102,3 +122,122 @@ def compatibility_ratios(asymmetric: dict[str, float], paragon: dict[str, float]
         for name in asymmetric
         if name in paragon and name not in ("queries", "skipped") and paragon[name] > 0
     }
+
+
+# --------------------------------------------------------------------------- revisited Oxford / Paris
+
+
+def _index_lists(lists: list[np.ndarray] | tuple[np.ndarray, ...], n_gallery: int, what: str) -> list[np.ndarray]:
+    out = []
+    for i, items in enumerate(lists):
+        items = np.unique(np.asarray(items, dtype=np.int64).reshape(-1))
+        if len(items) and (items[0] < 0 or items[-1] >= n_gallery):
+            raise ValueError(f"{what} of query {i} must be gallery indices in [0, {n_gallery}), but got {items[0]}..{items[-1]}.")
+        out.append(items)
+    return out
+
+
+def revisited_ground_truth(
+    protocol: str,
+    easy: list[np.ndarray] | tuple[np.ndarray, ...],
+    hard: list[np.ndarray] | tuple[np.ndarray, ...],
+    junk: list[np.ndarray] | tuple[np.ndarray, ...],
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per-query ``(positives, junk)`` gallery indices of one revisited protocol.
+
+    ``easy``, ``hard`` and ``junk`` are the per-query lists of a ``gnd_*.pkl`` file; the
+    protocols are those of the revisited evaluation code: ``easy`` (positives easy, junk
+    junk + hard), ``medium`` (easy + hard; junk), ``hard`` (hard; junk + easy).
+    """
+    if not len(easy) == len(hard) == len(junk):
+        raise ValueError(f"easy, hard and junk need one list per query, but got {len(easy)}, {len(hard)} and {len(junk)}.")
+
+    def cat(*lists: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.asarray(x, dtype=np.int64).reshape(-1) for x in lists])
+
+    if protocol == "easy":
+        return [cat(e) for e in easy], [cat(j, h) for j, h in zip(junk, hard)]
+    if protocol == "medium":
+        return [cat(e, h) for e, h in zip(easy, hard)], [cat(j) for j in junk]
+    if protocol == "hard":
+        return [cat(h) for h in hard], [cat(j, e) for j, e in zip(junk, easy)]
+    raise ValueError(f"protocol must be one of {REVISITED_PROTOCOLS}, but got {protocol!r}.")
+
+
+def revisited_metrics(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    positives: list[np.ndarray] | tuple[np.ndarray, ...],
+    junk: list[np.ndarray] | tuple[np.ndarray, ...],
+    ks: tuple[int, ...] = (1, 5, 10),
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """mAP and mP@k with junk ignored, as ``compute_map`` of the revisited Oxford/Paris code.
+
+    ``positives[i]`` and ``junk[i]`` are query ``i``'s gallery indices (taken as sets; an
+    index in both counts as a positive that is also junk for the positives after it, as in
+    ``compute_map``). The whole gallery is
+    ranked by exact inner product; junk images are removed from the ranking; AP is the
+    trapezoidal AP over the positives; mP@k = (positives among the first ``kq``) / ``kq``
+    with ``kq = min(k, 1-based rank of the last positive)``. Queries without a positive are
+    skipped. Returns ``mAP``, ``mP@k`` for each k, ``queries`` (scored) and ``skipped``.
+    """
+    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query and gallery must be 2-D with the same dimension, but got {query.shape} and {gallery.shape}.")
+    if len(positives) != len(query) or len(junk) != len(query):
+        raise ValueError(f"positives and junk need one list per query ({len(query)}), but got {len(positives)} and {len(junk)}.")
+    positives = _index_lists(positives, len(gallery), "positives")
+    junk = _index_lists(junk, len(gallery), "junk")
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery, dtype=np.float32))
+    sums = {"mAP": 0.0, **{f"mP@{k}": 0.0 for k in ks}}
+    scored = skipped = 0
+    for start in range(0, len(query), chunk):
+        _, order = index.search(np.ascontiguousarray(query[start : start + chunk], dtype=np.float32), len(gallery))
+        rank_of = np.empty_like(order)  # rank_of[row, g]: 0-based rank of gallery item g
+        rank_of[np.arange(len(order))[:, None], order] = np.arange(order.shape[1])[None, :]
+        for row in range(len(order)):
+            ok, bad = positives[start + row], junk[start + row]
+            if len(ok) == 0:
+                skipped += 1
+                continue
+            scored += 1
+            pos = np.sort(rank_of[row, ok])
+            pos = pos - np.searchsorted(np.sort(rank_of[row, bad]), pos, side="left")  # junk ranked above each positive
+            j = np.arange(len(pos))
+            before = np.where(pos == 0, 1.0, j / np.maximum(pos, 1))
+            after = (j + 1) / (pos + 1)
+            sums["mAP"] += float(((before + after) / 2.0).sum() / len(ok))
+            one_based = pos + 1
+            for k in ks:
+                kq = min(int(one_based.max()), k)
+                sums[f"mP@{k}"] += float((one_based <= kq).sum() / kq)
+    if scored == 0:
+        raise ValueError("No query has a positive in the gallery; retrieval cannot be scored.")
+    result = {name: value / scored for name, value in sums.items()}
+    result["queries"] = float(scored)
+    result["skipped"] = float(skipped)
+    return result
+
+
+def revisited_protocol_metrics(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    easy: list[np.ndarray] | tuple[np.ndarray, ...],
+    hard: list[np.ndarray] | tuple[np.ndarray, ...],
+    junk: list[np.ndarray] | tuple[np.ndarray, ...],
+    ks: tuple[int, ...] = (1, 5, 10),
+) -> dict[str, float]:
+    """:func:`revisited_metrics` under the easy, medium and hard protocols.
+
+    Keys are ``mAP_easy``, ``mP@k_easy`` and so on for each protocol; ``mAP`` repeats
+    ``mAP_medium`` (the headline number), ``queries`` and ``skipped`` are those of medium.
+    """
+    out: dict[str, float] = {}
+    for protocol in REVISITED_PROTOCOLS:
+        scores = revisited_metrics(query, gallery, *revisited_ground_truth(protocol, easy, hard, junk), ks=ks)
+        if protocol == "medium":
+            out["mAP"] = scores["mAP"]
+            out["queries"], out["skipped"] = scores["queries"], scores["skipped"]
+        out.update({f"{name}_{protocol}": value for name, value in scores.items() if name not in ("queries", "skipped")})
+    return out

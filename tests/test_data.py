@@ -200,7 +200,7 @@ def test_load_dataset_fashion_mnist_with_three_channels(tmp_path: Path) -> None:
 
 
 def test_load_dataset_unknown_name_is_config_error() -> None:
-    assert list_datasets() == ["fashion_mnist", "image_folder"]
+    assert list_datasets() == ["cub200", "fashion_mnist", "image_folder", "inshop", "roxford5k", "rparis6k", "sop"]
     with pytest.raises(ConfigError, match="Did you mean 'image_folder'"):
         load_dataset(DataConfig(dataset="image_foldr", path="/x"))
 

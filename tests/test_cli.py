@@ -51,8 +51,8 @@ def test_missing_data_says_where_and_how_to_get_it(tmp_path: Path, tiny_config, 
     ("key", "value", "expected"),
     [
         ("space__name", "mobilenett", "Valid spaces: efficientnet, mobilenet"),
-        ("train__loss", "regresion", "Valid losses: regression"),
-        ("data__dataset", "fashion", "Valid datasets: fashion_mnist, image_folder"),
+        ("train__loss", "regresion", "Did you mean 'regression'? Valid losses: bct, contrastive, csd"),
+        ("data__dataset", "fashion", "Did you mean 'fashion_mnist'?"),
         ("gallery__model", "resnet_18", "not a timm architecture"),
     ],
 )

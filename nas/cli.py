@@ -259,12 +259,12 @@ def _run(args: argparse.Namespace) -> int:
         run_search(config, total_trials=args.trials, worker=f"{socket.gethostname()}-{os.getpid()}")
         return 0
     if args.command == "gallery":
-        from nas.data import load_dataset, split_dataset
+        from nas.retrieval_data import load_retrieval_data
         from nas.study import ensure_gallery
 
         config = load_config(args.config, {"out": args.out})
-        data = load_dataset(config.data)
-        _, path = ensure_gallery(config, data, split_dataset(data, config.data), retrain=args.force)
+        retrieval = load_retrieval_data(config.data)
+        _, path = ensure_gallery(config, retrieval.data, retrieval.split, retrain=args.force)
         print(f"Gallery model: {path}")
         return 0
     if args.command == "export":

@@ -37,10 +37,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nas.config import ExperimentConfig, config_from_dict
-from nas.data import PREPROCESSING, IMAGE_SUFFIXES, iter_batches, load_dataset, preprocess, split_dataset
+from nas.data import PREPROCESSING, IMAGE_SUFFIXES, iter_batches, preprocess
 from nas.errors import NasError
 from nas.gallery import GalleryEmbeddings, embed, file_sha256, gallery_embeddings, load_gallery
-from nas.metrics import retrieval_metrics
+from nas.retrieval_data import load_retrieval_data, score_part
 from search_spaces import Architecture, QueryNet, build
 
 __all__ = ["select_trial", "export_trial", "load_query_model", "embed_folder", "FORMATS", "MIN_COSINE", "MAX_MAP_DIFF"]
@@ -282,8 +282,8 @@ def export_trial(
         )
     )
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "weights.safetensors"))
-    data = load_dataset(config.data)
-    split = split_dataset(data, config.data)
+    retrieval = load_retrieval_data(config.data)
+    data, split = retrieval.data, retrieval.split
     if "torchscript" in chosen:
         _write_torchscript(model, out / "model.torchscript.pt")
     if "onnx" in chosen:
@@ -317,14 +317,13 @@ def export_trial(
     trial_map = origin["metrics"]["query_mAP"]
     gallery = _gallery_side(config, run_dir, data, split, log)
     if gallery is not None:
-        labels_q, labels_g = data.labels[split.query], data.labels[split.gallery]
         reference = "onnx" if "onnx" in outputs else "reloaded"
-        scored = retrieval_metrics(outputs[reference], labels_q, gallery.gallery, labels_g)
+        scored = score_part(retrieval, "query", outputs[reference], gallery)
         verification["query_mAP"] = {"trial": trial_map, reference: scored["mAP"]}
         checks.append(abs(scored["mAP"] - trial_map) <= MAX_MAP_DIFF)
         if "onnx-int8" in chosen:
             int8 = _onnx_embed(out / "model.int8.onnx", batches)
-            int8_map = retrieval_metrics(int8, labels_q, gallery.gallery, labels_g)["mAP"]
+            int8_map = score_part(retrieval, "query", int8, gallery)["mAP"]
             threads = config.budgets.latency.threads
             verification["int8"] = {
                 "query_mAP": int8_map,
@@ -404,7 +403,9 @@ def _model_card(
         "| metric | this network | paragon | ratio |",
         "|---|---|---|---|",
     ]
-    for name in ("mAP", "mAP@R", "R@1", "R@5", "R@10"):
+    names = ["mAP", "mAP@R", "R@1", "R@5", "R@10"]
+    names += [f"{m}_{p}" for p in ("easy", "medium", "hard") for m in ("mAP", "mP@1", "mP@5", "mP@10")]  # revisited Oxford/Paris
+    for name in names:
         key = f"query_{name}"
         if key in metrics:
             lines.append(f"| {name} | {metrics[key]:.4f} | {paragon.get(name, float('nan')):.4f} | {metrics.get(key + '_ratio', float('nan')):.3f} |")
@@ -415,9 +416,15 @@ def _model_card(
         f"{gallery_budgets.get('mflops', float('nan')):.2f} MFLOPs; weights sha256 `{study.user_attrs.get('gallery_sha256')}`",
         "",
         "## Data",
-        f"- {dc.dataset} ({dc.resolved_path}); stratified split, seed {dc.seed}: train {dc.train}, val {dc.val}, "
-        f"query {dc.query}, gallery {dc.gallery} of each class (at most {dc.max_per_class} images per class); "
-        f"{verification['query_images']} query images",
+        f"- {dc.dataset} ({dc.resolved_path}); {dc.resolved_protocol} protocol"
+        f"{', query = gallery (own entry excluded)' if dc.resolved_query_is_gallery else ''}, seed {dc.seed}; "
+        + (
+            f"stratified split: train {dc.train}, val {dc.val}, query {dc.query}, gallery {dc.gallery} of each class "
+            f"(at most {dc.max_per_class} images per class); "
+            if dc.resolved_protocol == "same_classes"
+            else ""
+        )
+        + f"{verification['query_images']} query images",
         "",
         "## Verification",
         "- minimum cosine to the trained module over the query images: "

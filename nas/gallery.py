@@ -171,6 +171,11 @@ def train_gallery(
     The cosine classifier with a fixed scale is the normalised-softmax loss of
     Zhai & Wu, "Classification is a Strong Baseline for Deep Metric Learning" (BMVC 2019).
     """
+    if not data.classes or (data.labels[split.train] < 0).any():
+        raise GalleryError(
+            f"{data.name} has no class labels to train a gallery model on (revisited Oxford/Paris are evaluation sets); "
+            f"set gallery.checkpoint to a gallery model trained elsewhere (safetensors, see 'nas gallery train')."
+        )
     torch.manual_seed(seed)
     num_classes = len(data.classes)
     model = create_gallery_net(config, data.channels, num_classes).to(device)

@@ -27,11 +27,12 @@ from safetensors.torch import save_file
 
 from nas.budgets import Budget, check_budgets, make_budgets
 from nas.config import ExperimentConfig, config_to_dict
-from nas.data import ImageSet, Split, load_dataset, preprocess, split_dataset
+from nas.data import ImageSet, Split, preprocess
 from nas.errors import BudgetError, ConfigError, GalleryError
 from nas.gallery import GalleryEmbeddings, GalleryNet, embed, file_sha256, gallery_embeddings, load_gallery, train_gallery
 from nas.locks import file_lock, study_lock
-from nas.metrics import compatibility_ratios, retrieval_metrics
+from nas.metrics import compatibility_ratios
+from nas.retrieval_data import RetrievalData, load_retrieval_data, score_part
 from nas.report import write_report
 from nas.tracking import NullTracker, Tracker, flatten
 from search_spaces import Architecture, QueryNet, SearchSpace, build, create_space
@@ -84,6 +85,7 @@ class Context:
     loss: CompatibilityLoss
     device: torch.device
     smallest: dict[str, float]  # budgets measured on the space's smallest member
+    retrieval: RetrievalData  # data, split and (revisited Oxford/Paris) ground truth: how parts are scored
 
 
 def ensure_gallery(config: ExperimentConfig, data: ImageSet, split: Split, log: Log = print, retrain: bool = False) -> tuple[GalleryNet, Path]:
@@ -124,9 +126,10 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
     """Load data, split, gallery model and its cached embeddings; build space, budgets and loss."""
     if config.search.threads:
         torch.set_num_threads(config.search.threads)
-    data = load_dataset(config.data)
-    split = split_dataset(data, config.data)
-    log(f"Data: {data.name}, {len(data.classes)} classes, split {split.sizes()}")
+    retrieval = load_retrieval_data(config.data)
+    data, split = retrieval.data, retrieval.split
+    mode = "query = gallery, own entry excluded" if split.query_is_gallery else "query and gallery disjoint"
+    log(f"Data: {data.name}, {len(data.classes)} classes, {config.data.resolved_protocol} protocol ({mode}), split {split.sizes()}")
     try:
         space = create_space(config.space.name, embed_dim=config.gallery.embed_dim or 2, in_chans=data.channels, **config.space.options)
     except ValueError as exc:
@@ -135,6 +138,11 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
         loss = create_loss_from_config(config.train.loss, config.train.loss_options)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if loss.needs_labels and (data.labels[split.train] < 0).any():
+        raise ConfigError(
+            f"train.loss {loss.name!r} uses class labels, but the training images of {data.name} have none; "
+            f"use a loss that needs no labels (regression or csd)."
+        )
     budgets = make_budgets(config.budgets)
     smallest = check_reachable(space, budgets)  # before any gallery training: fail fast
     gallery, path = ensure_gallery(config, data, split, log)
@@ -151,7 +159,7 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
         loss.bind(torch.from_numpy(emb.train), torch.from_numpy(data.labels[split.train]), _classifier(gallery), config.gallery.train.scale)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return Context(config, data, split, gallery, sha, emb, space, budgets, loss, device, smallest)
+    return Context(config, data, split, gallery, sha, emb, space, budgets, loss, device, smallest, retrieval)
 
 
 def make_sampler(search: SearchConfig) -> optuna.samplers.BaseSampler:
@@ -222,11 +230,8 @@ def _paragon(ctx: Context, study: optuna.Study) -> dict[str, dict[str, float]]:
         )
     if "paragon" in study.user_attrs:
         return study.user_attrs["paragon"]
-    labels, split, emb = ctx.data.labels, ctx.split, ctx.embeddings
-    paragon = {
-        "query": retrieval_metrics(emb.query, labels[split.query], emb.gallery, labels[split.gallery]),
-        "val": retrieval_metrics(emb.val, labels[split.val], emb.gallery, labels[split.gallery]),
-    }
+    emb = ctx.embeddings
+    paragon = {"query": score_part(ctx.retrieval, "query", emb.query, emb), "val": score_part(ctx.retrieval, "val", emb.val, emb)}
     study.set_user_attr("gallery_sha256", ctx.gallery_sha)
     study.set_user_attr("gallery_model", ctx.config.gallery.model)
     study.set_user_attr("paragon", paragon)
@@ -261,7 +266,7 @@ def train_and_score(
 
     def score(part: str) -> dict[str, float]:
         emb = embed(model, ctx.data.images[getattr(split, part)], arch.resolution, 256, ctx.device)
-        return retrieval_metrics(emb, labels[getattr(split, part)], ctx.embeddings.gallery, labels[split.gallery])
+        return score_part(ctx.retrieval, part, emb, ctx.embeddings)
 
     def after_epoch(result: EpochResult) -> None:
         nonlocal last_val
@@ -646,7 +651,7 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
         before = counted_trials(study)
         target = total_trials if total_trials is not None else before + config.search.trials
     log(
-        f"Paragon (gallery model on both sides): query mAP {paragon['query']['mAP']:.4f}, R@1 {paragon['query']['R@1']:.4f}; "
+        f"Paragon (gallery model on both sides): query mAP {paragon['query']['mAP']:.4f}, {_recall_text(paragon['query'])}; "
         f"val mAP {paragon['val']['mAP']:.4f}"
     )
     log(
@@ -700,6 +705,15 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
     return study
 
 
+def _recall_text(metrics: dict[str, float], prefix: str = "") -> str:
+    """``R@1 x``, or for the revisited Oxford/Paris protocols (no R@K) ``mP@10 (medium) x``."""
+    if f"{prefix}R@1" in metrics:
+        return f"R@1 {metrics[f'{prefix}R@1']:.4f}"
+    if f"{prefix}mP@10_medium" in metrics:
+        return f"mP@10 (medium) {metrics[f'{prefix}mP@10_medium']:.4f}"
+    return "no R@1"
+
+
 def summary(study: optuna.Study, config: ExperimentConfig) -> str:
     """Results table, the best trial against the paragon, and where to look next."""
     paragon = study.user_attrs.get("paragon", {}).get("query", {})
@@ -713,7 +727,7 @@ def summary(study: optuna.Study, config: ExperimentConfig) -> str:
     if paragon:
         lines.append(
             f"Paragon ({config.gallery.model} on both sides, {gallery.get('mflops', float('nan')):.2f} MFLOPs): "
-            f"query mAP {paragon['mAP']:.4f}, R@1 {paragon['R@1']:.4f}"
+            f"query mAP {paragon['mAP']:.4f}, {_recall_text(paragon)}"
         )
     best = best_trial(study)
     if best is None:
@@ -723,7 +737,7 @@ def summary(study: optuna.Study, config: ExperimentConfig) -> str:
         share = b["mflops"] / gallery["mflops"] if gallery.get("mflops") else float("nan")
         lines.append(
             f"Best trial #{best.number}: asymmetric query mAP {m['query_mAP']:.4f} = {m['query_mAP_ratio']:.3f} of the paragon; "
-            f"R@1 {m['query_R@1']:.4f}; {b['mflops']:.3f} MFLOPs (1/{1 / share:.1f} of the gallery model), "
+            f"{_recall_text(m, 'query_')}; {b['mflops']:.3f} MFLOPs (1/{1 / share:.1f} of the gallery model), "
             f"{b['params_m']:.3f} M params, {b['latency_ms']:.2f} ms"
         )
         lines.append(f"  architecture: {best.user_attrs['arch']}")

@@ -203,3 +203,42 @@ def test_a_search_whose_sampler_only_finds_infeasible_candidates_stops(searched,
     study = run_search(config_from_dict(raw), log=logs.append)
     assert counted_trials(study) <= 2
     assert any("Stopping: the last 3 candidates were all over budget" in line for line in logs)
+
+
+def test_class_disjoint_search_scores_held_out_classes_with_self_exclusion(searched, tmp_path: Path, tiny_config) -> None:
+    """Train on some digit classes, search and report retrieval on the others, query = gallery."""
+    config, _, _ = searched
+    raw = tiny_config(tmp_path, data__protocol="class_disjoint", search__trials=2, budgets__max_mflops=None, train__loss="contrastive")
+    logs: list[str] = []
+    study = run_search(config_from_dict(raw), log=logs.append)
+    assert any("class_disjoint protocol (query = gallery, own entry excluded)" in line for line in logs)
+    paragon = study.user_attrs["paragon"]["query"]
+    # without the exclusion every query would find its own gallery copy first: R@1 = 1
+    assert 0 < paragon["mAP"] < 1 and paragon["R@1"] < 1
+    done = [t for t in study.trials if t.user_attrs.get("state") == "complete"]
+    assert len(done) == 2 and all(0 < t.user_attrs["metrics"]["query_mAP"] < 1 for t in done)
+
+
+def test_search_on_a_revisited_benchmark_layout(searched, tmp_path: Path, tiny_config) -> None:
+    """Revisited Oxford layout: no labels, so a gallery checkpoint is required and label losses are refused;
+    with one, trials are scored by the easy / medium / hard protocols."""
+    from nas.errors import ConfigError
+    from tests.test_retrieval_data import write_revisited
+
+    root = write_revisited(tmp_path / "data")
+    raw = tiny_config(tmp_path / "run", data__dataset="roxford5k", data__path=str(root), data__max_per_class=None)
+    with pytest.raises(GalleryError, match="gallery.checkpoint"):
+        run_search(config_from_dict(raw), log=lambda _: None)
+    raw = tiny_config(tmp_path / "run2", data__dataset="roxford5k", data__path=str(root), data__max_per_class=None, train__loss="bct")
+    with pytest.raises(ConfigError, match="uses class labels"):
+        run_search(config_from_dict(raw), log=lambda _: None)
+    gallery = str(searched[0].out_dir / "gallery" / "gallery.safetensors")  # a 1-channel gallery model
+    raw = tiny_config(
+        tmp_path / "run3", data__dataset="roxford5k", data__path=str(root), data__max_per_class=None, data__channels=1,
+        gallery__checkpoint=gallery, search__trials=1, budgets__max_mflops=None, train__batch_size=4,
+    )
+    study = run_search(config_from_dict(raw), log=lambda _: None)
+    paragon = study.user_attrs["paragon"]["query"]
+    assert {"mAP_easy", "mAP_medium", "mAP_hard", "mP@10_hard"} <= paragon.keys()
+    metrics = study.trials[0].user_attrs["metrics"]
+    assert 0 <= metrics["query_mAP_hard"] <= 1 and "query_mAP_medium_ratio" in metrics

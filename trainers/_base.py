@@ -29,6 +29,8 @@ class CompatibilityLoss(nn.Module, abc.ABC):
     """
 
     name: str = ""
+    #: Whether the loss uses class labels (then every training image needs one).
+    needs_labels: bool = False
 
     @abc.abstractmethod
     def forward(self, query: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

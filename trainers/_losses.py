@@ -103,6 +103,8 @@ class ContrastiveLoss(CompatibilityLoss):
     L2-normalised embeddings (distances lie in [0, 2]).
     """
 
+    needs_labels = True
+
     def __init__(self, margin: float = 0.7) -> None:
         super().__init__()
         if not 0.0 < margin <= 2.0:
@@ -132,6 +134,8 @@ class BackwardCompatibleLoss(CompatibilityLoss):
     their cross-entropy with the labels. ``scale`` overrides the scale passed to
     :meth:`bind`. Needs the classifier: :meth:`bind` raises ``ValueError`` without one.
     """
+
+    needs_labels = True
 
     def __init__(self, scale: float | None = None) -> None:
         super().__init__()
@@ -280,6 +284,7 @@ class WeightedSum(CompatibilityLoss):
         self.weights = [float(w) for w, _ in terms]
         self.losses = nn.ModuleList(loss for _, loss in terms)
         self.name = " + ".join(f"{w:g}*{loss.name}" for w, loss in zip(self.weights, self.losses))
+        self.needs_labels = any(loss.needs_labels for loss in self.losses)
 
     def bind(
         self,
@@ -331,3 +336,4 @@ def create_loss_from_config(loss: str | Mapping[str, float], options: Mapping[st
             raise ValueError(f"The weight of loss {name!r} must be a finite number > 0, but got {weight!r}.")
         terms.append((float(weight), create_loss(name, **options.get(name, {}))))
     return WeightedSum(terms)
+

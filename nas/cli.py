@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     sshow.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a space option as YAML, e.g. widths=[0.5,1.0]")
     sshow.add_argument("--embed-dim", type=int, default=128, help="embedding dimension of the head (default 128)")
     sshow.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="input channels (default 1)")
+    baseline = sub.add_parser("baseline", help="train off-the-shelf timm models like a trial and record them beside the study's trials")
+    _add_config_overrides(baseline)
+    baseline.add_argument(
+        "--models", default="mobilenetv3_small_050,mobilenetv3_small_100,lcnet_050,efficientnet_lite0,resnet18",
+        help="comma-separated timm model names (default: five small ImageNet designs)",
+    )
+    baseline.add_argument("--resolutions", default="32", help="comma-separated input resolutions, each >= 32 (default 32)")
+    baseline.add_argument("--threads", type=int, help="torch threads for training")
+
     profile = sub.add_parser("profile", help="measure candidates: MFLOPs, params, memory, measured and predicted latency")
     what = profile.add_mutually_exclusive_group(required=True)
     what.add_argument("--arch", help="an architecture string (as 'nas results' prints) or an arch.json file")
@@ -142,7 +151,7 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, object]:
         "search.study_name": args.study_name,
         "search.storage": args.storage,
         "tracking.uri": args.tracking_uri,
-        "search.timeout": args.timeout,
+        "search.timeout": getattr(args, "timeout", None),
         "search.threads": args.threads,
     }
 
@@ -281,6 +290,11 @@ def _run(args: argparse.Namespace) -> int:
         print(results_table(study))
         print("\nPareto front of val mAP against MFLOPs (export one with --trial pareto:K):")
         print(pareto_table(study))
+        if study.user_attrs.get("baselines"):
+            from nas.baselines import baselines_table
+
+            print("\nHand-designed baselines (nas baseline), trained and scored like a trial:")
+            print(baselines_table(study))
         return 0
     if args.command == "embed":
         import numpy as np
@@ -311,6 +325,19 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "profile":
         return _profile(args)
+    if args.command == "baseline":
+        from nas.baselines import baselines_table, run_baselines
+        from nas.errors import ConfigError
+
+        config = load_config(args.config, _run_overrides(args))
+        try:
+            resolutions = [int(r) for r in args.resolutions.split(",") if r.strip()]
+        except ValueError:
+            raise ConfigError(f"--resolutions takes comma-separated integers, e.g. 32,48, but got {args.resolutions!r}.") from None
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        study = run_baselines(config, models, resolutions)
+        print(baselines_table(study))
+        return 0
     if args.command == "space":
         from nas.profile import space_report
 

@@ -45,6 +45,8 @@ __all__ = [
     "build_seeded",
     "counted_trials",
     "make_sampler",
+    "make_tracker",
+    "open_tracked_study",
     "check_reachable",
     "ensure_gallery",
     "open_study",
@@ -589,6 +591,62 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> 
     study.tell(trial, value)
 
 
+def make_tracker(config: ExperimentConfig, log: Log = print) -> Tracker | NullTracker:
+    """The MLflow tracker of ``config`` (a no-op one when tracking is off)."""
+    if not config.tracking.enabled:
+        return NullTracker()
+    return Tracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts", log=log)
+
+
+def open_tracked_study(
+    config: ExperimentConfig,
+    ctx: Context,
+    tracker: Tracker | NullTracker,
+    log: Log = print,
+    on_stale_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    describe: bool = True,
+) -> tuple[optuna.Study, str, dict[str, dict[str, float]], dict[str, float]]:
+    """Open the study and its MLflow parent run; returns the study, the parent run id, the
+    paragon scores and the gallery model's budgets. Call under the study lock.
+
+    ``describe`` (re)writes the study's config, space and gallery description; a joining
+    worker only writes them when the study has none yet.
+    """
+    study = open_study(config, on_stale_trial=on_stale_trial)
+    closed = tracker.reconcile(study)
+    if closed:
+        log(f"Tracking: closed {closed} MLflow run(s) left open by an interrupted earlier search.")
+    paragon = _paragon(ctx, study)
+    description = ctx.space.describe()
+    gallery_mflops = check_budgets(ctx.gallery, config.gallery.resolution, ctx.data.channels, ctx.budgets[:2], measure_all=True).values
+    if "config" not in study.user_attrs or describe:
+        study.set_user_attr("config", config_to_dict(config))
+        study.set_user_attr("out_dir", str(config.out_dir.resolve()))
+        study.set_user_attr("space", description)
+        study.set_user_attr("gallery_budgets", gallery_mflops)
+    parent = tracker.start_study(
+        study,
+        params=flatten({**config_to_dict(config), "split": ctx.split.sizes()}),
+        tags={
+            "gallery.sha256": ctx.gallery_sha,
+            "gallery.model": config.gallery.model,
+            "budgets": "; ".join(b.describe() for b in ctx.budgets),
+            "space.num_architectures": description["num_architectures"],
+        },
+        texts={"config.yaml": yaml.safe_dump(config_to_dict(config), sort_keys=False), "space.json": json.dumps(description, indent=2)},
+    )
+    tracker.log(
+        parent,
+        metrics={
+            **{f"paragon_query_{k}": v for k, v in paragon["query"].items() if k not in ("queries", "skipped")},
+            **{f"paragon_val_{k}": v for k, v in paragon["val"].items() if k not in ("queries", "skipped")},
+            **{f"gallery_{k}": v for k, v in gallery_mflops.items()},
+            **{f"smallest_candidate_{k}": v for k, v in ctx.smallest.items()},
+        },
+    )
+    return study, parent, paragon, gallery_mflops
+
+
 def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | None = None, worker: str = "") -> optuna.Study:
     """Run (or resume) the study of ``config``.
 
@@ -602,7 +660,7 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
     log = (lambda text, _log=log: _log(prefix + text)) if worker else log
     with file_lock(config.out_dir / ".gallery.lock"):  # the first worker builds, the others wait and load
         ctx = prepare(config, log)
-    tracker: Tracker | NullTracker = NullTracker()
+    tracker: Tracker | NullTracker = NullTracker()  # replaced under the study lock below
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.search.max_retries)
@@ -614,40 +672,8 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
 
     lock = lambda: study_lock(config.storage_url, config.search.study_name, config.out_dir)  # noqa: E731
     with lock():  # first-time creation of the study and tracking tables, one worker at a time
-        if config.tracking.enabled:
-            tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts", log=log)
-        study = open_study(config, on_stale_trial=on_stale_trial)
-        closed = tracker.reconcile(study)
-        if closed:
-            log(f"Tracking: closed {closed} MLflow run(s) left open by an interrupted earlier search.")
-        paragon = _paragon(ctx, study)
-        description = ctx.space.describe()
-        gallery_mflops = check_budgets(ctx.gallery, config.gallery.resolution, ctx.data.channels, ctx.budgets[:2], measure_all=True).values
-        if "config" not in study.user_attrs or total_trials is None:
-            study.set_user_attr("config", config_to_dict(config))
-            study.set_user_attr("out_dir", str(config.out_dir.resolve()))
-            study.set_user_attr("space", description)
-            study.set_user_attr("gallery_budgets", gallery_mflops)
-        parent = tracker.start_study(
-            study,
-            params=flatten({**config_to_dict(config), "split": ctx.split.sizes()}),
-            tags={
-                "gallery.sha256": ctx.gallery_sha,
-                "gallery.model": config.gallery.model,
-                "budgets": "; ".join(b.describe() for b in ctx.budgets),
-                "space.num_architectures": description["num_architectures"],
-            },
-            texts={"config.yaml": yaml.safe_dump(config_to_dict(config), sort_keys=False), "space.json": json.dumps(description, indent=2)},
-        )
-        tracker.log(
-            parent,
-            metrics={
-                **{f"paragon_query_{k}": v for k, v in paragon["query"].items() if k not in ("queries", "skipped")},
-                **{f"paragon_val_{k}": v for k, v in paragon["val"].items() if k not in ("queries", "skipped")},
-                **{f"gallery_{k}": v for k, v in gallery_mflops.items()},
-                **{f"smallest_candidate_{k}": v for k, v in ctx.smallest.items()},
-            },
-        )
+        tracker = make_tracker(config, log)
+        study, parent, paragon, gallery_mflops = open_tracked_study(config, ctx, tracker, log, on_stale_trial, describe=total_trials is None)
         before = counted_trials(study)
         target = total_trials if total_trials is not None else before + config.search.trials
     log(

@@ -245,6 +245,26 @@ class Tracker:
         trial.set_user_attr("mlflow_run_id", run_id)
         return run_id
 
+    def start_baseline(self, parent_id: str, study_name: str, name: str) -> str:
+        """Create the child run of hand-designed baseline ``name`` (tagged ``asymnas.role=baseline``)."""
+        tags = {
+            "mlflow.parentRunId": self._resolve(parent_id),
+            "asymnas.role": "baseline",
+            "asymnas.baseline": "true",
+            "optuna.study_name": study_name,
+            "asymnas.state": "running",
+            "asymnas.host": socket.gethostname(),
+        }
+        placeholder = f"pending-{study_name}-baseline-{name}"
+
+        def create() -> str:
+            tags["mlflow.parentRunId"] = self._resolve(parent_id)
+            run = self.client.create_run(self.experiment_id, run_name=f"baseline:{name}", tags=tags)
+            self._ids[placeholder] = run.info.run_id
+            return run.info.run_id
+
+        return self._guard(create, f"the run of baseline {name}") or placeholder
+
     def end_trial(self, run_id: str, state: str, reason: str | None = None, metrics: Mapping[str, float] | None = None) -> None:
         """Log final metrics, tag the state (and reason) and close the run with the matching status."""
         tags = {"asymnas.state": state}
@@ -315,6 +335,9 @@ class NullTracker:
         pass
 
     def start_trial(self, *args: Any, **kwargs: Any) -> str:
+        return ""
+
+    def start_baseline(self, *args: Any, **kwargs: Any) -> str:
         return ""
 
     def end_trial(self, *args: Any, **kwargs: Any) -> None:

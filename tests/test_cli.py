@@ -197,3 +197,46 @@ def test_profile_of_an_architecture_string_and_a_timm_model(tmp_path: Path, caps
 def test_profile_bad_input_is_a_clear_error(argv: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*argv, "--table-dir", str(tmp_path)]) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_baseline_trains_timm_models_beside_the_trials(tmp_path: Path, tiny_config, capsys: pytest.CaptureFixture[str]) -> None:
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    # at 32 px, 1 channel, 32-d embedding: lcnet_035 0.78 MFLOPs, mobilenetv3_small_050 0.84: 0.81 splits them
+    config = tiny_config(tmp_path / "run", search__study_name="base", search__trials=1, budgets__max_mflops=0.81)
+    file = _write(tmp_path / "exp.yaml", config)
+    assert main(["search", str(file)]) == 0
+    capsys.readouterr()
+    assert main(["baseline", str(file), "--models", "lcnet_035,mobilenetv3_small_050", "--resolutions", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "lcnet_035@32" in out and "mobilenetv3_small_050@32" in out
+    study = optuna.load_study(study_name="base", storage=f"sqlite:///{tmp_path / 'run' / 'optuna.db'}")
+    baselines = study.user_attrs["baselines"]
+    assert set(baselines) == {"lcnet_035@32", "mobilenetv3_small_050@32"}
+    for result in baselines.values():
+        assert result["budgets"]["mflops"] > 0 and result["budgets"]["latency_ms"] > 0 and result["budgets"]["memory_mb"] > 0
+        assert result["fits"] == (result["budgets"]["mflops"] <= 0.81)
+        assert 0 < result["metrics"]["query_mAP"] <= 1 and result["metrics"]["query_mAP_ratio"] > 0
+    assert baselines["lcnet_035@32"]["fits"] and not baselines["mobilenetv3_small_050@32"]["fits"]
+    assert "mflops" in baselines["mobilenetv3_small_050@32"]["reason"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    experiment = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([experiment], filter_string="tags.`asymnas.role` = 'baseline'")
+    assert {r.info.run_name for r in runs} == {"baseline:lcnet_035@32", "baseline:mobilenetv3_small_050@32"}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent and r.info.status == "FINISHED" for r in runs)
+    assert all("query_mAP" in r.data.metrics and "mflops" in r.data.metrics for r in runs)
+    # nas results shows them beside the trials
+    assert main(["results", "--study-name", "base", "--run-dir", str(tmp_path / "run")]) == 0
+    assert "Hand-designed baselines" in capsys.readouterr().out
+
+
+def test_baseline_bad_input(tmp_path: Path, tiny_config, capsys: pytest.CaptureFixture[str]) -> None:
+    file = _write(tmp_path / "exp.yaml", tiny_config(tmp_path / "run"))
+    assert main(["baseline", str(file), "--models", "mobilenetv9"]) == 2
+    assert "Unknown timm model(s) mobilenetv9" in capsys.readouterr().err
+    assert main(["baseline", str(file), "--models", "lcnet_035", "--resolutions", "16"]) == 2
+    assert ">= 32" in capsys.readouterr().err
+    assert main(["baseline", str(file), "--resolutions", "3x"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""Hand-designed baselines: off-the-shelf timm models trained and scored like a search trial.
+
+``nas baseline CONFIG --models mobilenetv3_small_050,lcnet_050 --resolutions 32,48``
+trains each timm model (classifier replaced by the embedding head, random init) with the
+experiment's loss, epochs, data and seed rule, measures the same budgets (all of them,
+whether or not a limit is exceeded: a baseline that does not fit is still worth seeing),
+and records the result on the study (``study.user_attrs['baselines']``) and as an MLflow
+child run of the study's parent run tagged ``asymnas.role=baseline``, beside the trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+
+from nas.budgets import check_budgets, make_budgets
+from nas.config import ExperimentConfig
+from nas.errors import ConfigError
+from nas.locks import file_lock, study_lock
+from nas.study import _fmt, build_seeded, make_tracker, open_tracked_study, prepare, train_and_score
+from trainers import EpochResult
+from search_spaces import timm_architecture
+from search_spaces._timm_builder import timm_model_exists
+
+__all__ = ["run_baselines", "baselines_table", "DEFAULT_BASELINES"]
+
+Log = Callable[[str], None]
+
+#: The small timm models a user would otherwise pick.
+DEFAULT_BASELINES = ("mobilenetv3_small_050", "mobilenetv3_small_100", "lcnet_050", "efficientnet_lite0", "resnet18")
+
+
+def run_baselines(config: ExperimentConfig, models: Sequence[str], resolutions: Sequence[int], log: Log = print) -> optuna.Study:
+    """Train and score every ``model`` at every resolution; returns the study holding the results."""
+    unknown = [m for m in models if not timm_model_exists(m)]
+    if unknown:
+        raise ConfigError(f"Unknown timm model(s) {', '.join(unknown)}; `python -c \"import timm; print(timm.list_models('lcnet*'))\"` lists names.")
+    small = [r for r in resolutions if r < 32]
+    if small:
+        raise ConfigError(f"Baseline resolutions must be >= 32 (timm's nets downsample 32x), but got {small}.")
+    with file_lock(config.out_dir / ".gallery.lock"):
+        ctx = prepare(config, log)
+    with study_lock(config.storage_url, config.search.study_name, config.out_dir):
+        tracker = make_tracker(config, log)
+        study, parent, paragon, _ = open_tracked_study(config, ctx, tracker, log, describe=False)
+    results: dict[str, Any] = dict(study.user_attrs.get("baselines", {}))
+    # a baseline's latency is always measured, never only predicted from the lookup table
+    latency = dataclasses.replace(config.budgets.latency, predict=False)
+    budgets = make_budgets(dataclasses.replace(config.budgets, latency=latency))
+    for model_name in models:
+        for resolution in resolutions:
+            key = f"{model_name}@{resolution}"
+            arch = timm_architecture(model_name, resolution, ctx.space.embed_dim, ctx.data.channels)
+            seed = config.search.seed * 100003 + 99991  # one fixed seed per study, like a trial's
+            net = build_seeded(arch, seed)
+            report = check_budgets(net, resolution, arch.in_chans, budgets, measure_all=True)
+            fits = report.feasible
+            run_id = tracker.start_baseline(parent, study.study_name, key)
+            tracker.log(run_id, params={"arch": arch.to_string(), "timm_model": model_name, "resolution": resolution}, metrics=report.values,
+                        tags={"asymnas.arch_id": arch.arch_id, "asymnas.fits_budget": str(fits).lower()})
+            log(f"Baseline {key}: {', '.join(f'{k} {v:.3g}' for k, v in report.values.items())}; "
+                f"{'fits the budgets' if fits else 'over budget: ' + report.reason}; training")
+
+            def on_epoch(result: EpochResult, val: dict[str, float], _run: str = run_id) -> None:
+                tracker.log(_run, metrics={"train_loss": result.train_loss, "val_mAP": val["mAP"], "epoch_seconds": result.seconds}, step=result.epoch)
+
+            metrics = train_and_score(ctx, net, seed, paragon, on_epoch)
+            tracker.end_trial(run_id, "complete", None if fits else report.reason, {k: v for k, v in metrics.items() if k != "val_mAP"})
+            results[key] = {
+                "arch": arch.to_string(), "budgets": report.values, "fits": fits, "reason": report.reason, "metrics": metrics,
+            }
+            study.set_user_attr("baselines", results)
+            log(f"Baseline {key}: query mAP {metrics['query_mAP']:.4f} ({metrics['query_mAP_ratio']:.3f} of the paragon)")
+    return study
+
+
+def baselines_table(study: optuna.Study) -> str:
+    """The study's baselines: budgets, whether they fit, and their scores (as in the trials table)."""
+    baselines = study.user_attrs.get("baselines", {})
+    header = (f"{'baseline':<28} {'fits':<4} {'MFLOPs':>8} {'params M':>8} {'mem MiB':>7} {'lat ms':>6} "
+              f"{'val mAP':>7} {'mAP':>6} {'R@1':>6} {'ratio':>6}")
+    lines = [header, "-" * len(header)]
+    for key, r in sorted(baselines.items(), key=lambda kv: kv[1]["budgets"].get("mflops", 0)):
+        b, m = r["budgets"], r["metrics"]
+        lines.append(
+            f"{key:<28} {'yes' if r['fits'] else 'no':<4} {_fmt(b.get('mflops'), '8.3f')} {_fmt(b.get('params_m'), '8.3f')} "
+            f"{_fmt(b.get('memory_mb'), '7.2f')} {_fmt(b.get('latency_ms'), '6.2f')} {_fmt(m.get('val_mAP'), '7.4f')} "
+            f"{_fmt(m.get('query_mAP'), '6.4f')} {_fmt(m.get('query_R@1'), '6.4f')} {_fmt(m.get('query_mAP_ratio'), '6.3f')}"
+        )
+    return "\n".join(lines)

@@ -223,6 +223,10 @@ class SpaceConfig:
 
 
 LATENCY_RUNTIMES = ("torch", "onnxruntime", "cuda")
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
+#: Costs a multi-objective study may minimise beside the val mAP (names of budget values).
+COST_OBJECTIVES = ("mflops", "latency_ms", "params_m", "memory_mb")
 
 
 @dataclass(frozen=True)
@@ -356,6 +360,24 @@ class SearchConfig:
     was killed) is failed when any worker next asks for a trial, and retried up to
     ``max_retries`` times.
 
+    ``sampler``: ``tpe`` (constrained TPE, the default), ``nsga2`` (NSGA-II with constrained
+    domination), ``gp`` (Optuna's Gaussian-process sampler) or ``random`` (the baseline
+    every claim is measured against); all seeded by ``seed``. ``objectives``: ``[mAP]``
+    (maximise the val asymmetric mAP), or with one or more costs to minimise as well
+    (``mflops``, ``latency_ms``, ``params_m``, ``memory_mb``): a multi-objective study whose
+    result is its Pareto front.
+
+    Multi-fidelity: single-objective studies report val mAP after every epoch to the
+    ``pruner`` (``median``, ``percentile``, ``successive_halving``, ``hyperband`` or
+    ``none``). Optuna's pruners do not support multi-objective studies; there a trial
+    trains ``promotion_epoch`` epochs first and is promoted to the full schedule unless at
+    least ``promotion_dominated_by`` earlier trials beat it on val mAP at that epoch and on
+    every cost objective (it is then recorded as pruned).
+
+    ``warm_start``: ``baselines`` enqueues the hand-designed baselines recorded by
+    ``nas baseline`` that fit the budgets as the first trials; a list enqueues the given
+    timm models (``name@resolution``) or architecture strings. Each is enqueued once.
+
     A candidate over budget is recorded as an infeasible trial (its constraint values teach
     the sampler where the budget lies) but does not count toward ``trials``: it costs a
     fraction of a second, not a training run. ``max_infeasible_in_a_row`` stops a search
@@ -368,6 +390,8 @@ class SearchConfig:
     timeout: float | None = None
     seed: int = 0
     n_startup_trials: int = 8
+    sampler: str = "tpe"
+    objectives: tuple[str, ...] = ("mAP",)
     pruner: str = "median"
     prune_below_percentile: float = 25.0
     prune_startup_trials: int = 4
@@ -378,13 +402,31 @@ class SearchConfig:
     grace_period: int = 60
     max_retries: int = 2
     max_infeasible_in_a_row: int = 200
+    promotion_epoch: int = 1
+    promotion_dominated_by: int = 3
+    warm_start: Any = None
 
     def __post_init__(self) -> None:
         _check(bool(self.study_name), "search.study_name must not be empty.")
         _check(self.max_infeasible_in_a_row >= 1, f"search.max_infeasible_in_a_row must be >= 1, but got {self.max_infeasible_in_a_row}.")
         _check(self.trials >= 0, f"search.trials must be >= 0, but got {self.trials}.")
         _check(self.timeout is None or self.timeout > 0, f"search.timeout must be > 0 or null, but got {self.timeout}.")
-        _check(self.pruner in ("median", "percentile", "none"), f"search.pruner must be 'median', 'percentile' or 'none', but got {self.pruner!r}.")
+        _check(self.pruner in PRUNERS, f"search.pruner must be one of {', '.join(PRUNERS)}, but got {self.pruner!r}.")
+        _check(self.sampler in SAMPLERS, f"search.sampler must be one of {', '.join(SAMPLERS)}, but got {self.sampler!r}.")
+        objectives = tuple(self.objectives) if isinstance(self.objectives, (list, tuple)) else ()
+        _check(
+            bool(objectives) and objectives[0] == "mAP" and all(o in COST_OBJECTIVES for o in objectives[1:])
+            and len(set(objectives)) == len(objectives),
+            f"search.objectives must be [mAP] followed by distinct costs among {', '.join(COST_OBJECTIVES)}, but got {self.objectives!r}.",
+        )
+        object.__setattr__(self, "objectives", objectives)
+        _check(self.promotion_epoch >= 1, f"search.promotion_epoch must be >= 1, but got {self.promotion_epoch}.")
+        _check(self.promotion_dominated_by >= 1, f"search.promotion_dominated_by must be >= 1, but got {self.promotion_dominated_by}.")
+        _check(
+            self.warm_start in (None, "none", "baselines")
+            or (isinstance(self.warm_start, (list, tuple)) and all(isinstance(w, str) and w for w in self.warm_start)),
+            f"search.warm_start must be null, 'baselines' or a list of 'timm_model@resolution' / architecture strings, but got {self.warm_start!r}.",
+        )
         _check(
             0 < self.prune_below_percentile < 100,
             f"search.prune_below_percentile must be in (0, 100), but got {self.prune_below_percentile}.",
@@ -459,6 +501,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"'{where}' must be a mapping, but got {value!r}.")
         return _build(tp, value, where + ".")
+    if tp is Any:  # validated by the dataclass itself
+        return value
     if value is None:
         raise ConfigError(f"'{where}' must not be null.")
     if origin is dict:

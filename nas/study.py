@@ -45,6 +45,7 @@ __all__ = [
     "build_seeded",
     "counted_trials",
     "make_sampler",
+    "paragon_scores",
     "make_tracker",
     "open_tracked_study",
     "check_reachable",
@@ -165,10 +166,38 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
 
 
 def make_sampler(search: SearchConfig) -> optuna.samplers.BaseSampler:
-    """The study's sampler: TPE, seeded. Constraint-aware: Optuna's TPE ranks a trial whose
-    ``trial.set_constraint`` values are positive (over budget) below every feasible one, so
-    it learns where the budget lies from the candidates it was refused."""
-    return optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.n_startup_trials)
+    """The study's sampler (``search.sampler``), seeded by ``search.seed``.
+
+    Constraint-aware: Optuna's TPE ranks a trial whose ``trial.set_constraint`` values are
+    positive (over budget) below every feasible one, NSGA-II uses constrained domination,
+    and the GP sampler models the constraints; so each learns where the budget lies from
+    the candidates it was refused. ``random`` ignores them: the baseline for comparisons.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if search.sampler == "tpe":
+            return optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.n_startup_trials)
+        if search.sampler == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=search.seed)
+        if search.sampler == "gp":
+            return optuna.samplers.GPSampler(seed=search.seed, n_startup_trials=search.n_startup_trials)
+        return optuna.samplers.RandomSampler(seed=search.seed)
+
+
+def make_pruner(search: SearchConfig, epochs: int) -> optuna.pruners.BasePruner:
+    """The per-epoch pruner of a single-objective study (multi-objective ones use the promotion rule)."""
+    if len(search.objectives) > 1 or search.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if search.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if search.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+    below = 50.0 if search.pruner == "median" else search.prune_below_percentile
+    # Optuna's percentile is the share of trials kept (for maximisation it prunes below the
+    # (100 - p)-th percentile), so keeping all but the bottom `below` percent is p = 100 - below.
+    return optuna.pruners.PercentilePruner(
+        100.0 - below, n_startup_trials=search.prune_startup_trials, n_warmup_steps=search.prune_warmup_epochs
+    )
 
 
 def open_study(
@@ -204,22 +233,32 @@ def open_study(
     else:
         raise ConfigError(f"Unsupported Optuna storage URL {url!r}: use sqlite:///PATH, postgresql://..., or journal:///PATH.")
     sampler = make_sampler(config.search)
-    sc = config.search
-    pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
-    if sc.pruner != "none":
-        below = 50.0 if sc.pruner == "median" else sc.prune_below_percentile
-        # Optuna's percentile is the share of trials kept (for maximisation it prunes below the
-        # (100 - p)-th percentile), so keeping all but the bottom `below` percent is p = 100 - below.
-        pruner = optuna.pruners.PercentilePruner(
-            100.0 - below, n_startup_trials=sc.prune_startup_trials, n_warmup_steps=sc.prune_warmup_epochs
+    pruner = make_pruner(config.search, config.train.epochs)
+    directions = ["maximize"] + ["minimize"] * (len(config.search.objectives) - 1)
+    try:
+        study = optuna.create_study(
+            study_name=config.search.study_name, storage=storage, sampler=sampler, pruner=pruner, directions=directions, load_if_exists=True
         )
-    study = optuna.create_study(
-        study_name=config.search.study_name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize", load_if_exists=True
-    )
+    except ValueError as exc:  # an existing study with other objectives
+        raise ConfigError(
+            f"Study {config.search.study_name!r} exists with other objectives than {list(config.search.objectives)} ({exc}); "
+            f"use a new --study-name or the study's own objectives."
+        ) from None
+    if len(study.directions) != len(directions):
+        raise ConfigError(
+            f"Study {config.search.study_name!r} has {len(study.directions)} objective(s) but search.objectives lists "
+            f"{list(config.search.objectives)}; use a new --study-name or the study's own objectives."
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     return study
+
+
+def paragon_scores(ctx: Context) -> dict[str, dict[str, float]]:
+    """The gallery model's own (symmetric) scores on the query and val parts."""
+    emb = ctx.embeddings
+    return {"query": score_part(ctx.retrieval, "query", emb.query, emb), "val": score_part(ctx.retrieval, "val", emb.val, emb)}
 
 
 def _paragon(ctx: Context, study: optuna.Study) -> dict[str, dict[str, float]]:
@@ -232,8 +271,7 @@ def _paragon(ctx: Context, study: optuna.Study) -> dict[str, dict[str, float]]:
         )
     if "paragon" in study.user_attrs:
         return study.user_attrs["paragon"]
-    emb = ctx.embeddings
-    paragon = {"query": score_part(ctx.retrieval, "query", emb.query, emb), "val": score_part(ctx.retrieval, "val", emb.val, emb)}
+    paragon = paragon_scores(ctx)
     study.set_user_attr("gallery_sha256", ctx.gallery_sha)
     study.set_user_attr("gallery_model", ctx.config.gallery.model)
     study.set_user_attr("paragon", paragon)
@@ -318,7 +356,7 @@ class Objective:
         self.paragon = paragon
         self.weights_dir = ctx.config.out_dir / "checkpoints"
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         trial.set_user_attr("worker", f"{socket.gethostname()}-{os.getpid()}")
         run_id = self.tracker.start_trial(self.parent_run, trial)
         try:
@@ -334,6 +372,8 @@ class Objective:
             self.tracker.end_trial(run_id, "failed", str(exc))
             raise
         except KeyboardInterrupt:
+            trial.set_user_attr("state", "interrupted")
+            trial.set_user_attr("reason", "interrupted by the user (Ctrl-C)")
             self.tracker.end_trial(run_id, "interrupted", "interrupted by the user (Ctrl-C)")
             raise
         except Exception as exc:
@@ -350,9 +390,23 @@ class Objective:
                 return other
         return None
 
-    def _run(self, trial: optuna.Trial, run_id: str) -> float:
+    def _values(self, val_map: float, budgets: dict[str, float]) -> float | tuple[float, ...]:
+        """The objective value(s): val mAP, then each cost objective (a cost not measured counts as 1e9)."""
+        costs = self.ctx.config.search.objectives[1:]
+        if not costs:
+            return float(val_map)
+        return (float(val_map), *(float(budgets.get(name, 1e9)) for name in costs))
+
+    def _architecture(self, trial: optuna.Trial) -> Architecture:
+        """The enqueued architecture of a warm-start trial, else the space's sample."""
+        fixed = trial.user_attrs.get("warm_start_arch")
+        if fixed is not None:
+            return Architecture.from_string(fixed)
+        return self.ctx.space.sample(trial)
+
+    def _run(self, trial: optuna.Trial, run_id: str) -> float | tuple[float, ...]:
         ctx = self.ctx
-        arch = ctx.space.sample(trial)
+        arch = self._architecture(trial)
         trial.set_user_attr("arch", arch.to_string())
         trial.set_user_attr("arch_id", arch.arch_id)
         self.tracker.log(run_id, params={**trial.params, "trial_number": trial.number, "arch": arch.to_string()}, tags={"asymnas.arch_id": arch.arch_id})
@@ -370,7 +424,7 @@ class Objective:
             metrics = {**original.user_attrs.get("budgets", {}), **original.user_attrs.get("metrics", {})}
             self.tracker.log(run_id, tags={"asymnas.duplicate_of": original.number})
             self.tracker.end_trial(run_id, original.user_attrs.get("state", "complete"), f"same architecture as trial {original.number}; result reused", metrics)
-            return float(original.value)
+            return original.values[0] if len(original.values) == 1 else tuple(original.values)
 
         seed = ctx.config.search.seed * 100003 + trial.number
         trial.set_user_attr("seed", seed)
@@ -385,17 +439,33 @@ class Objective:
             trial.set_user_attr("state", "infeasible")
             trial.set_user_attr("reason", report.reason)
             self.tracker.end_trial(run_id, "infeasible", report.reason, {**report.values, "budget_check_seconds": report.seconds})
-            return 0.0
+            return self._values(0.0, report.values)
         self.tracker.log(run_id, metrics=report.values)
         return self._train_and_score(trial, run_id, model, seed)
 
-    def _train_and_score(self, trial: optuna.Trial, run_id: str, model: QueryNet, seed: int) -> float:
+    def _train_and_score(self, trial: optuna.Trial, run_id: str, model: QueryNet, seed: int) -> float | tuple[float, ...]:
+        search = self.ctx.config.search
+        multi = len(search.objectives) > 1
+        budgets = trial.user_attrs.get("budgets", {})
+        curve: dict[str, float] = {}
 
         def on_epoch(result: EpochResult, val: dict[str, float]) -> None:
-            trial.report(val["mAP"], result.epoch)
             self.tracker.log(run_id, metrics={"train_loss": result.train_loss, "val_mAP": val["mAP"], "epoch_seconds": result.seconds}, step=result.epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"val mAP {val['mAP']:.4f} at epoch {result.epoch} is below the pruning percentile of earlier trials")
+            if multi:  # Optuna's pruners do not support multi-objective studies: the promotion rule
+                curve[str(result.epoch)] = val["mAP"]
+                trial.set_user_attr("val_curve", curve)
+                if result.epoch == search.promotion_epoch:
+                    beaten_by = self._dominating_at_epoch(trial.number, result.epoch, val["mAP"], budgets)
+                    if beaten_by >= search.promotion_dominated_by:
+                        raise optuna.TrialPruned(
+                            f"not promoted: at epoch {result.epoch} {beaten_by} earlier trials beat its val mAP {val['mAP']:.4f} "
+                            f"at lower or equal {', '.join(search.objectives[1:])}"
+                        )
+                return
+            trial.report(val["mAP"], result.epoch)
+            # after the last epoch the training is done: a result, never a pruned trial
+            if result.epoch < self.ctx.config.train.epochs and trial.should_prune():
+                raise optuna.TrialPruned(f"val mAP {val['mAP']:.4f} at epoch {result.epoch} is below what the {search.pruner} pruner keeps")
 
         metrics = train_and_score(self.ctx, model, seed, self.paragon, on_epoch)
         trial.set_user_attr("metrics", metrics)
@@ -403,7 +473,20 @@ class Objective:
         trial.set_user_attr("state", "complete")
         # val_mAP is already in the run, once per epoch; the last epoch's value is the final one
         self.tracker.end_trial(run_id, "complete", None, {k: v for k, v in metrics.items() if k != "val_mAP"})
-        return float(metrics["val_mAP"])
+        return self._values(metrics["val_mAP"], budgets)
+
+    def _dominating_at_epoch(self, number: int, epoch: int, val_map: float, budgets: dict[str, float]) -> int:
+        """How many earlier trials had a higher val mAP at ``epoch`` at no higher cost on every cost objective."""
+        costs = self.ctx.config.search.objectives[1:]
+        count = 0
+        for other in self.study.get_trials(deepcopy=False):
+            theirs = other.user_attrs.get("val_curve", {}).get(str(epoch))
+            if other.number == number or theirs is None:
+                continue
+            cheaper = all(other.user_attrs.get("budgets", {}).get(c, float("inf")) <= budgets.get(c, float("inf")) for c in costs)
+            if theirs > val_map and cheaper:
+                count += 1
+        return count
 
     def _save_weights(self, number: int, model: torch.nn.Module) -> Path:
         self.weights_dir.mkdir(parents=True, exist_ok=True)
@@ -425,7 +508,7 @@ def _feasible_complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The feasible complete trial with the highest objective (val mAP); ``None`` if there is none."""
     trials = _feasible_complete(study)
-    return max(trials, key=lambda t: (t.value, -t.number)) if trials else None
+    return max(trials, key=lambda t: (t.values[0], -t.number)) if trials else None
 
 
 def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -436,15 +519,15 @@ def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     trials = _feasible_complete(study)
     front = []
     for t in trials:
-        value, mflops = t.value, t.user_attrs["budgets"]["mflops"]
+        value, mflops = t.values[0], t.user_attrs["budgets"]["mflops"]
         dominated = any(
-            o.value >= value and o.user_attrs["budgets"]["mflops"] <= mflops
-            and (o.value > value or o.user_attrs["budgets"]["mflops"] < mflops)
+            o.values[0] >= value and o.user_attrs["budgets"]["mflops"] <= mflops
+            and (o.values[0] > value or o.user_attrs["budgets"]["mflops"] < mflops)
             for o in trials
         )
         if not dominated:
             front.append(t)
-    return sorted(front, key=lambda t: (t.user_attrs["budgets"]["mflops"], -t.value))
+    return sorted(front, key=lambda t: (t.user_attrs["budgets"]["mflops"], -t.values[0]))
 
 
 def pareto_table(study: optuna.Study) -> str:
@@ -464,7 +547,7 @@ def _keep_best_weights(study: optuna.Study, keep: int) -> None:
     Duplicates share their original's file. An export of a trial whose weights are gone
     retrains it with its seed.
     """
-    ranked = sorted(_feasible_complete(study), key=lambda t: -t.value)
+    ranked = sorted(_feasible_complete(study), key=lambda t: -t.values[0])
     keep_paths = {t.user_attrs.get("weights") for t in ranked[:keep] + pareto_front(study)}
     for trial in ranked[keep:]:
         path = trial.user_attrs.get("weights")
@@ -484,7 +567,7 @@ def results_table(study: optuna.Study, top: int | None = None) -> str:
     """A plain-text table of the study's trials (best first when ``top`` is given)."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.RUNNING]
     if top is not None:
-        trials = sorted(_feasible_complete(study), key=lambda t: -t.value)[:top]
+        trials = sorted(_feasible_complete(study), key=lambda t: -t.values[0])[:top]
     best = best_trial(study)
     header = f"{'trial':>5} {'state':<11} {'res':>3} {'width':>5} {'MFLOPs':>7} {'params M':>8} {'lat ms':>6} {'val mAP':>7} {'mAP':>6} {'R@1':>6} {'ratio':>6}"
     lines = [header, "-" * len(header)]
@@ -544,7 +627,12 @@ class _Progress:
             detail = trial.user_attrs["reason"]
         budgets = ", ".join(f"{k} {b[k]:.3g}" for k in ("mflops", "params_m", "latency_ms") if k in b)
         best = best_trial(study)
-        best_text = f"best #{best.number} val mAP {best.value:.4f}" if best else "no feasible trial yet"
+        if best:
+            bb = best.user_attrs.get("budgets", {})
+            best_text = (f"best #{best.number} val mAP {best.values[0]:.4f} ("
+                         + ", ".join(f"{k} {bb[k]:.3g}" for k in ("mflops", "latency_ms") if k in bb) + ")")
+        else:
+            best_text = "no feasible trial yet"
         self.log(
             f"[trial {trial.number:>3} | {self.done}/{self.total}] {state:<10} {detail} [{budgets}] | {best_text} | "
             f"elapsed {elapsed / 60:.1f} min, ~{remaining / 60:.1f} min left"
@@ -589,6 +677,52 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> 
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
     study.tell(trial, value)
+
+
+def _warm_start_architectures(config: ExperimentConfig, ctx: Context, study: optuna.Study) -> list[Architecture]:
+    """The architectures ``search.warm_start`` names (see :class:`nas.config.SearchConfig`)."""
+    from search_spaces import timm_architecture
+
+    spec = config.search.warm_start
+    if spec in (None, "none"):
+        return []
+    if spec == "baselines":
+        recorded = study.user_attrs.get("baselines", {})
+        return [Architecture.from_string(r["arch"]) for _, r in sorted(recorded.items()) if r.get("fits")]
+    archs = []
+    for entry in spec:
+        try:
+            if "space=" in entry:
+                arch = Architecture.from_string(entry)
+            else:
+                name, sep, res = entry.partition("@")
+                if not sep or not res.isdigit():
+                    raise ValueError(f"expected 'timm_model@resolution' (e.g. lcnet_050@32) or an architecture string, but got {entry!r}")
+                arch = timm_architecture(name, int(res), ctx.space.embed_dim, ctx.data.channels)
+                build(arch)  # an unknown timm name fails here, before the search starts
+        except ValueError as exc:
+            raise ConfigError(f"search.warm_start: {exc}") from None
+        if (arch.embed_dim, arch.in_chans) != (ctx.space.embed_dim, ctx.data.channels):
+            raise ConfigError(
+                f"search.warm_start: {entry!r} has embed={arch.embed_dim} in={arch.in_chans}, but this study needs "
+                f"embed={ctx.space.embed_dim} in={ctx.data.channels}."
+            )
+        archs.append(arch)
+    return archs
+
+
+def _warm_start(config: ExperimentConfig, ctx: Context, study: optuna.Study, log: Log) -> None:
+    """Enqueue the warm-start architectures not enqueued before, as the next trials."""
+    done = list(study.user_attrs.get("warm_started", []))
+    new = [a for a in _warm_start_architectures(config, ctx, study) if a.to_string() not in done]
+    for arch in new:
+        study.enqueue_trial({}, user_attrs={"warm_start_arch": arch.to_string()}, skip_if_exists=False)
+        done.append(arch.to_string())
+    if new:
+        study.set_user_attr("warm_started", done)
+        log(f"Warm start: enqueued {len(new)} architecture(s) as the next trials: " + "; ".join(a.timm_model or a.arch_id for a in new))
+    elif config.search.warm_start == "baselines" and not study.user_attrs.get("baselines"):
+        log("Warm start: no baselines recorded for this study yet; run 'nas baseline' first.")
 
 
 def make_tracker(config: ExperimentConfig, log: Log = print) -> Tracker | NullTracker:
@@ -674,6 +808,7 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
     with lock():  # first-time creation of the study and tracking tables, one worker at a time
         tracker = make_tracker(config, log)
         study, parent, paragon, gallery_mflops = open_tracked_study(config, ctx, tracker, log, on_stale_trial, describe=total_trials is None)
+        _warm_start(config, ctx, study, log)
         before = counted_trials(study)
         target = total_trials if total_trials is not None else before + config.search.trials
     log(

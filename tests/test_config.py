@@ -216,7 +216,7 @@ def test_null_section_means_defaults() -> None:
         pytest.param({"search": {"study_name": ""}}, "search.study_name", id="search-name-empty"),
         ({"search": {"trials": -1}}, "search.trials"),
         ({"search": {"timeout": 0}}, "search.timeout"),
-        ({"search": {"pruner": "hyperband"}}, "search.pruner"),
+        ({"search": {"pruner": "asha"}}, "search.pruner"),
         ({"search": {"keep_best": 0}}, "search.keep_best"),
         ({"search": {"threads": 0}}, "search.threads"),
     ],

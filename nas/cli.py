@@ -54,11 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     gtrain.add_argument("--out", help="output folder; the model goes to <out>/gallery/gallery.safetensors")
     gtrain.add_argument("--force", action="store_true", help="train again even if the checkpoint exists")
 
-    for name, help_text in (("export", "export a trial's query network (arch, weights, TorchScript, ONNX, card)"), ("results", "print a study's results table")):
+    for name, help_text in (
+        ("export", "export a trial's query network (arch, weights, TorchScript, ONNX, card)"),
+        ("results", "print a study's results table"),
+        ("report", "write a study's report (top trials, Pareto front and plots, importances) and log it to MLflow"),
+    ):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--study-name", required=True, help="the study to read")
         cmd.add_argument("--storage", help="Optuna storage URL; default sqlite:///<run dir>/optuna.db")
         cmd.add_argument("--run-dir", help="the search's output folder; default runs/<study name>")
+        if name == "report":
+            cmd.add_argument("--top", type=int, default=10, help="how many of the best trials to list (default 10)")
+            cmd.add_argument("--out", help="folder for the report files; default <run dir>/report")
         if name == "export":
             cmd.add_argument("--trial", default="best", help="'best' (default), 'pareto:K' (see 'nas results') or a trial number")
             cmd.add_argument("--out", required=True, help="folder to write the export to")
@@ -154,6 +161,23 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, object]:
         "search.timeout": getattr(args, "timeout", None),
         "search.threads": args.threads,
     }
+
+
+def _log_report_to_mlflow(study, files) -> str:
+    """Log the report files to the study's MLflow parent run, when the study has one."""
+    from nas.config import config_from_dict
+    from nas.tracking import Tracker
+
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    raw = study.user_attrs.get("config")
+    if parent is None or raw is None:
+        return "MLflow: the study has no parent run (tracking was off); files not logged."
+    config = config_from_dict({**raw, "out": study.user_attrs.get("out_dir", raw.get("out"))})
+    tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts", log=print)
+    for path in files:
+        tracker.log_artifact(parent, path)
+    tracker.flush()
+    return f"MLflow: logged {len(files)} file(s) to the parent run {parent} at {config.tracking_uri}."
 
 
 def _parse_options(pairs: Sequence[str]) -> dict[str, object]:
@@ -282,6 +306,19 @@ def _run(args: argparse.Namespace) -> int:
         study = _load_study(args)
         export_trial(study, args.trial, args.out, formats=args.format)
         print(f"Export written to {args.out}; load it with nas.load_query_model({str(args.out)!r}).")
+        return 0
+    if args.command == "report":
+        from nas.report import write_report
+
+        study = _load_study(args)
+        run_dir = Path(args.run_dir) if args.run_dir else Path(study.user_attrs.get("out_dir", Path("runs") / args.study_name))
+        files = write_report(study, Path(args.out) if args.out else run_dir / "report", top=args.top)
+        for path in files:
+            if path.suffix == ".txt":
+                print(f"== {path.name}\n{path.read_text()}")
+        logged = _log_report_to_mlflow(study, files)
+        print("Report files: " + ", ".join(str(p) for p in files))
+        print(logged)
         return 0
     if args.command == "results":
         from nas.study import pareto_table, results_table

@@ -1,7 +1,16 @@
-"""Report files of a study: the results table, the Pareto front and its plot.
+"""What a user reads after a search: tables, Pareto plots and parameter importances.
 
-Written into ``<out>/report/`` at the end of every search and logged to the study's
-MLflow parent run as artifacts.
+``write_report`` writes into ``<out>/report/`` at the end of every search (and on
+``nas report``), and the files are logged to the study's MLflow parent run:
+
+* ``results.txt``: every trial; ``top.txt``: the best ``top`` feasible trials;
+* ``pareto.txt``: the Pareto front of val mAP against MFLOPs;
+* ``pareto_mflops.png`` and ``pareto_latency.png``: asymmetric query mAP against MFLOPs
+  and against latency, with the Pareto front, the paragon line and the hand-designed
+  baselines (``nas baseline``) marked;
+* ``importances.txt``: Optuna's fANOVA importance of each searched parameter for the val
+  mAP of the feasible complete trials;
+* ``baselines.txt`` when baselines were recorded.
 """
 
 from __future__ import annotations
@@ -10,10 +19,10 @@ from pathlib import Path
 
 import optuna
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "importances_table"]
 
 
-def _plot(study: optuna.Study, path: Path) -> None:
+def _plot(study: optuna.Study, path: Path, cost: str, label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,45 +30,86 @@ def _plot(study: optuna.Study, path: Path) -> None:
 
     from nas.study import _feasible_complete, pareto_front
 
-    trials = _feasible_complete(study)
-    front = pareto_front(study)
+    trials = [t for t in _feasible_complete(study) if cost in t.user_attrs["budgets"]]
+    front = sorted((t for t in pareto_front(study, cost) if cost in t.user_attrs["budgets"]), key=lambda t: t.user_attrs["budgets"][cost])
     paragon = study.user_attrs.get("paragon", {}).get("query", {}).get("mAP")
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    ax.scatter(
-        [t.user_attrs["budgets"]["mflops"] for t in trials],
-        [t.user_attrs["metrics"]["query_mAP"] for t in trials],
-        s=18, color="0.6", label="complete trials",
-    )
-    ax.plot(
-        [t.user_attrs["budgets"]["mflops"] for t in front],
-        [t.user_attrs["metrics"]["query_mAP"] for t in front],
-        "o-", color="tab:red", label="Pareto front (val mAP vs MFLOPs)",
-    )
+    ax.scatter([t.user_attrs["budgets"][cost] for t in trials], [t.user_attrs["metrics"]["query_mAP"] for t in trials],
+               s=18, color="0.6", label="feasible trials")
+    ax.plot([t.user_attrs["budgets"][cost] for t in front], [t.user_attrs["metrics"]["query_mAP"] for t in front],
+            "o-", color="tab:red", label="Pareto front (val mAP)")
     for t in front:
-        ax.annotate(f"#{t.number}", (t.user_attrs["budgets"]["mflops"], t.user_attrs["metrics"]["query_mAP"]), fontsize=7,
+        ax.annotate(f"#{t.number}", (t.user_attrs["budgets"][cost], t.user_attrs["metrics"]["query_mAP"]), fontsize=7,
                     textcoords="offset points", xytext=(3, 3))
+    baselines = {k: r for k, r in study.user_attrs.get("baselines", {}).items() if cost in r["budgets"]}
+    if baselines:
+        ax.scatter([r["budgets"][cost] for r in baselines.values()], [r["metrics"]["query_mAP"] for r in baselines.values()],
+                   marker="s", s=28, color="tab:green", label="hand-designed timm baselines")
+        for key, r in baselines.items():
+            ax.annotate(key, (r["budgets"][cost], r["metrics"]["query_mAP"]), fontsize=6, color="tab:green",
+                        textcoords="offset points", xytext=(3, -8))
     if paragon is not None:
         ax.axhline(paragon, color="tab:blue", linestyle="--", label=f"paragon (gallery model, symmetric) {paragon:.3f}")
-    ax.set_xlabel("MFLOPs (millions of multiply-accumulates, fvcore, batch 1)")
+    if baselines and any(r["budgets"][cost] > 10 * max((t.user_attrs["budgets"][cost] for t in trials), default=1) for r in baselines.values()):
+        ax.set_xscale("log")
+    ax.set_xlabel(label)
     ax.set_ylabel("asymmetric query mAP")
-    ax.set_title(f"study {study.study_name}: asymmetric mAP against MFLOPs")
+    ax.set_title(f"study {study.study_name}: asymmetric mAP against {cost}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def write_report(study: optuna.Study, folder: str | Path) -> list[Path]:
-    """Write ``results.txt``, ``pareto.txt`` and ``pareto.png`` (when there are complete trials)."""
+def importances_table(study: optuna.Study) -> str:
+    """fANOVA importances of the searched parameters for the val mAP of feasible complete trials."""
+    import warnings
+
+    from nas.study import _feasible_complete
+
+    trials = [t for t in _feasible_complete(study) if t.params]
+    if len(trials) < 3:
+        return f"Parameter importances need at least 3 feasible complete trials with sampled parameters; this study has {len(trials)}."
+    copy = optuna.create_study(directions=study.directions)
+    copy.add_trials(trials)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            importances = optuna.importance.get_param_importances(copy, target=lambda t: t.values[0], evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        except (ValueError, RuntimeError) as exc:
+            return f"Parameter importances could not be computed: {exc}"
+    lines = [f"Importance of each parameter for val mAP (fANOVA, {len(trials)} feasible complete trials; sums to 1):"]
+    lines += [f"  {name:<20} {value:6.3f}  {'#' * round(40 * value)}" for name, value in importances.items()]
+    return "\n".join(lines)
+
+
+def write_report(study: optuna.Study, folder: str | Path, top: int = 10) -> list[Path]:
+    """Write the report files (see the module docstring) into ``folder``; returns their paths."""
     from nas.study import pareto_front, pareto_table, results_table
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = [folder / "results.txt", folder / "pareto.txt"]
-    files[0].write_text(results_table(study) + "\n")
-    files[1].write_text(pareto_table(study) + "\n")
+    texts = {
+        "results.txt": results_table(study),
+        "top.txt": results_table(study, top=top),
+        "pareto.txt": pareto_table(study),
+        "importances.txt": importances_table(study),
+    }
+    if study.user_attrs.get("baselines"):
+        from nas.baselines import baselines_table
+
+        texts["baselines.txt"] = baselines_table(study)
+    files = []
+    for name, text in texts.items():
+        (folder / name).write_text(text + "\n")
+        files.append(folder / name)
     if pareto_front(study):
-        _plot(study, folder / "pareto.png")
-        files.append(folder / "pareto.png")
+        for cost, label in (
+            ("mflops", "MFLOPs (millions of multiply-accumulates, fvcore, batch 1)"),
+            ("latency_ms", "latency (ms median on the study's runtime)"),
+        ):
+            path = folder / f"pareto_{cost.split('_')[0]}.png"
+            _plot(study, path, cost, label)
+            files.append(path)
     return files

@@ -511,23 +511,23 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(trials, key=lambda t: (t.values[0], -t.number)) if trials else None
 
 
-def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Feasible complete trials that no other beats on both val mAP (higher) and MFLOPs (lower).
+def pareto_front(study: optuna.Study, cost: str = "mflops") -> list[optuna.trial.FrozenTrial]:
+    """Feasible complete trials that no other beats on both val mAP (higher) and ``cost`` (lower).
 
-    Ordered by MFLOPs, smallest first: ``pareto:K`` in ``nas export`` is the K-th (from 0).
+    Ordered by the cost, smallest first: ``pareto:K`` in ``nas export`` is the K-th (from 0)
+    of the MFLOPs front.
     """
-    trials = _feasible_complete(study)
+    trials = [t for t in _feasible_complete(study) if cost in t.user_attrs["budgets"]]
     front = []
     for t in trials:
-        value, mflops = t.values[0], t.user_attrs["budgets"]["mflops"]
+        value, c = t.values[0], t.user_attrs["budgets"][cost]
         dominated = any(
-            o.values[0] >= value and o.user_attrs["budgets"]["mflops"] <= mflops
-            and (o.values[0] > value or o.user_attrs["budgets"]["mflops"] < mflops)
+            o.values[0] >= value and o.user_attrs["budgets"][cost] <= c and (o.values[0] > value or o.user_attrs["budgets"][cost] < c)
             for o in trials
         )
         if not dominated:
             front.append(t)
-    return sorted(front, key=lambda t: (t.user_attrs["budgets"]["mflops"], -t.values[0]))
+    return sorted(front, key=lambda t: (t.user_attrs["budgets"][cost], -t.values[0]))
 
 
 def pareto_table(study: optuna.Study) -> str:

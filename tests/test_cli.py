@@ -230,6 +230,15 @@ def test_baseline_trains_timm_models_beside_the_trials(tmp_path: Path, tiny_conf
     # nas results shows them beside the trials
     assert main(["results", "--study-name", "base", "--run-dir", str(tmp_path / "run")]) == 0
     assert "Hand-designed baselines" in capsys.readouterr().out
+    # nas report: tables, plots with the baselines marked, importances; logged to the parent run
+    assert main(["report", "--study-name", "base", "--run-dir", str(tmp_path / "run"), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "== top.txt" in out and "== baselines.txt" in out and "== importances.txt" in out and "logged" in out
+    report = tmp_path / "run" / "report"
+    for name in ("pareto_mflops.png", "pareto_latency.png"):
+        assert (report / name).read_bytes()[:4] == b"\x89PNG"
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"top.txt", "baselines.txt", "importances.txt", "pareto_mflops.png", "pareto_latency.png"} <= artifacts
 
 
 def test_baseline_bad_input(tmp_path: Path, tiny_config, capsys: pytest.CaptureFixture[str]) -> None:

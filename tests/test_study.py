@@ -88,8 +88,8 @@ def test_mlflow_has_one_parent_and_one_child_per_trial(searched) -> None:
     assert "mflops <= 0.6 (M multiply-accumulates (fvcore, batch 1))" in parent.data.tags["budgets"]
     assert parent.data.params["split.train"] and parent.data.tags["best_trial"] == str(best_trial(study).number)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"config.yaml", "space.json", "results.txt", "pareto.txt", "pareto.png"} <= artifacts
-    assert (config.out_dir / "report" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert {"config.yaml", "space.json", "results.txt", "pareto.txt", "pareto_mflops.png", "pareto_latency.png", "importances.txt", "top.txt"} <= artifacts
+    assert (config.out_dir / "report" / "pareto_mflops.png").read_bytes()[:4] == b"\x89PNG"
     children = _child_runs(client, study)
     assert len(children) == len(study.trials)
     by_id = {run.info.run_id: run for run in children}
@@ -242,3 +242,16 @@ def test_search_on_a_revisited_benchmark_layout(searched, tmp_path: Path, tiny_c
     assert {"mAP_easy", "mAP_medium", "mAP_hard", "mP@10_hard"} <= paragon.keys()
     metrics = study.trials[0].user_attrs["metrics"]
     assert 0 <= metrics["query_mAP_hard"] <= 1 and "query_mAP_medium_ratio" in metrics
+
+
+def test_report_importances_and_top_trials(searched) -> None:
+    from nas.report import importances_table
+
+    config, study, _ = searched
+    text = importances_table(study)
+    assert "fANOVA" in text
+    rows = [line.split() for line in text.splitlines()[1:]]
+    assert {r[0] for r in rows} <= set(study.trials[0].distributions) and rows
+    assert sum(float(r[1]) for r in rows) == pytest.approx(1.0, abs=0.01)
+    top = (config.out_dir / "report" / "top.txt").read_text().splitlines()
+    assert len(top) - 2 == min(10, sum(t.user_attrs["state"] == "complete" for t in study.trials))

@@ -26,7 +26,7 @@ import yaml
 from safetensors.torch import save_file
 
 from nas.budgets import Budget, check_budgets, make_budgets
-from nas.config import ExperimentConfig, config_to_dict
+from nas.config import ExperimentConfig, SearchConfig, config_to_dict
 from nas.data import ImageSet, Split, preprocess
 from nas.errors import BudgetError, ConfigError, GalleryError
 from nas.gallery import GalleryEmbeddings, GalleryNet, embed, file_sha256, gallery_embeddings, load_gallery, train_gallery

@@ -29,6 +29,22 @@ def _running_trial_in_training(db: Path, name: str) -> bool:
     return any(t.state == optuna.trial.TrialState.RUNNING and "budgets" in t.user_attrs for t in trials)
 
 
+def start_search_until_training(file: Path, db: Path, name: str) -> subprocess.Popen:
+    """Start ``nas search FILE`` in a subprocess and return once a trial of study ``name`` is training."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nas.cli", "search", str(file)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not _running_trial_in_training(db, name):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the search never started training a trial"
+            time.sleep(0.5)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
 def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_config) -> None:
     raw = tiny_config(
         tmp_path / "run",
@@ -42,14 +58,8 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_config) -> None:
     file = tmp_path / "exp.yaml"
     file.write_text(yaml.safe_dump(raw))
     config = config_from_dict(raw)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nas.cli", "search", str(file)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_search_until_training(file, config.out_dir / "optuna.db", "killed")
     try:
-        deadline = time.monotonic() + 240
-        while not _running_trial_in_training(config.out_dir / "optuna.db", "killed"):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the search never started training a trial"
-            time.sleep(0.5)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -3,11 +3,7 @@ successive-halving / Hyperband pruning, warm start, and Ctrl-C during a trial.""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -20,7 +16,7 @@ from nas.config import BudgetConfig, SearchConfig, config_from_dict
 from nas.errors import ConfigError
 from nas.study import best_trial, counted_trials, make_pruner, make_sampler, open_study, pareto_front, run_search
 from search_spaces import build, create_space
-from tests.test_resilience import _running_trial_in_training
+from tests.test_resilience import start_search_until_training
 
 
 def _proposals(sampler_name: str, seed: int, n: int = 12) -> list[str]:
@@ -74,7 +70,6 @@ def test_strategy_options_are_validated(search: dict, fragment: str) -> None:
 @pytest.fixture(scope="module")
 def gallery_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> str:
     """A gallery model trained once for this module's searches."""
-    from nas.study import ensure_gallery, prepare  # noqa: F401
     from tests.conftest import TINY
     import copy
 
@@ -157,14 +152,8 @@ def test_ctrl_c_during_a_trial_marks_it_interrupted_and_the_study_resumes(tmp_pa
     file = tmp_path / "exp.yaml"
     file.write_text(yaml.safe_dump(raw))
     config = config_from_dict(raw)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nas.cli", "search", str(file)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_search_until_training(file, config.out_dir / "optuna.db", "ctrlc")
     try:
-        deadline = time.monotonic() + 240
-        while not _running_trial_in_training(config.out_dir / "optuna.db", "ctrlc"):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the search never started training a trial"
-            time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
         err = proc.stderr.read().decode()

@@ -19,6 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nas.budgets import count_mflops
+from _members import median_member
 from search_spaces import Architecture, build, create_space, list_spaces, timm_architecture
 
 # Multiply-adds reported by the papers, in millions (224 x 224, 1000-class head).
@@ -39,15 +40,7 @@ def independent_mflops(arch: Architecture) -> float:
 
 def members(space_name: str) -> list[tuple[str, Architecture]]:
     space = create_space(space_name, embed_dim=128, in_chans=1)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    sampled = []
-    for _ in range(41):
-        trial = study.ask()
-        arch = space.sample(trial)
-        study.tell(trial, 0.0)
-        sampled.append((count_mflops(build(arch), arch.resolution, arch.in_chans), arch))
-    sampled.sort(key=lambda pair: pair[0])
-    return [("smallest", space.extreme(True)), ("median", sampled[len(sampled) // 2][1]), ("largest", space.extreme(False))]
+    return [("smallest", space.extreme(True)), ("median", median_member(space)), ("largest", space.extreme(False))]
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import torch
 from nas.budgets import check_budgets, count_mflops, make_budgets
 from nas.config import BudgetConfig, SearchConfig
 from nas.study import make_sampler
+from _members import random_members
 from search_spaces import build, create_space
 
 
@@ -58,13 +59,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     space = create_space(args.space, embed_dim=128, in_chans=1)
-    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=12345))
-    mflops = []
-    for _ in range(300):
-        trial = probe.ask()
-        arch = space.sample(trial)
-        mflops.append(count_mflops(build(arch), arch.resolution, 1))
-        probe.tell(trial, 0.0)
+    mflops = [count_mflops(build(arch), arch.resolution, 1) for arch in random_members(space, 300, seed=12345)]
     limit = float(np.quantile(mflops, args.quantile))
     budgets = make_budgets(BudgetConfig(max_mflops=limit))[:2]  # params and MFLOPs: the cheap budgets
     print(

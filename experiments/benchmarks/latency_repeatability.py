@@ -18,6 +18,7 @@ import torch
 
 from nas.budgets import count_mflops, measure_latency
 from nas.config import LatencyConfig
+from _members import median_member
 from search_spaces import build, create_space
 
 
@@ -31,15 +32,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(args.threads)
     space = create_space(args.space, embed_dim=128, in_chans=1)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    sampled = []
-    for _ in range(21):
-        trial = study.ask()
-        arch = space.sample(trial)
-        study.tell(trial, 0.0)
-        sampled.append((count_mflops(build(arch), arch.resolution, 1), arch))
-    sampled.sort(key=lambda pair: pair[0])
-    candidates = [("smallest", space.extreme(True)), ("median", sampled[10][1]), ("largest", space.extreme(False))]
+    candidates = [("smallest", space.extreme(True)), ("median", median_member(space, 21)), ("largest", space.extreme(False))]
     print(f"{args.times} measurements per candidate; each the median of 30 runs after 10 warm-up; {args.threads} thread(s), batch {args.batch_size}")
     print(f"{'runtime':<12} {'candidate':<9} {'MFLOPs':>7} {'mean ms':>8} {'std ms':>7} {'CV':>6}  medians (ms)")
     for runtime in ("torch", "onnxruntime"):

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-params-m", type=float, help="budget: millions of parameters")
     search.add_argument("--max-memory-mb", type=float, help="budget: MiB peak memory of one forward pass (weights + activations)")
     search.add_argument("--seed", type=int, help="sampler seed (search.seed)")
+    search.add_argument("--sampler", choices=("tpe", "nsga2", "gp", "random"), help="search.sampler (default tpe)")
+    search.add_argument("--objectives", help="comma-separated search.objectives, e.g. mAP,mflops (default mAP)")
     search.add_argument("--threads", type=int, help="torch threads for training (search.threads)")
     search.add_argument("--workers", type=int, default=1, help="run N worker processes on this machine (default 1)")
 
@@ -270,6 +272,8 @@ def _run(args: argparse.Namespace) -> int:
             **_run_overrides(args),
             "search.trials": args.trials,
             "search.seed": args.seed,
+            "search.sampler": args.sampler,
+            "search.objectives": args.objectives.split(",") if args.objectives else None,
             "budgets.max_mflops": args.max_mflops,
             "budgets.max_latency_ms": args.max_latency_ms,
             "budgets.max_params_m": args.max_params_m,

@@ -249,3 +249,17 @@ def test_baseline_bad_input(tmp_path: Path, tiny_config, capsys: pytest.CaptureF
     assert ">= 32" in capsys.readouterr().err
     assert main(["baseline", str(file), "--resolutions", "3x"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_search_flags_choose_the_sampler_and_objectives(tmp_path: Path, tiny_config, capsys: pytest.CaptureFixture[str]) -> None:
+    import optuna
+
+    config = tiny_config(tmp_path / "run", budgets__max_mflops=None, search__study_name="mo", train__epochs=1)
+    file = _write(tmp_path / "exp.yaml", config)
+    assert main(["search", str(file), "--trials", "2", "--sampler", "random", "--objectives", "mAP,mflops"]) == 0
+    study = optuna.load_study(study_name="mo", storage=f"sqlite:///{tmp_path / 'run' / 'optuna.db'}")
+    assert study.user_attrs["config"]["search"]["sampler"] == "random"
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert all(len(t.values) == 2 and t.values[1] == pytest.approx(t.user_attrs["budgets"]["mflops"]) for t in study.trials)
+    assert main(["search", str(file), "--objectives", "mflops"]) == 2
+    assert "search.objectives" in capsys.readouterr().err

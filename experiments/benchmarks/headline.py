@@ -5,10 +5,13 @@ On Fashion-MNIST with the quickstart's gallery model (ResNet-18, 32 px), at budg
 for each budget:
 
 * every hand-designed baseline (``nas baseline``: off-the-shelf timm models at 32 px,
-  trained and scored like a trial); the best one that fits the budget is reported;
+  trained and scored like a trial); the one that fits the budget with the best query
+  mAP is reported (picked on the query set itself: generous to the baselines);
 * searches of the ``mobilenet`` space with the random sampler and with constrained TPE,
   the same number of trials each, several seeds (a trial: the quickstart's 4 epochs,
   percentile pruner); the best trial by val mAP is reported, scored on the held-out query set.
+
+Results are kept in ``<out>/headline.json``; running the script again only adds what is missing.
 
 Prints one table: asymmetric query mAP, R@1 and ratio to the paragon (mean ± std over the
 seeds), MFLOPs and latency (torch, 1 thread, batch 1) of the best net, and the number of
@@ -115,7 +118,8 @@ def main() -> None:
         label = f"1/{fraction} ({budget:.3f})"
         fitting = {k: r for k, r in results["baselines"].items() if r["budgets"]["mflops"] <= budget}
         if fitting:
-            name, r = max(fitting.items(), key=lambda kv: kv[1]["metrics"]["val_mAP"])
+            # the best on the query set itself: generous to the baselines (searched nets are picked by val mAP)
+            name, r = max(fitting.items(), key=lambda kv: kv[1]["metrics"]["query_mAP"])
             m, b = r["metrics"], r["budgets"]
             print(f"{label:<18} {'baseline ' + name:<26} {m['query_mAP']:>17.4f} {m['query_R@1']:>17.4f} {m['query_mAP_ratio']:>15.3f} "
                   f"{b['mflops']:>7.3f} {b['latency_ms']:>6.2f} {'':>22}")

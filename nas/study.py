@@ -10,12 +10,15 @@ of the **query** images, which the search never sees.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -291,6 +294,7 @@ def train_and_score(
     seed: int,
     paragon: dict[str, dict[str, float]],
     on_epoch: Callable[[EpochResult, dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` toward the gallery embeddings of the training images, then score it.
 
@@ -333,6 +337,7 @@ def train_and_score(
         on_epoch=after_epoch,
         classifier=_classifier(ctx.gallery),
         classifier_scale=ctx.config.gallery.train.scale,
+        should_stop=should_stop,
     )
     train_seconds = time.perf_counter() - start
     asym = score("query")
@@ -345,6 +350,40 @@ def train_and_score(
     }
 
 
+class _DeferredInterrupt:
+    """Ctrl-C during a search, deferred to a safe point.
+
+    A ``KeyboardInterrupt`` raised at an arbitrary bytecode can land inside a database
+    transaction (Optuna's or MLflow's SQLite store) and leave a write lock held, so the
+    clean-up that marks the trial interrupted would wait on it. While :meth:`installed`,
+    the first Ctrl-C only sets a flag; training checks :meth:`requested` before every step
+    and the search loop between trials, and both raise ``KeyboardInterrupt`` there. A
+    second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self._event.is_set():
+            raise KeyboardInterrupt
+        self._event.set()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers live in the main thread only
+            return
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 class Objective:
     """One trial, as described in the module docstring. Returns the val asymmetric mAP."""
 
@@ -355,6 +394,7 @@ class Objective:
         self.parent_run = parent_run
         self.paragon = paragon
         self.weights_dir = ctx.config.out_dir / "checkpoints"
+        self.interrupt = _DeferredInterrupt()
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         trial.set_user_attr("worker", f"{socket.gethostname()}-{os.getpid()}")
@@ -467,7 +507,7 @@ class Objective:
             if result.epoch < self.ctx.config.train.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"val mAP {val['mAP']:.4f} at epoch {result.epoch} is below what the {search.pruner} pruner keeps")
 
-        metrics = train_and_score(self.ctx, model, seed, self.paragon, on_epoch)
+        metrics = train_and_score(self.ctx, model, seed, self.paragon, on_epoch, should_stop=self.interrupt.requested)
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("weights", str(self._save_weights(trial.number, model)))
         trial.set_user_attr("state", "complete")
@@ -841,14 +881,17 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
                 with warnings.catch_warnings():  # we run Optuna's heartbeat thread ourselves (see _run_one)
                     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                     trial = study.ask()
-            _run_one(study, trial, objective)
+            with objective.interrupt.installed():
+                _run_one(study, trial, objective)
+            if objective.interrupt.requested():  # Ctrl-C outside training: the trial finished, stop here
+                raise KeyboardInterrupt
             finished = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
             infeasible_in_a_row = infeasible_in_a_row + 1 if finished.user_attrs.get("state") == "infeasible" else 0
             progress(study, finished)
             _keep_best_weights(study, config.search.keep_best)
     except KeyboardInterrupt:
         status = "KILLED"
-        log("Interrupted: the running trial is marked failed; run the same command again to resume the study.")
+        log("Interrupted (Ctrl-C): a trial stopped in training is marked failed (state interrupted); run the same command again to resume the study.")
         raise
     finally:
         best = best_trial(study)

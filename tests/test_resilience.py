@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import optuna
-import sqlalchemy.exc
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -19,14 +19,27 @@ from nas.study import open_study, run_search
 
 
 def _running_trial_in_training(db: Path, name: str) -> bool:
+    """Whether study ``name`` in SQLite file ``db`` has a running trial past its budget check.
+
+    Read with the sqlite3 module, read-only: opening the file through Optuna while the
+    search process is still creating its tables would race it for the schema.
+    """
     if not db.is_file():
         return False
     try:
-        study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-        trials = study.get_trials(deepcopy=False)
-    except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # not created yet, or the writer holds the lock
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            rows = con.execute(
+                "SELECT 1 FROM trials t JOIN studies s ON s.study_id = t.study_id "
+                "JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+                "WHERE s.study_name = ? AND t.state = 'RUNNING' AND a.key = 'budgets'",
+                (name,),
+            ).fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet, or the writer holds the lock
         return False
-    return any(t.state == optuna.trial.TrialState.RUNNING and "budgets" in t.user_attrs for t in trials)
+    return bool(rows)
 
 
 def start_search_until_training(file: Path, db: Path, name: str) -> subprocess.Popen:

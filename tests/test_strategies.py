@@ -4,6 +4,7 @@ successive-halving / Hyperband pruning, warm start, and Ctrl-C during a trial.""
 from __future__ import annotations
 
 import signal
+import subprocess
 from pathlib import Path
 
 import optuna
@@ -155,7 +156,11 @@ def test_ctrl_c_during_a_trial_marks_it_interrupted_and_the_study_resumes(tmp_pa
     proc = start_search_until_training(file, config.out_dir / "optuna.db", "ctrlc")
     try:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("the search did not stop within 120 s of Ctrl-C:\n" + proc.stderr.read().decode()[-3000:]) from None
         err = proc.stderr.read().decode()
     finally:
         if proc.poll() is None:

@@ -438,6 +438,22 @@ def test_on_epoch_may_stop_training(problem: _Problem) -> None:
     assert not model.training
 
 
+def test_should_stop_interrupts_between_steps(problem: _Problem) -> None:
+    model = _net()
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    with pytest.raises(KeyboardInterrupt, match="epoch 1, step 4"):
+        train_compatible(
+            model, problem.x_train[:512], problem.t_train[:512], problem.y_train[:512], create_loss("regression"),
+            epochs=2, batch_size=64, should_stop=should_stop,
+        )
+    assert len(asked) == 4 and not model.training
+
+
 def test_huge_learning_rate_diverges_with_epoch_in_message(problem: _Problem) -> None:
     model = _net()
     n = 512

@@ -63,6 +63,7 @@ def train_compatible(
     on_epoch: Callable[[EpochResult], None] | None = None,
     classifier: torch.Tensor | None = None,
     classifier_scale: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[EpochResult]:
     """Train ``model`` so that ``model(images[i])`` lands on ``targets[i]``.
 
@@ -73,8 +74,9 @@ def train_compatible(
     ``None``) and ``classifier_scale`` its logit scale; a loss that needs what is missing
     raises ``ValueError`` there, before any step. ``on_epoch`` is called after every
     epoch (it may raise, e.g. ``optuna.TrialPruned``, to stop training). A NaN or
-    infinite loss raises :class:`TrainingDiverged`. The model is left in eval mode on
-    the CPU.
+    infinite loss raises :class:`TrainingDiverged`. ``should_stop`` is asked before every
+    step; when it answers true training stops with ``KeyboardInterrupt`` (a Ctrl-C the
+    caller deferred to this safe point). The model is left in eval mode on the CPU.
     """
     if len(images) != len(targets) or len(images) != len(labels):
         raise ValueError(f"images, targets and labels must have the same length, but got {len(images)}, {len(targets)}, {len(labels)}.")
@@ -95,6 +97,8 @@ def train_compatible(
             order = torch.randperm(len(images), generator=generator)
             total = 0.0
             for step in range(steps_per_epoch):
+                if should_stop is not None and should_stop():
+                    raise KeyboardInterrupt(f"interrupted at epoch {epoch}, step {step + 1}")
                 idx = order[step * batch_size : (step + 1) * batch_size]
                 xb, tb, yb = images[idx].to(device), targets[idx].to(device), labels[idx].to(device)
                 loss = loss_fn(model(xb), tb, yb)

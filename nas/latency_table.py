@@ -13,8 +13,8 @@ configured runtime, and stored under a key hashed from
 
 so one table serves every search space. A candidate's latency is then predicted without
 running it: the sum of its pieces' latencies, less the runtime's per-call overhead (timed
-once on an identity graph) for every piece but one, so the prediction is not the sum of N
-calls' overheads.
+once on a near-empty graph, see :meth:`LatencyTable.overhead`) for every piece but one, so
+the prediction is not the sum of N calls' overheads.
 
 A table is one JSON file per (runtime, threads, batch size, host), by default in
 ``$XDG_CACHE_HOME/asymnas/latency`` (or ``~/.cache/asymnas/latency``), with a header that

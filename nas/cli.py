@@ -325,11 +325,11 @@ def _run(args: argparse.Namespace) -> int:
         print(logged)
         return 0
     if args.command == "results":
-        from nas.study import pareto_table, results_table
+        from nas.study import front_cost, pareto_table, results_table
 
         study = _load_study(args)
         print(results_table(study))
-        print("\nPareto front of val mAP against MFLOPs (export one with --trial pareto:K):")
+        print(f"\nPareto front of val mAP against {front_cost(study)} (export one with --trial pareto:K):")
         print(pareto_table(study))
         if study.user_attrs.get("baselines"):
             from nas.baselines import baselines_table

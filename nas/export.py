@@ -58,8 +58,9 @@ Log = Callable[[str], None]
 
 
 def select_trial(study: optuna.Study, which: str = "best") -> optuna.trial.FrozenTrial:
-    """``best`` (highest val mAP among feasible complete trials), ``pareto:K`` or a trial number."""
-    from nas.study import best_trial, pareto_front
+    """``best`` (highest val mAP among feasible complete trials), ``pareto:K`` (the K-th point, from 0, of
+    the Pareto front against MFLOPs, or against a multi-objective study's first cost) or a trial number."""
+    from nas.study import best_trial, front_cost, pareto_front
 
     if which == "best":
         trial = best_trial(study)
@@ -67,7 +68,7 @@ def select_trial(study: optuna.Study, which: str = "best") -> optuna.trial.Froze
             raise NasError(f"Study {study.study_name!r} has no feasible complete trial to export yet; run more trials first.")
         return trial
     if which.startswith("pareto:"):
-        front = pareto_front(study)
+        front = pareto_front(study, front_cost(study))
         try:
             k = int(which.split(":", 1)[1])
             return front[k]

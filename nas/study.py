@@ -56,6 +56,7 @@ __all__ = [
     "open_study",
     "pareto_front",
     "pareto_table",
+    "front_cost",
     "prepare",
     "resolve_device",
     "results_table",
@@ -570,10 +571,17 @@ def pareto_front(study: optuna.Study, cost: str = "mflops") -> list[optuna.trial
     return sorted(front, key=lambda t: (t.user_attrs["budgets"][cost], -t.values[0]))
 
 
-def pareto_table(study: optuna.Study) -> str:
-    """The Pareto front of val mAP against MFLOPs, with the ``pareto:K`` index of each point."""
+def front_cost(study: optuna.Study) -> str:
+    """The cost the study's Pareto front is taken against: its first cost objective, else MFLOPs."""
+    objectives = study.user_attrs.get("config", {}).get("search", {}).get("objectives", ["mAP"])
+    return objectives[1] if len(objectives) > 1 else "mflops"
+
+
+def pareto_table(study: optuna.Study, cost: str | None = None) -> str:
+    """The Pareto front of val mAP against ``cost`` (default :func:`front_cost`), with the ``pareto:K`` index of each point."""
+    cost = cost or front_cost(study)
     lines = [f"{'K':>3} {'trial':>5} {'MFLOPs':>7} {'lat ms':>6} {'val mAP':>7} {'query mAP':>9} {'ratio':>6}"]
-    for k, t in enumerate(pareto_front(study)):
+    for k, t in enumerate(pareto_front(study, cost)):
         b, m = t.user_attrs["budgets"], t.user_attrs["metrics"]
         lines.append(
             f"{k:>3} {t.number:>5} {b['mflops']:>7.3f} {b['latency_ms']:>6.2f} {m['val_mAP']:>7.4f} {m['query_mAP']:>9.4f} {m['query_mAP_ratio']:>6.3f}"
@@ -927,6 +935,11 @@ def summary(study: optuna.Study, config: ExperimentConfig) -> str:
         state = "failed" if t.state == optuna.trial.TrialState.FAIL else t.user_attrs.get("state", t.state.name.lower())
         counts[state] = counts.get(state, 0) + 1
     lines = [results_table(study), ""]
+    objectives = list(config.search.objectives)
+    if len(objectives) > 1:
+        for cost in objectives[1:]:
+            lines.append(f"Pareto front, the result of this multi-objective study (val mAP against {cost}; export one with --trial pareto:K):")
+            lines += [pareto_table(study, cost), ""]
     lines.append(f"Trials: {len(study.trials)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
     if paragon:
         lines.append(

@@ -174,3 +174,13 @@ def test_ctrl_c_during_a_trial_marks_it_interrupted_and_the_study_resumes(tmp_pa
     resumed = run_search(config_from_dict({**raw, "train": {**raw["train"], "epochs": 1}}), log=lambda _: None)
     states = [t.user_attrs.get("state") for t in sorted(resumed.trials, key=lambda t: t.number)]
     assert states[0] == "interrupted" and "complete" in states[1:]
+
+
+def test_front_cost_follows_the_study_objectives() -> None:
+    from nas.study import front_cost
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr("config", {"search": {"objectives": ["mAP", "latency_ms"]}})
+    assert front_cost(study) == "latency_ms"
+    single = optuna.create_study(direction="maximize")
+    assert front_cost(single) == "mflops"

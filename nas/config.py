@@ -376,7 +376,9 @@ class SearchConfig:
 
     ``warm_start``: ``baselines`` enqueues the hand-designed baselines recorded by
     ``nas baseline`` that fit the budgets as the first trials; a list enqueues the given
-    timm models (``name@resolution``) or architecture strings. Each is enqueued once.
+    timm models (``name@resolution``) or architecture strings. Each is enqueued once, as
+    the first trials of the run, and counts toward ``trials`` (all are run, even where
+    they outnumber it).
 
     A candidate over budget is recorded as an infeasible trial (its constraint values teach
     the sampler where the budget lies) but does not count toward ``trials``: it costs a

@@ -856,9 +856,9 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
     with lock():  # first-time creation of the study and tracking tables, one worker at a time
         tracker = make_tracker(config, log)
         study, parent, paragon, gallery_mflops = open_tracked_study(config, ctx, tracker, log, on_stale_trial, describe=total_trials is None)
-        _warm_start(config, ctx, study, log)
         before = counted_trials(study)
         target = total_trials if total_trials is not None else before + config.search.trials
+        _warm_start(config, ctx, study, log)  # the enqueued trials are among this run's trials
     log(
         f"Paragon (gallery model on both sides): query mAP {paragon['query']['mAP']:.4f}, {_recall_text(paragon['query'])}; "
         f"val mAP {paragon['val']['mAP']:.4f}"
@@ -884,7 +884,9 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, then retried
             with lock():
-                if counted_trials(study) >= target:
+                # waiting trials (warm starts, retries of a dead worker's trial) are counted already: run them even at the target
+                waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+                if counted_trials(study) >= target and not waiting:
                     break
                 with warnings.catch_warnings():  # we run Optuna's heartbeat thread ourselves (see _run_one)
                     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")

@@ -188,3 +188,16 @@ def test_export_registers_a_loadable_model(exported) -> None:
     np.testing.assert_allclose(registered, exported_file, atol=1e-6)
     # registering did not change the trial's run status
     assert client.get_run(best.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_export_of_a_warm_started_timm_trial(tmp_path: Path, tiny_config) -> None:
+    """A trial that is a timm model (warm start) exports and verifies like a searched one."""
+    raw = tiny_config(tmp_path / "run", search__trials=1, budgets__max_mflops=None, search__warm_start=["lcnet_035@32"], train__epochs=1)
+    study = run_search(config_from_dict(raw), log=lambda _: None)
+    (trial,) = study.trials  # the warm-start trial is the one trial of this run
+    assert "model=lcnet_035" in trial.user_attrs["arch"]
+    verification = export_trial(study, str(trial.number), tmp_path / "export", log=lambda _: None)
+    assert verification["passed"] and set(verification["min_cosine"]) == {"reloaded", "torchscript", "onnx"}
+    model = load_query_model(tmp_path / "export")
+    assert model.arch.timm_model == "lcnet_035"
+    assert "lcnet_035" in (tmp_path / "export" / "MODEL_CARD.md").read_text()

@@ -107,6 +107,11 @@ def retrieval_metrics(
         sums["mAP@R"] += float(map_r.sum())
         for k in ks:
             sums[f"R@{k}"] += float(rel[:, :k].any(1).sum())
+    return _averaged(sums, scored, skipped)
+
+
+def _averaged(sums: dict[str, float], scored: int, skipped: int) -> dict[str, float]:
+    """Per-query sums -> means over the ``scored`` queries, with the query counts beside them."""
     if scored == 0:
         raise ValueError("No query has a positive in the gallery; retrieval cannot be scored.")
     result = {name: value / scored for name, value in sums.items()}
@@ -212,12 +217,7 @@ def revisited_metrics(
             for k in ks:
                 kq = min(int(one_based.max()), k)
                 sums[f"mP@{k}"] += float((one_based <= kq).sum() / kq)
-    if scored == 0:
-        raise ValueError("No query has a positive in the gallery; retrieval cannot be scored.")
-    result = {name: value / scored for name, value in sums.items()}
-    result["queries"] = float(scored)
-    result["skipped"] = float(skipped)
-    return result
+    return _averaged(sums, scored, skipped)
 
 
 def revisited_protocol_metrics(

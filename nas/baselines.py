@@ -16,16 +16,19 @@ from typing import Any
 
 import optuna
 
-from nas.budgets import check_budgets, make_budgets
 from nas.config import ExperimentConfig
 from nas.errors import ConfigError
+from nas.hardware import check_budgets, make_budgets
 from nas.locks import file_lock, study_lock
-from nas.study import _fmt, build_seeded, make_tracker, open_tracked_study, prepare, train_and_score
+from nas.records import QUERY_MAP, QUERY_MAP_RATIO, StudyRecord, StudyWriter, baseline_seed
+from nas.search.context import prepare
+from nas.search.driver import open_tracked_study
+from nas.search.evaluators import TrainFromScratch
+from nas.tracking import make_tracker
+from search_spaces import timm_architecture, timm_model_exists
 from trainers import EpochResult
-from search_spaces import timm_architecture
-from search_spaces._timm_builder import timm_model_exists
 
-__all__ = ["run_baselines", "baselines_table", "DEFAULT_BASELINES"]
+__all__ = ["run_baselines", "DEFAULT_BASELINES"]
 
 Log = Callable[[str], None]
 
@@ -34,7 +37,11 @@ DEFAULT_BASELINES = ("mobilenetv3_small_050", "mobilenetv3_small_100", "lcnet_05
 
 
 def run_baselines(config: ExperimentConfig, models: Sequence[str], resolutions: Sequence[int], log: Log = print) -> optuna.Study:
-    """Train and score every ``model`` at every resolution; returns the study holding the results."""
+    """Train and score every ``model`` at every resolution; returns the study holding the results.
+
+    A hand-designed baseline is trained from scratch whatever the study's strategy: it is
+    the reference a searched net is compared with, trained as a user would train it.
+    """
     unknown = [m for m in models if not timm_model_exists(m)]
     if unknown:
         raise ConfigError(f"Unknown timm model(s) {', '.join(unknown)}; `python -c \"import timm; print(timm.list_models('lcnet*'))\"` lists names.")
@@ -46,16 +53,17 @@ def run_baselines(config: ExperimentConfig, models: Sequence[str], resolutions: 
     with study_lock(config.storage_url, config.search.study_name, config.out_dir):
         tracker = make_tracker(config, log)
         study, parent, paragon, _ = open_tracked_study(config, ctx, tracker, log, describe=False)
-    results: dict[str, Any] = dict(study.user_attrs.get("baselines", {}))
+    evaluator = TrainFromScratch(ctx, paragon)
+    results: dict[str, Any] = dict(StudyRecord.load(study).baselines)
     # a baseline's latency is always measured, never only predicted from the lookup table
     latency = dataclasses.replace(config.budgets.latency, predict=False)
     budgets = make_budgets(dataclasses.replace(config.budgets, latency=latency))
+    seed = baseline_seed(config.search.seed)
     for model_name in models:
         for resolution in resolutions:
             key = f"{model_name}@{resolution}"
             arch = timm_architecture(model_name, resolution, ctx.space.embed_dim, ctx.data.channels)
-            seed = config.search.seed * 100003 + 99991  # one fixed seed per study, like a trial's
-            net = build_seeded(arch, seed)
+            net = evaluator.build(arch, seed)
             report = check_budgets(net, resolution, arch.in_chans, budgets, measure_all=True)
             fits = report.feasible
             run_id = tracker.start_baseline(parent, study.study_name, key)
@@ -67,27 +75,11 @@ def run_baselines(config: ExperimentConfig, models: Sequence[str], resolutions: 
             def on_epoch(result: EpochResult, val: dict[str, float], _run: str = run_id) -> None:
                 tracker.log(_run, metrics={"train_loss": result.train_loss, "val_mAP": val["mAP"], "epoch_seconds": result.seconds}, step=result.epoch)
 
-            metrics = train_and_score(ctx, net, seed, paragon, on_epoch)
+            metrics = evaluator.evaluate(net, seed, on_epoch).metrics
             tracker.end_trial(run_id, "complete", None if fits else report.reason, {k: v for k, v in metrics.items() if k != "val_mAP"})
             results[key] = {
                 "arch": arch.to_string(), "budgets": report.values, "fits": fits, "reason": report.reason, "metrics": metrics,
             }
-            study.set_user_attr("baselines", results)
-            log(f"Baseline {key}: query mAP {metrics['query_mAP']:.4f} ({metrics['query_mAP_ratio']:.3f} of the paragon)")
+            StudyWriter(study).baselines(results)
+            log(f"Baseline {key}: query mAP {metrics[QUERY_MAP]:.4f} ({metrics[QUERY_MAP_RATIO]:.3f} of the paragon)")
     return study
-
-
-def baselines_table(study: optuna.Study) -> str:
-    """The study's baselines: budgets, whether they fit, and their scores (as in the trials table)."""
-    baselines = study.user_attrs.get("baselines", {})
-    header = (f"{'baseline':<28} {'fits':<4} {'MFLOPs':>8} {'params M':>8} {'mem MiB':>7} {'lat ms':>6} "
-              f"{'val mAP':>7} {'mAP':>6} {'R@1':>6} {'ratio':>6}")
-    lines = [header, "-" * len(header)]
-    for key, r in sorted(baselines.items(), key=lambda kv: kv[1]["budgets"].get("mflops", 0)):
-        b, m = r["budgets"], r["metrics"]
-        lines.append(
-            f"{key:<28} {'yes' if r['fits'] else 'no':<4} {_fmt(b.get('mflops'), '8.3f')} {_fmt(b.get('params_m'), '8.3f')} "
-            f"{_fmt(b.get('memory_mb'), '7.2f')} {_fmt(b.get('latency_ms'), '6.2f')} {_fmt(m.get('val_mAP'), '7.4f')} "
-            f"{_fmt(m.get('query_mAP'), '6.4f')} {_fmt(m.get('query_R@1'), '6.4f')} {_fmt(m.get('query_mAP_ratio'), '6.3f')}"
-        )
-    return "\n".join(lines)

@@ -14,6 +14,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+# The commands import what they need when they run, so that `nas --help` and a config
+# error answer at once instead of after importing torch, Optuna and MLflow.
+
 __all__ = ["main", "build_parser"]
 
 
@@ -38,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-params-m", type=float, help="budget: millions of parameters")
     search.add_argument("--max-memory-mb", type=float, help="budget: MiB peak memory of one forward pass (weights + activations)")
     search.add_argument("--seed", type=int, help="sampler seed (search.seed)")
-    search.add_argument("--sampler", choices=("tpe", "nsga2", "gp", "random"), help="search.sampler (default tpe)")
+    search.add_argument("--sampler", help="search.sampler, a registered Optuna sampler (default tpe)")
     search.add_argument("--objectives", help="comma-separated search.objectives, e.g. mAP,mflops (default mAP)")
     search.add_argument("--threads", type=int, help="torch threads for training (search.threads)")
     search.add_argument("--workers", type=int, default=1, help="run N worker processes on this machine (default 1)")
@@ -113,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--seed", type=int, default=0, help="with --space: sampling seed")
     profile.add_argument("--resolution", type=int, help="input resolution (--timm: default 32; --arch: override)")
     profile.add_argument("--config", help="take latency settings, embedding size, channels and space options from this experiment YAML")
-    profile.add_argument("--runtime", choices=("torch", "onnxruntime", "cuda"), help="latency runtime (default: the config's, else torch)")
+    profile.add_argument("--runtime", help="a registered latency runtime (default: the config's, else torch)")
     profile.add_argument("--threads", type=int, help="threads of the runtime")
     profile.add_argument("--batch-size", type=int, help="batch size of the latency and memory measurements")
     profile.add_argument("--table-dir", help="folder of the latency lookup tables")
@@ -168,14 +171,16 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, object]:
 def _log_report_to_mlflow(study, files) -> str:
     """Log the report files to the study's MLflow parent run, when the study has one."""
     from nas.config import config_from_dict
-    from nas.tracking import Tracker
+    from nas.tracking import MlflowTracker
 
-    parent = study.user_attrs.get("mlflow_parent_run_id")
-    raw = study.user_attrs.get("config")
+    from nas.records import StudyRecord
+
+    info = StudyRecord.load(study)
+    parent, raw = info.mlflow_parent_run_id, info.config
     if parent is None or raw is None:
         return "MLflow: the study has no parent run (tracking was off); files not logged."
-    config = config_from_dict({**raw, "out": study.user_attrs.get("out_dir", raw.get("out"))})
-    tracker = Tracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts", log=print)
+    config = config_from_dict({**raw, "out": info.out_dir or raw.get("out")})
+    tracker = MlflowTracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts", log=print)
     for path in files:
         tracker.log_artifact(parent, path)
     tracker.flush()
@@ -227,7 +232,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     from nas.config import LatencyConfig, load_config
     from nas.errors import ConfigError
-    from nas.profile import profile_architecture, profile_table
+    from nas.hardware.profile import profile_architecture, profile_table
     from search_spaces import Architecture, create_space, timm_architecture
 
     latency, embed_dim, in_chans, space_options = LatencyConfig(), args.embed_dim, args.in_chans, {}
@@ -265,8 +270,9 @@ def _run(args: argparse.Namespace) -> int:
     from nas.config import load_config
 
     if args.command == "search":
-        from nas.study import run_search, summary
-        from nas.workers import run_local_workers
+        from nas.results import summary
+        from nas.search.driver import run_search
+        from nas.search.workers import run_local_workers
 
         overrides = {
             **_run_overrides(args),
@@ -290,14 +296,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "worker":
         import socket
 
-        from nas.study import run_search
+        from nas.search.driver import run_search
 
         config = load_config(args.config, _run_overrides(args))
         run_search(config, total_trials=args.trials, worker=f"{socket.gethostname()}-{os.getpid()}")
         return 0
     if args.command == "gallery":
-        from nas.retrieval_data import load_retrieval_data
-        from nas.study import ensure_gallery
+        from nas.data import load_retrieval_data
+        from nas.search.context import ensure_gallery
 
         config = load_config(args.config, {"out": args.out})
         retrieval = load_retrieval_data(config.data)
@@ -315,7 +321,9 @@ def _run(args: argparse.Namespace) -> int:
         from nas.report import write_report
 
         study = _load_study(args)
-        run_dir = Path(args.run_dir) if args.run_dir else Path(study.user_attrs.get("out_dir", Path("runs") / args.study_name))
+        from nas.records import StudyRecord
+
+        run_dir = Path(args.run_dir) if args.run_dir else Path(StudyRecord.load(study).out_dir or Path("runs") / args.study_name)
         files = write_report(study, Path(args.out) if args.out else run_dir / "report", top=args.top)
         for path in files:
             if path.suffix == ".txt":
@@ -325,15 +333,14 @@ def _run(args: argparse.Namespace) -> int:
         print(logged)
         return 0
     if args.command == "results":
-        from nas.study import front_cost, pareto_table, results_table
+        from nas.records import StudyRecord
+        from nas.results import baselines_table, front_cost, pareto_table, results_table
 
         study = _load_study(args)
         print(results_table(study))
         print(f"\nPareto front of val mAP against {front_cost(study)} (export one with --trial pareto:K):")
         print(pareto_table(study))
-        if study.user_attrs.get("baselines"):
-            from nas.baselines import baselines_table
-
+        if StudyRecord.load(study).baselines:
             print("\nHand-designed baselines (nas baseline), trained and scored like a trial:")
             print(baselines_table(study))
         return 0
@@ -367,7 +374,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "profile":
         return _profile(args)
     if args.command == "baseline":
-        from nas.baselines import baselines_table, run_baselines
+        from nas.baselines import run_baselines
+        from nas.results import baselines_table
         from nas.errors import ConfigError
 
         config = load_config(args.config, _run_overrides(args))
@@ -380,7 +388,7 @@ def _run(args: argparse.Namespace) -> int:
         print(baselines_table(study))
         return 0
     if args.command == "space":
-        from nas.profile import space_report
+        from nas.hardware.profile import space_report
 
         print(space_report(_space_from_args(args)))
         return 0

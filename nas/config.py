@@ -8,51 +8,24 @@ key and the nearest valid one, and every value is checked in ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from nas.data.registry import DATASETS
+from nas.data.splits import PROTOCOLS
 from nas.errors import ConfigError
+from nas.hardware.budgets import BUDGETS
+from nas.hardware.runtimes import RUNTIMES
+from nas.search.optuna_setup import PRUNERS, SAMPLERS
+from nas.typed_config import build_dataclass, set_dotted
 
 __all__ = [
-    "DATASETS",
-    "BENCHMARKS",
-    "PROTOCOLS",
-    "DataConfig",
-    "GalleryTrainConfig",
-    "GalleryConfig",
-    "SpaceConfig",
-    "LatencyConfig",
-    "BudgetConfig",
-    "TrainConfig",
-    "SearchConfig",
-    "TrackingConfig",
-    "ExperimentConfig",
-    "load_config",
-    "config_from_dict",
-    "config_to_dict",
+    "DataConfig", "GalleryTrainConfig", "GalleryConfig", "SpaceConfig", "LatencyConfig", "BudgetConfig", "TrainConfig",
+    "SearchConfig", "TrackingConfig", "ExperimentConfig", "COST_OBJECTIVES", "load_config", "config_from_dict", "config_to_dict",
 ]
-
-FASHION_MNIST_DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
-
-#: Labelled data sets split by ``data.protocol`` (stratified or class-disjoint).
-LABELLED_DATASETS = ("fashion_mnist", "image_folder")
-#: Retrieval benchmarks whose files fix the split (see :mod:`nas.retrieval_data`): the
-#: protocol each follows, and whether its query and gallery are the same images.
-BENCHMARKS = {
-    "cub200": ("class_disjoint", True),
-    "sop": ("class_disjoint", True),
-    "inshop": ("class_disjoint", False),
-    "roxford5k": ("revisited", False),
-    "rparis6k": ("revisited", False),
-}
-DATASETS = (*LABELLED_DATASETS, *BENCHMARKS)
-PROTOCOLS = ("same_classes", "class_disjoint")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -79,8 +52,10 @@ class DataConfig:
     metric-learning convention) makes query and gallery the same images, each query's own
     gallery entry excluded by index when scoring.
 
-    The benchmarks (``cub200``, ``sop``, ``inshop``, ``roxford5k``, ``rparis6k``) take their
-    split from their own files, so ``protocol`` and ``query_is_gallery`` may only restate it;
+    The data sets are those of :data:`nas.data.DATASETS`; each entry declares the facts
+    checked here. The benchmarks (``cub200``, ``sop``, ``inshop``, ``roxford5k``,
+    ``rparis6k``) take their split from their own files, so ``protocol`` and
+    ``query_is_gallery`` may only restate it;
     ``val_classes`` of their training classes form val (``val`` of the training images for
     the unlabelled revisited Oxford/Paris sets).
 
@@ -107,19 +82,14 @@ class DataConfig:
     val_classes: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            close = difflib.get_close_matches(self.dataset, DATASETS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"Unknown dataset {self.dataset!r}.{hint} Valid datasets: {', '.join(sorted(DATASETS))}.")
-        _check(
-            self.protocol is None or self.protocol in PROTOCOLS,
-            f"data.protocol must be one of {', '.join(PROTOCOLS)} or null, but got {self.protocol!r}.",
-        )
+        entry = DATASETS.get(self.dataset)
+        if self.protocol is not None:
+            PROTOCOLS.check(self.protocol)
         for name in ("test_classes", "val_classes"):
             value = getattr(self, name)
             _check(0.0 < value < 1.0, f"data.{name} must be a fraction in (0, 1), but got {value}.")
-        if self.dataset in BENCHMARKS:
-            protocol, same = BENCHMARKS[self.dataset]
+        if entry.fixed_split:
+            protocol, same = entry.protocol, entry.query_is_gallery
             _check(
                 self.protocol is None or self.protocol == protocol,
                 f"data.protocol must be null for dataset {self.dataset!r}: its files fix the split "
@@ -130,10 +100,10 @@ class DataConfig:
                 f"data.query_is_gallery must be null for dataset {self.dataset!r}: its query and gallery are "
                 f"{'the same' if same else 'different'} images, but got {self.query_is_gallery}.",
             )
-            _check(
-                protocol != "revisited" or self.max_per_class is None,
-                f"data.max_per_class must be null for dataset {self.dataset!r} (it has no classes), but got {self.max_per_class}.",
-            )
+        _check(
+            entry.has_classes or self.max_per_class is None,
+            f"data.max_per_class must be null for dataset {self.dataset!r} (it has no classes), but got {self.max_per_class}.",
+        )
         _check(self.image_size >= 8, f"data.image_size must be >= 8, but got {self.image_size}.")
         _check(self.channels in (None, 1, 3), f"data.channels must be 1, 3 or null, but got {self.channels}.")
         _check(
@@ -151,29 +121,32 @@ class DataConfig:
         """``channels``, or the data set's own (1 for Fashion-MNIST, 3 for image folders)."""
         if self.channels is not None:
             return self.channels
-        return 1 if self.dataset == "fashion_mnist" else 3
+        return DATASETS.get(self.dataset).channels
 
     @property
     def resolved_protocol(self) -> str:
         """``same_classes`` or ``class_disjoint``; a benchmark's own (``revisited`` for Oxford/Paris)."""
-        if self.dataset in BENCHMARKS:
-            return BENCHMARKS[self.dataset][0]
+        entry = DATASETS.get(self.dataset)
+        if entry.fixed_split:
+            return entry.protocol
         return self.protocol or "same_classes"
 
     @property
     def resolved_query_is_gallery(self) -> bool:
         """Whether query and gallery are the same images (then each query's own entry is excluded)."""
-        if self.dataset in BENCHMARKS:
-            return BENCHMARKS[self.dataset][1]
+        entry = DATASETS.get(self.dataset)
+        if entry.fixed_split:
+            return entry.query_is_gallery
         if self.query_is_gallery is not None:
             return self.query_is_gallery
         return self.resolved_protocol == "class_disjoint"
 
     @property
     def resolved_path(self) -> str | None:
+        """``path``, or the data set's default (Fashion-MNIST's Debian package folder)."""
         if self.path is not None:
             return self.path
-        return FASHION_MNIST_DEFAULT_PATH if self.dataset == "fashion_mnist" else None
+        return DATASETS.get(self.dataset).default_path
 
 
 @dataclass(frozen=True)
@@ -222,23 +195,21 @@ class SpaceConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-LATENCY_RUNTIMES = ("torch", "onnxruntime", "cuda")
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 #: Costs a multi-objective study may minimise beside the val mAP (names of budget values).
-COST_OBJECTIVES = ("mflops", "latency_ms", "params_m", "memory_mb")
+COST_OBJECTIVES = BUDGETS.names()
 
 
 @dataclass(frozen=True)
 class LatencyConfig:
     """How latency is measured: runtime, threads, batch size, warm-up and timed runs.
 
-    ``runtime`` is ``torch`` (eager, CPU), ``onnxruntime`` (ONNX Runtime, CPU execution
-    provider) or ``cuda`` (eager on the GPU). With ``predict`` a per-piece latency lookup
-    table (cached in ``table_dir``; null means ``$XDG_CACHE_HOME/asymnas/latency`` or
-    ``~/.cache/asymnas/latency``) predicts a candidate's latency first, and one predicted more
-    than ``margin`` (a fraction: 0.15 is 15%) over ``max_latency_ms`` is rejected without
-    being measured.
+    ``runtime`` names an entry of :data:`nas.hardware.runtimes.RUNTIMES`: ``torch`` (eager,
+    CPU), ``onnxruntime`` (ONNX Runtime, CPU execution provider), ``cuda`` (eager on the
+    GPU) or ``onnxruntime-basic`` (ONNX Runtime, basic graph optimisations only). With
+    ``predict`` a per-piece latency lookup table (cached in ``table_dir``; null means
+    ``$XDG_CACHE_HOME/asymnas/latency`` or ``~/.cache/asymnas/latency``) predicts a
+    candidate's latency first, and one predicted more than ``margin`` (a fraction: 0.15 is
+    15%) over ``max_latency_ms`` is rejected without being measured.
     """
 
     runtime: str = "torch"
@@ -251,8 +222,7 @@ class LatencyConfig:
     margin: float = 0.15
 
     def __post_init__(self) -> None:
-        runtimes = ", ".join(repr(r) for r in LATENCY_RUNTIMES)
-        _check(self.runtime in LATENCY_RUNTIMES, f"budgets.latency.runtime must be one of {runtimes}, but got {self.runtime!r}.")
+        RUNTIMES.check(self.runtime)
         _check(self.threads >= 1, f"budgets.latency.threads must be >= 1, but got {self.threads}.")
         _check(self.batch_size >= 1, f"budgets.latency.batch_size must be >= 1, but got {self.batch_size}.")
         _check(self.warmup >= 0, f"budgets.latency.warmup must be >= 0, but got {self.warmup}.")
@@ -360,9 +330,16 @@ class SearchConfig:
     was killed) is failed when any worker next asks for a trial, and retried up to
     ``max_retries`` times.
 
-    ``sampler``: ``tpe`` (constrained TPE, the default), ``nsga2`` (NSGA-II with constrained
-    domination), ``gp`` (Optuna's Gaussian-process sampler) or ``random`` (the baseline
-    every claim is measured against); all seeded by ``seed``. ``objectives``: ``[mAP]``
+    ``sampler`` names an entry of :data:`nas.search.optuna_setup.SAMPLERS`: ``tpe``
+    (constrained TPE, the default), ``nsga2`` (NSGA-II with constrained domination), ``gp``
+    (Optuna's Gaussian-process sampler), ``qmc`` (scrambled Sobol points) or ``random`` (the
+    baseline every claim is measured against); all seeded by ``seed``. ``pruner`` names an
+    entry of :data:`~nas.search.optuna_setup.PRUNERS`.
+
+    ``strategy`` names how a candidate is evaluated, an entry of
+    :data:`nas.search.evaluators.EVALUATORS` (checked when a search starts, before any data
+    is loaded): ``train_from_scratch`` (the default) trains every candidate from random
+    weights toward the gallery embeddings. ``objectives``: ``[mAP]``
     (maximise the val asymmetric mAP), or with one or more costs to minimise as well
     (``mflops``, ``latency_ms``, ``params_m``, ``memory_mb``): a multi-objective study whose
     result is its Pareto front.
@@ -407,14 +384,16 @@ class SearchConfig:
     promotion_epoch: int = 1
     promotion_dominated_by: int = 3
     warm_start: Any = None
+    strategy: str = "train_from_scratch"
 
     def __post_init__(self) -> None:
         _check(bool(self.study_name), "search.study_name must not be empty.")
         _check(self.max_infeasible_in_a_row >= 1, f"search.max_infeasible_in_a_row must be >= 1, but got {self.max_infeasible_in_a_row}.")
         _check(self.trials >= 0, f"search.trials must be >= 0, but got {self.trials}.")
         _check(self.timeout is None or self.timeout > 0, f"search.timeout must be > 0 or null, but got {self.timeout}.")
-        _check(self.pruner in PRUNERS, f"search.pruner must be one of {', '.join(PRUNERS)}, but got {self.pruner!r}.")
-        _check(self.sampler in SAMPLERS, f"search.sampler must be one of {', '.join(SAMPLERS)}, but got {self.sampler!r}.")
+        PRUNERS.check(self.pruner)
+        SAMPLERS.check(self.sampler)
+        _check(bool(self.strategy), "search.strategy must name a registered evaluator, e.g. 'train_from_scratch'.")
         objectives = tuple(self.objectives) if isinstance(self.objectives, (list, tuple)) else ()
         _check(
             bool(objectives) and objectives[0] == "mAP" and all(o in COST_OBJECTIVES for o in objectives[1:])
@@ -484,86 +463,16 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"Unknown key '{where}{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}.")
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(value, args[0], where)
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{where}' must be a mapping, but got {value!r}.")
-        return _build(tp, value, where + ".")
-    if tp is Any:  # validated by the dataclass itself
-        return value
-    if value is None:
-        raise ConfigError(f"'{where}' must not be null.")
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{where}' must be a mapping, but got {value!r}.")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"'{where}' must be true or false, but got {value!r}.")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"'{where}' must be an integer, but got {value!r}.")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"'{where}' must be a number, but got {value!r}.")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"'{where}' must be a string, but got {value!r}.")
-        return value
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown_key_error(str(key), names, prefix)
-        kwargs[key] = _convert(value, hints[key], prefix + key)
-    return cls(**kwargs)
-
-
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     """Build and validate an :class:`ExperimentConfig` from a plain mapping."""
     if not isinstance(data, dict):
         raise ConfigError(f"An experiment file must hold a mapping at the top level, but got {type(data).__name__}.")
-    return _build(ExperimentConfig, data)
+    return build_dataclass(ExperimentConfig, data)
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
     """The plain-mapping form of ``config`` (inverse of :func:`config_from_dict`)."""
     return dataclasses.asdict(config)
-
-
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:  # a missing or empty (null) section
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"Cannot apply the override {dotted!r}: '{part}' is {child!r}, not a mapping.")
-        node = child
-    node[parts[-1]] = value
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -583,5 +492,5 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         raise ConfigError(f"Experiment file {path} must hold a mapping at the top level.")
     for dotted, value in (overrides or {}).items():
         if value is not None:
-            _set_path(data, dotted, value)
+            set_dotted(data, dotted, value)
     return config_from_dict(data)

@@ -28,8 +28,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nas.config import GalleryConfig
-from nas.data import PREPROCESSING, ImageSet, Split, iter_batches, preprocess
+from nas.data import PREPROCESSING, ImageSet, Split, preprocess
 from nas.errors import ConfigError, GalleryError
+from nas.scoring import embed
+from search_spaces import EmbeddingHead, L2Normalise
 
 __all__ = [
     "GalleryNet",
@@ -38,7 +40,6 @@ __all__ = [
     "save_gallery",
     "load_gallery",
     "train_gallery",
-    "embed",
     "gallery_embeddings",
     "file_sha256",
 ]
@@ -50,6 +51,11 @@ CACHE_FORMAT = "asymnas-gallery-cache-v1"
 class GalleryNet(nn.Module):
     """A timm backbone, an optional linear projection and L2 normalisation.
 
+    ``proj`` is the embedding head shared with the query nets: an
+    :class:`search_spaces.EmbeddingHead` (projection, then L2 norm) when ``embed_dim`` is
+    set, else :class:`search_spaces.L2Normalise`; ``state_dict`` keys ``proj.weight`` /
+    ``proj.bias`` as before.
+
     ``classifier`` (a cosine classifier over the embedding) exists when the model was
     trained by :func:`train_gallery`; retrieval never uses it.
     """
@@ -59,7 +65,7 @@ class GalleryNet(nn.Module):
         self.model_name = model_name
         self.backbone = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_chans)
         features = int(self.backbone.num_features)
-        self.proj = nn.Linear(features, embed_dim) if embed_dim else nn.Identity()
+        self.proj: nn.Module = EmbeddingHead(features, embed_dim) if embed_dim else L2Normalise()
         self.embed_dim = embed_dim or features
         self.in_chans = in_chans
         self.classifier = nn.Parameter(torch.randn(num_classes, self.embed_dim) * 0.01) if num_classes else None
@@ -71,7 +77,7 @@ class GalleryNet(nn.Module):
         x = self.backbone.forward_head(x, pre_logits=True)
         if pre_logits:
             return x
-        return F.normalize(self.proj(x), dim=1)
+        return self.proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -212,17 +218,6 @@ def train_gallery(
     model = model.cpu().eval()
     save_gallery(model, path, config.resolution, data.classes)
     return model
-
-
-@torch.inference_mode()
-def embed(model: nn.Module, images: np.ndarray, resolution: int, batch_size: int = 256, device: torch.device | None = None) -> np.ndarray:
-    """L2-normalised embeddings of ``images`` (uint8 NHWC) at ``resolution``, as float32."""
-    device = device or torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    out = [model(batch.to(device)).float().cpu() for batch in iter_batches(images, resolution, batch_size)]
-    model.train(was_training)
-    return torch.cat(out).numpy().astype(np.float32)
 
 
 @dataclass(frozen=True, eq=False)

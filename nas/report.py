@@ -15,33 +15,36 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
+
+from nas.records import QUERY_MAP, StudyRecord
+from nas.results import baselines_table, feasible_complete, pareto_front, pareto_table, results_table
 
 __all__ = ["write_report", "importances_table"]
 
 
 def _plot(study: optuna.Study, path: Path, cost: str, label: str) -> None:
-    import matplotlib
+    import matplotlib  # matplotlib is imported only when a plot is drawn: it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nas.study import _feasible_complete, pareto_front
-
-    trials = [t for t in _feasible_complete(study) if cost in t.user_attrs["budgets"]]
-    front = sorted((t for t in pareto_front(study, cost) if cost in t.user_attrs["budgets"]), key=lambda t: t.user_attrs["budgets"][cost])
-    paragon = study.user_attrs.get("paragon", {}).get("query", {}).get("mAP")
+    trials = [t for t in feasible_complete(study) if cost in t.budgets]
+    front = sorted((t for t in pareto_front(study, cost) if cost in t.budgets), key=lambda t: t.budgets[cost])
+    info = StudyRecord.load(study)
+    paragon = info.paragon_query.get("mAP")
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    ax.scatter([t.user_attrs["budgets"][cost] for t in trials], [t.user_attrs["metrics"]["query_mAP"] for t in trials],
+    ax.scatter([t.budgets[cost] for t in trials], [t.metrics[QUERY_MAP] for t in trials],
                s=18, color="0.6", label="feasible trials")
-    ax.plot([t.user_attrs["budgets"][cost] for t in front], [t.user_attrs["metrics"]["query_mAP"] for t in front],
+    ax.plot([t.budgets[cost] for t in front], [t.metrics[QUERY_MAP] for t in front],
             "o-", color="tab:red", label="Pareto front (val mAP)")
     for t in front:
-        ax.annotate(f"#{t.number}", (t.user_attrs["budgets"][cost], t.user_attrs["metrics"]["query_mAP"]), fontsize=7,
+        ax.annotate(f"#{t.number}", (t.budgets[cost], t.metrics[QUERY_MAP]), fontsize=7,
                     textcoords="offset points", xytext=(3, 3))
-    baselines = {k: r for k, r in study.user_attrs.get("baselines", {}).items() if cost in r["budgets"]}
+    baselines = {k: r for k, r in info.baselines.items() if cost in r["budgets"]}
     if baselines:
         ax.scatter([r["budgets"][cost] for r in baselines.values()], [r["metrics"]["query_mAP"] for r in baselines.values()],
                    marker="s", s=28, color="tab:green", label="hand-designed timm baselines")
@@ -50,7 +53,7 @@ def _plot(study: optuna.Study, path: Path, cost: str, label: str) -> None:
                         textcoords="offset points", xytext=(3, -8))
     if paragon is not None:
         ax.axhline(paragon, color="tab:blue", linestyle="--", label=f"paragon (gallery model, symmetric) {paragon:.3f}")
-    if baselines and any(r["budgets"][cost] > 10 * max((t.user_attrs["budgets"][cost] for t in trials), default=1) for r in baselines.values()):
+    if baselines and any(r["budgets"][cost] > 10 * max((t.budgets[cost] for t in trials), default=1) for r in baselines.values()):
         ax.set_xscale("log")
     ax.set_xlabel(label)
     ax.set_ylabel("asymmetric query mAP")
@@ -64,11 +67,8 @@ def _plot(study: optuna.Study, path: Path, cost: str, label: str) -> None:
 
 def importances_table(study: optuna.Study) -> str:
     """fANOVA importances of the searched parameters for the val mAP of feasible complete trials."""
-    import warnings
-
-    from nas.study import _feasible_complete
-
-    trials = [t for t in _feasible_complete(study) if t.params]
+    keep = {r.number for r in feasible_complete(study) if r.params}
+    trials = [t for t in study.get_trials(deepcopy=False) if t.number in keep]  # Optuna's own trials, for a copy of the study
     if len(trials) < 3:
         return f"Parameter importances need at least 3 feasible complete trials with sampled parameters; this study has {len(trials)}."
     copy = optuna.create_study(directions=study.directions)
@@ -86,8 +86,6 @@ def importances_table(study: optuna.Study) -> str:
 
 def write_report(study: optuna.Study, folder: str | Path, top: int = 10) -> list[Path]:
     """Write the report files (see the module docstring) into ``folder``; returns their paths."""
-    from nas.study import pareto_front, pareto_table, results_table
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     texts = {
@@ -96,9 +94,7 @@ def write_report(study: optuna.Study, folder: str | Path, top: int = 10) -> list
         "pareto.txt": pareto_table(study),
         "importances.txt": importances_table(study),
     }
-    if study.user_attrs.get("baselines"):
-        from nas.baselines import baselines_table
-
+    if StudyRecord.load(study).baselines:
         texts["baselines.txt"] = baselines_table(study)
     files = []
     for name, text in texts.items():

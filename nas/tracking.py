@@ -1,13 +1,18 @@
-"""MLflow tracking: one parent run per study, one nested child run per trial.
+"""Experiment tracking: one parent run per study, one nested child run per trial.
+
+:class:`Tracker` is the contract the search driver logs through; :class:`MlflowTracker`
+logs to MLflow and :class:`NullTracker` does nothing (``tracking.enabled: false``);
+:func:`make_tracker` picks one from the config.
 
 This is the only module that imports mlflow. It uses an explicit ``MlflowClient`` and
 batched logging (no active-run global). The parent run id is stored on the Optuna study
-and each child run id on its trial (user attr ``mlflow_run_id``), so a resumed study
-finds its runs again.
+and each child run id on its trial (user attr ``mlflow_run_id``, through
+:mod:`nas.records`), so a resumed study finds its runs again.
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -15,13 +20,19 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from nas.errors import NasError
+from nas.records import StudyRecord, StudyWriter, TrialRecord, TrialWriter
 
-__all__ = ["Tracker", "NullTracker", "mlflow_key", "flatten", "register_onnx_model", "RUN_STATUS"]
+if TYPE_CHECKING:
+    from nas.config import ExperimentConfig
+
+__all__ = ["Tracker", "MlflowTracker", "NullTracker", "make_tracker", "mlflow_key", "flatten", "register_onnx_model", "RUN_STATUS"]
+
+Log = Callable[[str], None]
 
 #: Trial state (ours) -> MLflow run status. A failed trial is never FINISHED.
 RUN_STATUS = {
@@ -60,7 +71,73 @@ def _chunks(items: list, size: int) -> Iterable[list]:
         yield items[start : start + size]
 
 
-class Tracker:
+class Tracker(abc.ABC):
+    """What the search logs to a tracking store: a parent run per study, a child run per trial.
+
+    Run ids are strings (``""`` when nothing is tracked). ``seconds`` accumulates the
+    wall-clock seconds spent tracking, so the driver can report the overhead. The logging
+    calls do not raise when the store goes away during a search: the records are kept and
+    logged later (:meth:`flush`).
+    """
+
+    #: Seconds spent tracking so far.
+    seconds: float = 0.0
+
+    @abc.abstractmethod
+    def log(
+        self,
+        run_id: str,
+        params: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        step: int = 0,
+    ) -> None:
+        """Log params, metrics (at ``step``) and tags to run ``run_id``."""
+
+    @abc.abstractmethod
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """Store ``text`` as the artifact ``artifact_file`` of run ``run_id``."""
+
+    @abc.abstractmethod
+    def log_artifact(self, run_id: str, path: str | Path) -> None:
+        """Store the file ``path`` as an artifact of run ``run_id``."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Log whatever was kept while the store was unreachable; raises if it still is."""
+
+    @abc.abstractmethod
+    def start_study(self, study: optuna.Study, params: Mapping[str, Any], tags: Mapping[str, Any], texts: Mapping[str, str]) -> str:
+        """Create (or, on resume, reopen) the study's parent run, log its description; returns its id."""
+
+    @abc.abstractmethod
+    def end_study(self, run_id: str, metrics: Mapping[str, float] | None = None, tags: Mapping[str, Any] | None = None, status: str = "FINISHED") -> None:
+        """Log the study's final metrics and tags and close its parent run with ``status``."""
+
+    @abc.abstractmethod
+    def start_trial(self, parent_id: str, trial: optuna.Trial) -> str:
+        """Create the trial's child run under ``parent_id``, store its id on the trial; returns it."""
+
+    @abc.abstractmethod
+    def start_baseline(self, parent_id: str, study_name: str, name: str) -> str:
+        """Create the child run of hand-designed baseline ``name``; returns its id."""
+
+    @abc.abstractmethod
+    def end_trial(self, run_id: str, state: str, reason: str | None = None, metrics: Mapping[str, float] | None = None) -> None:
+        """Log final metrics, record the trial ``state`` (see :data:`RUN_STATUS`) and ``reason``, close the run."""
+
+    @abc.abstractmethod
+    def reconcile(self, study: optuna.Study) -> int:
+        """Close runs left open by a crashed process whose trial is no longer running; returns how many."""
+
+    def close_stale_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Optuna's heartbeat callback: the trial's process died, so its run is FAILED."""
+        run_id = TrialRecord.from_trial(trial).mlflow_run_id
+        if run_id is not None:
+            self.end_trial(run_id, "failed", "the worker running this trial stopped sending heartbeats (killed or lost)")
+
+
+class MlflowTracker(Tracker):
     """Logs a study to an MLflow tracking store (``sqlite:///...`` or ``http://host:port``).
 
     The store must be reachable when the tracker is created (otherwise a :class:`NasError`
@@ -70,12 +147,12 @@ class Tracker:
     """
 
     def __init__(
-        self, uri: str, experiment: str, artifact_dir: str | Path | None = None, log: Callable[[str], None] = print, retry_seconds: float = 30.0
+        self, uri: str, experiment: str, artifact_dir: str | Path | None = None, log: Log = print, retry_seconds: float = 30.0
     ) -> None:
         # fail fast instead of MLflow's long default HTTP retry schedule (a user's own settings win)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        import mlflow
+        import mlflow  # deferred: a heavy optional library, imported only when tracking is on
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
 
@@ -188,7 +265,7 @@ class Tracker:
     # ------------------------------------------------------------------ study
     def start_study(self, study: optuna.Study, params: Mapping[str, Any], tags: Mapping[str, Any], texts: Mapping[str, str]) -> str:
         """Create (or, on resume, reopen) the study's parent run and log its description."""
-        run_id = study.user_attrs.get("mlflow_parent_run_id")
+        run_id = StudyRecord.load(study).mlflow_parent_run_id
         if run_id is not None:
             try:
                 self.client.update_run(run_id, status="RUNNING")
@@ -199,7 +276,7 @@ class Tracker:
             self.experiment_id, run_name=f"study:{study.study_name}", tags={"asymnas.role": "study", "optuna.study_name": study.study_name}
         )
         run_id = run.info.run_id
-        study.set_user_attr("mlflow_parent_run_id", run_id)
+        StudyWriter(study).parent_run(run_id)
         self.log(run_id, params=params, tags=tags)
         for name, text in texts.items():
             self.log_text(run_id, text, name)
@@ -242,7 +319,7 @@ class Tracker:
             return run.info.run_id
 
         run_id = self._guard(create, f"the run of trial {trial.number}") or placeholder
-        trial.set_user_attr("mlflow_run_id", run_id)
+        TrialWriter(trial).mlflow_run(run_id)
         return run_id
 
     def start_baseline(self, parent_id: str, study_name: str, name: str) -> str:
@@ -273,12 +350,6 @@ class Tracker:
         self.log(run_id, metrics=metrics, tags=tags)
         self._guard(lambda: self.client.set_terminated(self._resolve(run_id), status=RUN_STATUS[state]), f"the end of run {run_id}")
 
-    def close_stale_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Optuna's heartbeat callback: the trial's process died, so its run is FAILED."""
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id is not None:
-            self.end_trial(run_id, "failed", "the worker running this trial stopped sending heartbeats (killed or lost)")
-
     def reconcile(self, study: optuna.Study) -> int:
         """Close child runs left RUNNING by a crashed process whose trial is no longer running.
 
@@ -287,7 +358,7 @@ class Tracker:
         closed = 0
         states = (optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         for trial in study.get_trials(deepcopy=False, states=states):
-            run_id = trial.user_attrs.get("mlflow_run_id")
+            run_id = TrialRecord.from_trial(trial).mlflow_run_id
             if run_id is None:
                 continue
             try:
@@ -313,41 +384,57 @@ class Tracker:
                 return runs
 
 
-class NullTracker:
-    """Tracking switched off (``tracking.enabled: false``): every call does nothing."""
+class NullTracker(Tracker):
+    """Tracking switched off (``tracking.enabled: false``): every call does nothing, run ids are ``""``."""
 
     uri = None
     seconds = 0.0
 
-    def log(self, *args: Any, **kwargs: Any) -> None:
+    def log(
+        self,
+        run_id: str,
+        params: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        step: int = 0,
+    ) -> None:
         pass
 
-    def log_text(self, *args: Any, **kwargs: Any) -> None:
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         pass
 
-    def log_artifact(self, *args: Any, **kwargs: Any) -> None:
+    def log_artifact(self, run_id: str, path: str | Path) -> None:
         pass
 
-    def start_study(self, *args: Any, **kwargs: Any) -> str:
+    def flush(self) -> None:
+        pass
+
+    def start_study(self, study: optuna.Study, params: Mapping[str, Any], tags: Mapping[str, Any], texts: Mapping[str, str]) -> str:
         return ""
 
-    def end_study(self, *args: Any, **kwargs: Any) -> None:
+    def end_study(self, run_id: str, metrics: Mapping[str, float] | None = None, tags: Mapping[str, Any] | None = None, status: str = "FINISHED") -> None:
         pass
 
-    def start_trial(self, *args: Any, **kwargs: Any) -> str:
+    def start_trial(self, parent_id: str, trial: optuna.Trial) -> str:
         return ""
 
-    def start_baseline(self, *args: Any, **kwargs: Any) -> str:
+    def start_baseline(self, parent_id: str, study_name: str, name: str) -> str:
         return ""
 
-    def end_trial(self, *args: Any, **kwargs: Any) -> None:
+    def end_trial(self, run_id: str, state: str, reason: str | None = None, metrics: Mapping[str, float] | None = None) -> None:
         pass
 
-    def reconcile(self, *args: Any, **kwargs: Any) -> int:
+    def reconcile(self, study: optuna.Study) -> int:
         return 0
 
-    def close_stale_trial(self, *args: Any, **kwargs: Any) -> None:
-        pass
+
+def make_tracker(config: ExperimentConfig, log: Log = print) -> Tracker:
+    """The tracker of ``config``: a :class:`NullTracker` when ``tracking.enabled`` is false, else an
+    :class:`MlflowTracker` on ``config.tracking_uri`` (experiment ``tracking.experiment``, default the
+    study name; a local store keeps artifacts in ``<out>/mlartifacts``)."""
+    if not config.tracking.enabled:
+        return NullTracker()
+    return MlflowTracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts", log=log)
 
 
 def register_onnx_model(uri: str, run_id: str, onnx_path: str | Path, name: str, tags: Mapping[str, Any]) -> str:
@@ -357,7 +444,7 @@ def register_onnx_model(uri: str, run_id: str, onnx_path: str | Path, name: str,
     it loads back with ``mlflow.onnx.load_model(f"models:/{name}/{version}")`` or as a
     pyfunc. Returns the version.
     """
-    import mlflow
+    import mlflow  # deferred: heavy optional libraries, needed only when a model is registered
     import onnx
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)

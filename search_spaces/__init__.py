@@ -5,17 +5,23 @@ from __future__ import annotations
 from search_spaces._base import Architecture, SearchSpace
 from search_spaces._blocks import BlockSpec, decode_block, encode_block
 from search_spaces._efficientnet import EfficientNetSpace
+from search_spaces._head import EmbeddingHead, L2Normalise
+from search_spaces._macs import count_macs
 from search_spaces._mobilenet import MobileNetSpace
-from search_spaces._net import QueryNet, TimmQueryNet, build, count_macs
+from search_spaces._net import QueryNet, TimmQueryNet, build
 from search_spaces._resnet import ResNetSpace
-from search_spaces._timm_zoo import FAMILIES as TIMM_FAMILIES
-from search_spaces._timm_zoo import TimmZooSpace, timm_architecture
+from search_spaces._timm_builder import timm_model_exists
+from search_spaces._timm_models import FAMILIES as TIMM_FAMILIES
+from search_spaces._timm_models import timm_architecture
+from search_spaces._timm_zoo import TimmZooSpace
 from search_spaces._registry import create_space, list_spaces, register_space, space_options
 
 __all__ = [
     "Architecture",
     "BlockSpec",
     "EfficientNetSpace",
+    "EmbeddingHead",
+    "L2Normalise",
     "MobileNetSpace",
     "QueryNet",
     "ResNetSpace",
@@ -32,4 +38,5 @@ __all__ = [
     "register_space",
     "space_options",
     "timm_architecture",
+    "timm_model_exists",
 ]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from search_spaces._base import Architecture
+from search_spaces._head import EmbeddingHead
 from search_spaces._timm_builder import activation, build_stages, create_timm_model, init_weights, scale_channels
+from search_spaces._timm_models import timm_kwargs
 
-__all__ = ["QueryNet", "TimmQueryNet", "build", "count_macs"]
+__all__ = ["QueryNet", "TimmQueryNet", "build"]
 
 
 class QueryNet(nn.Module):
@@ -39,7 +39,7 @@ class QueryNet(nn.Module):
             self.num_features = chs
             self.conv_head, self.bn2, self.act2 = nn.Identity(), nn.Identity(), nn.Identity()
         self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.embed = nn.Linear(self.num_features, arch.embed_dim)
+        self.embed = EmbeddingHead(self.num_features, arch.embed_dim)
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ class QueryNet(nn.Module):
         x = torch.flatten(self.global_pool(x), 1)
         if pre_logits:
             return x
-        return F.normalize(self.embed(x), dim=1)
+        return self.embed(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -77,8 +77,6 @@ class TimmQueryNet(nn.Module):
 
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
-        from search_spaces._timm_zoo import timm_kwargs
-
         self.arch = arch
         self.model = create_timm_model(arch.timm_model, arch.in_chans, **timm_kwargs(arch))
         with torch.no_grad():
@@ -87,7 +85,7 @@ class TimmQueryNet(nn.Module):
             probe = self.model.forward_head(self.model.forward_features(torch.zeros(1, arch.in_chans, arch.resolution, arch.resolution)), pre_logits=True)
             self.model.train(was_training)
         self.num_features = int(probe.shape[1])
-        self.embed = nn.Linear(self.num_features, arch.embed_dim)
+        self.embed = EmbeddingHead(self.num_features, arch.embed_dim)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
@@ -96,7 +94,7 @@ class TimmQueryNet(nn.Module):
         x = self.model.forward_head(x, pre_logits=True)
         if pre_logits:
             return x
-        return F.normalize(self.embed(x), dim=1)
+        return self.embed(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -126,12 +124,12 @@ class _Head(nn.Module):
     Built from the net's own layers, so its ``repr`` spells out what it computes.
     """
 
-    def __init__(self, pool: nn.Module, embed: nn.Linear) -> None:
+    def __init__(self, pool: nn.Module, embed: EmbeddingHead) -> None:
         super().__init__()
         self.pool, self.embed = pool, embed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.embed(self.pool(x)), dim=1)
+        return self.embed(self.pool(x))
 
 
 class _Features(nn.Module):
@@ -158,15 +156,3 @@ def build(arch: Architecture) -> QueryNet | TimmQueryNet:
         return TimmQueryNet(arch)
     return QueryNet(arch)
 
-
-def count_macs(arch: Architecture) -> float:
-    """Multiply-accumulates of one batch-1 forward pass (torch's FLOP counter, halved).
-
-    Used to order a space's members (e.g. to find its smallest); the budgets' MFLOPs are
-    fvcore's count (``nas.budgets.count_mflops``), which agrees on conv / linear layers.
-    """
-    model = build(arch).eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(1, arch.in_chans, arch.resolution, arch.resolution))
-    return counter.get_total_flops() / 2

@@ -29,6 +29,7 @@ from typing import Any
 import optuna
 
 from search_spaces._base import Architecture, SearchSpace, choices
+from search_spaces._macs import count_macs
 from search_spaces._registry import register_space
 from search_spaces._timm_builder import scale_channels
 
@@ -96,8 +97,6 @@ class ResNetSpace(SearchSpace):
         return self.make(resolution, block, stages)
 
     def extreme(self, smallest: bool = True, resolution: int | None = None) -> Architecture:
-        from search_spaces._net import count_macs
-
         pick = min if smallest else max
         res = resolution if resolution is not None else pick(self.resolutions)
         stages = [(pick(d), pick(w)) for d, w in zip(self.depths, self.widths, strict=True)]

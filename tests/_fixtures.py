@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nas.data import ImageSet
+
 #: idx type codes of the numpy dtypes the MNIST idx format allows.
 IDX_TYPE_CODES = {
     np.dtype(np.uint8): 0x08,
@@ -63,11 +65,9 @@ def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
     return images.copy(), labels.copy()
 
 
-def digits_image_set(per_class: int | None = None, size: int | None = None):
+def digits_image_set(per_class: int | None = None, size: int | None = None) -> ImageSet:
     """The digits as an :class:`nas.data.ImageSet` ``(N, H, W, 1)``; optionally ``per_class`` images of
     each class (the first ones) and upsampled to ``size`` (nearest neighbour, stays uint8)."""
-    from nas.data import ImageSet
-
     images, labels = digits_uint8()
     if per_class is not None:
         keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)])

@@ -1,4 +1,4 @@
-"""nas.budgets: MAC and parameter counts, peak memory, latency, and the cheapest-first budget check."""
+"""nas.hardware: MAC and parameter counts, peak memory, latency, and the cheapest-first budget check."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from nas.budgets import (
+from nas.config import BudgetConfig, LatencyConfig
+from nas.errors import BudgetError, ConfigError
+from nas.hardware import (
+    BUDGETS,
     Budget,
-    LatencyBudget,
-    MemoryBudget,
-    MflopsBudget,
-    ParamsBudget,
     check_budgets,
     count_mflops,
     count_params_m,
@@ -22,8 +21,7 @@ from nas.budgets import (
     measure_latency_of_input,
     measure_peak_memory_mb,
 )
-from nas.config import BudgetConfig, LatencyConfig
-from nas.errors import BudgetError, ConfigError
+from nas.hardware.budgets import LatencyBudget, MemoryBudget, MflopsBudget, ParamsBudget
 from search_spaces import build, create_space
 
 
@@ -151,6 +149,13 @@ def test_make_budgets_cheapest_first() -> None:
     assert isinstance(budgets[3], LatencyBudget) and budgets[3].config == FAST_LATENCY
 
 
+def test_budgets_registry_is_keyed_by_the_recorded_name() -> None:
+    assert set(BUDGETS.names()) == {"params_m", "mflops", "memory_mb", "latency_ms"}
+    assert all(BUDGETS.get(name).name == name for name in BUDGETS.names())
+    with pytest.raises(ConfigError, match="Did you mean 'mflops'"):
+        BUDGETS.get("mflop")
+
+
 def test_make_budgets_without_limits_measures_everything() -> None:
     budgets = make_budgets(BudgetConfig(latency=FAST_LATENCY))
     assert len(budgets) == 4 and all(b.limit is None for b in budgets)
@@ -265,8 +270,10 @@ def test_rejected_large_candidate_completes_without_measuring_latency() -> None:
 def test_latency_config_runtimes_and_options() -> None:
     for runtime in ("torch", "onnxruntime", "cuda"):
         assert LatencyConfig(runtime=runtime).runtime == runtime
-    with pytest.raises(ConfigError, match="'torch', 'onnxruntime', 'cuda', but got 'tflite'"):
+    with pytest.raises(ConfigError, match="budgets.latency.runtime must be one of 'torch', 'onnxruntime', 'cuda', .* but got 'tflite'"):
         LatencyConfig(runtime="tflite")
+    with pytest.raises(ConfigError, match="Did you mean 'onnxruntime'"):
+        LatencyConfig(runtime="onnxruntim")
     with pytest.raises(ConfigError, match="margin"):
         LatencyConfig(margin=-0.1)
     with pytest.raises(ConfigError, match="margin"):

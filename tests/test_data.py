@@ -1,4 +1,4 @@
-"""nas.data: idx files, the Fashion-MNIST and image-folder loaders, the split, preprocessing."""
+"""nas.data: idx files, the Fashion-MNIST and image-folder loaders, the data set registry, the split, preprocessing."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ from PIL import Image
 
 from nas.config import DataConfig
 from nas.data import (
+    DATASETS,
+    DatasetEntry,
     ImageSet,
+    RetrievalData,
+    Split,
     iter_batches,
-    list_datasets,
-    load_dataset,
     load_fashion_mnist,
     load_image_folder,
+    load_retrieval_data,
     preprocess,
     read_idx,
     stratified_split,
@@ -26,9 +29,9 @@ from nas.data import (
 from nas.errors import ConfigError, DataError
 
 try:
-    from _fixtures import FASHION_MNIST_NAMES, digits_uint8, idx_bytes, write_fashion_mnist_folder, write_idx
+    from _fixtures import FASHION_MNIST_NAMES, digits_image_set, digits_uint8, idx_bytes, write_fashion_mnist_folder, write_idx
 except ImportError:  # tests/ imported as a package
-    from tests._fixtures import FASHION_MNIST_NAMES, digits_uint8, idx_bytes, write_fashion_mnist_folder, write_idx
+    from tests._fixtures import FASHION_MNIST_NAMES, digits_image_set, digits_uint8, idx_bytes, write_fashion_mnist_folder, write_idx
 
 
 # --------------------------------------------------------------------------- read_idx
@@ -192,22 +195,95 @@ def test_load_fashion_mnist_mismatched_counts_is_data_error(tmp_path: Path) -> N
         load_fashion_mnist(tmp_path)
 
 
-def test_load_dataset_fashion_mnist_with_three_channels(tmp_path: Path) -> None:
+def test_load_retrieval_data_fashion_mnist_with_three_channels(tmp_path: Path) -> None:
     write_fashion_mnist_folder(tmp_path, n_train=500)
-    data = load_dataset(DataConfig(dataset="fashion_mnist", path=str(tmp_path), channels=3))
+    data = load_retrieval_data(DataConfig(dataset="fashion_mnist", path=str(tmp_path), channels=3)).data
     assert data.images.shape == (1797, 8, 8, 3)
     np.testing.assert_array_equal(data.images[..., 0], data.images[..., 2])
 
 
-def test_load_dataset_unknown_name_is_config_error() -> None:
-    assert list_datasets() == ["cub200", "fashion_mnist", "image_folder", "inshop", "roxford5k", "rparis6k", "sop"]
+def test_unknown_dataset_name_is_config_error() -> None:
+    assert sorted(DATASETS.names()) == ["cub200", "fashion_mnist", "image_folder", "inshop", "roxford5k", "rparis6k", "sop"]
     with pytest.raises(ConfigError, match="Did you mean 'image_folder'"):
-        load_dataset(DataConfig(dataset="image_foldr", path="/x"))
+        load_retrieval_data(DataConfig(dataset="image_foldr", path="/x"))
 
 
-def test_load_dataset_image_folder_needs_a_path() -> None:
+def test_load_retrieval_data_image_folder_needs_a_path() -> None:
     with pytest.raises(ConfigError, match="data.path"):
-        load_dataset(DataConfig(dataset="image_folder"))
+        load_retrieval_data(DataConfig(dataset="image_folder"))
+
+
+# --------------------------------------------------------------------------- the data set registry
+
+TINY = "tiny_digits"
+
+
+def _read_tiny(config: DataConfig) -> ImageSet:
+    """A data set without files: 20 of each of scikit-learn's digits, in memory."""
+    return digits_image_set(per_class=20)
+
+
+@pytest.fixture
+def tiny_digits():
+    """A labelled data set registered for one test, as a new loader module would register it."""
+    DATASETS.add(TINY, DatasetEntry.labelled(_read_tiny, channels=1, default_path="(in memory)"))
+    yield TINY
+    del DATASETS._entries[TINY]  # the Registry has no public removal: only a test takes an entry out
+
+
+def test_a_registered_data_set_is_accepted_and_loads(tiny_digits: str) -> None:
+    config = DataConfig(dataset=tiny_digits)
+    assert tiny_digits in DATASETS.names()
+    assert config.resolved_channels == 1 and config.resolved_path == "(in memory)"
+    assert config.resolved_protocol == "same_classes" and not config.resolved_query_is_gallery
+    got = load_retrieval_data(config)
+    expected = digits_image_set(per_class=20)
+    assert isinstance(got, RetrievalData) and got.ground_truth is None and got.files == ()
+    assert got.data.fingerprint() == expected.fingerprint()
+    split = stratified_split(expected.labels, config.train, config.val, config.query, config.gallery, config.seed)
+    assert got.split.fingerprint() == split.fingerprint()
+    # the data.* fields apply to it like to any labelled data set
+    rgb = load_retrieval_data(DataConfig(dataset=tiny_digits, channels=3, protocol="class_disjoint"))
+    assert rgb.data.images.shape == (200, 8, 8, 3)
+    assert rgb.split.query_is_gallery and rgb.split.val_against == "val"
+    assert not set(rgb.data.labels[rgb.split.train]) & set(rgb.data.labels[rgb.split.query])
+
+
+def test_a_registered_benchmark_declares_its_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    def load(config: DataConfig) -> RetrievalData:
+        data = digits_image_set(per_class=4)
+        order = np.arange(len(data.labels))
+        return RetrievalData(data, Split(order[:10], order[10:20], order[20:], order[20:], query_is_gallery=True, val_against="val"))
+
+    monkeypatch.setitem(DATASETS._entries, "tiny_bench", DatasetEntry.benchmark(load, protocol="class_disjoint", query_is_gallery=True))
+    config = DataConfig(dataset="tiny_bench", path="/nowhere")
+    assert config.resolved_protocol == "class_disjoint" and config.resolved_query_is_gallery and config.resolved_channels == 3
+    got = load_retrieval_data(config)
+    assert got.data.channels == 3 and got.split.sizes() == {"train": 10, "val": 10, "query": 20, "gallery": 20}
+    with pytest.raises(ConfigError, match="its files fix the split"):
+        DataConfig(dataset="tiny_bench", protocol="same_classes")
+    with pytest.raises(ConfigError, match="query and gallery are the same"):
+        DataConfig(dataset="tiny_bench", query_is_gallery=False)
+    with pytest.raises(ConfigError, match="data.path must be set"):
+        load_retrieval_data(DataConfig(dataset="tiny_bench"))
+
+
+def test_an_unknown_data_set_name_suggests_the_registered_one(tiny_digits: str) -> None:
+    with pytest.raises(ConfigError, match=r"data\.dataset must be one of .*'tiny_digits'.*Did you mean 'tiny_digits'\?"):
+        DataConfig(dataset="tiny_digit")
+    with pytest.raises(ConfigError, match="Did you mean 'tiny_digits'"):
+        DATASETS.get("tiny_digitz")
+    with pytest.raises(ConfigError, match="data.protocol.*Did you mean 'class_disjoint'"):
+        DataConfig(dataset=tiny_digits, protocol="disjoint")
+
+
+def test_a_data_set_entry_states_both_split_facts_or_neither() -> None:
+    with pytest.raises(ValueError, match="protocol and query_is_gallery"):
+        DatasetEntry(_read_tiny, protocol="class_disjoint")
+    with pytest.raises(ValueError, match="channels"):
+        DatasetEntry.labelled(_read_tiny, channels=2)
+    with pytest.raises(ValueError, match="registered twice"):
+        DATASETS.add("fashion_mnist", DatasetEntry.labelled(_read_tiny))
 
 
 # --------------------------------------------------------------------------- image folders
@@ -321,10 +397,12 @@ def test_load_image_folder_empty_class_dir_is_data_error(tmp_path: Path) -> None
     assert "zebras" in str(info.value)
 
 
-def test_load_dataset_image_folder_to_gray(tmp_path: Path) -> None:
-    _write_image_folder(tmp_path / "set", per_class=2)
-    data = load_dataset(DataConfig(dataset="image_folder", path=str(tmp_path / "set"), image_size=8, channels=1))
-    assert data.images.shape == (6, 8, 8, 1)
+def test_load_retrieval_data_image_folder_to_gray(tmp_path: Path) -> None:
+    _write_image_folder(tmp_path / "set", per_class=10)
+    fractions = dict(train=0.3, val=0.2, query=0.2, gallery=0.3)
+    got = load_retrieval_data(DataConfig(dataset="image_folder", path=str(tmp_path / "set"), image_size=8, channels=1, **fractions))
+    assert got.data.images.shape == (30, 8, 8, 1)
+    assert got.split.sizes() == {"train": 9, "val": 6, "query": 6, "gallery": 9}
 
 
 # --------------------------------------------------------------------------- ImageSet

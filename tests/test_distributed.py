@@ -23,7 +23,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from nas.study import counted_trials
+from nas.results import counted_trials
 
 pytestmark = pytest.mark.postgres
 

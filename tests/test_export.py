@@ -11,11 +11,13 @@ import torch
 
 from nas import load_query_model
 from nas.config import config_from_dict
-from nas.data import load_dataset, split_dataset
+from nas.data import load_retrieval_data
 from nas.errors import NasError
 from nas.export import MAX_MAP_DIFF, MIN_COSINE, export_trial
-from nas.gallery import embed
-from nas.study import best_trial, run_search
+from nas.records import StudyRecord, TrialRecord
+from nas.results import best_trial, pareto_front
+from nas.scoring import embed
+from nas.search.driver import run_search
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +55,14 @@ def test_loaded_model_gives_the_trial_embeddings(exported) -> None:
     config, study, out, _ = exported
     model = load_query_model(out)
     best = best_trial(study)
-    assert model.arch.to_string() == best.user_attrs["arch"]
-    data = load_dataset(config.data)
-    split = split_dataset(data, config.data)
+    assert model.arch.to_string() == best.arch
+    retrieval = load_retrieval_data(config.data)
+    data, split = retrieval.data, retrieval.split
     from safetensors.torch import load_file
     from search_spaces import build
 
     reference = build(model.arch)
-    reference.load_state_dict(load_file(best.user_attrs["weights"]))
+    reference.load_state_dict(load_file(best.weights))
     images = data.images[split.query[:64]]
     np.testing.assert_allclose(embed(model, images, model.arch.resolution), embed(reference, images, model.arch.resolution), atol=1e-6)
 
@@ -82,10 +84,10 @@ def test_model_card_states_the_measured_numbers(exported) -> None:
     _, study, out, verification = exported
     best = best_trial(study)
     card = (out / "MODEL_CARD.md").read_text()
-    assert f"{best.user_attrs['budgets']['mflops']:.4f}" in card and "multiply-accumulates" in card
-    assert f"{best.user_attrs['metrics']['query_mAP']:.4f}" in card
+    assert f"{best.budgets['mflops']:.4f}" in card and "multiply-accumulates" in card
+    assert f"{best.metrics['query_mAP']:.4f}" in card
     assert "torch runtime, 1 thread(s), batch 1" in card
-    assert study.user_attrs["gallery_sha256"] in card
+    assert StudyRecord.load(study).gallery_sha256 in card
     assert f"onnx {verification['min_cosine']['onnx']:.6f}" in card
     q = verification["int8"]
     assert f"asymmetric query mAP {q['query_mAP']:.4f}, a drop of {q['mAP_drop_from_float']:.4f}" in card
@@ -125,12 +127,10 @@ def test_only_complete_trials_can_be_exported(exported, tmp_path: Path) -> None:
 
 
 def test_pareto_point_and_format_subset(exported, tmp_path: Path) -> None:
-    from nas.study import pareto_front
-
     _, study, _, _ = exported
     front = pareto_front(study)
     assert front, "a study with complete trials has a Pareto front"
-    mflops = [t.user_attrs["budgets"]["mflops"] for t in front]
+    mflops = [t.budgets["mflops"] for t in front]
     assert mflops == sorted(mflops)
     values = [t.value for t in front]
     assert values == sorted(values)  # more MFLOPs only on the front when it buys val mAP
@@ -144,14 +144,14 @@ def test_export_retrains_a_trial_whose_weights_were_not_kept(tmp_path: Path, tin
     raw = tiny_config(tmp_path / "run", search__trials=2, budgets__max_mflops=None)
     study = run_search(config_from_dict(raw), log=lambda _: None)
     best = best_trial(study)
-    Path(best.user_attrs["weights"]).unlink()
+    Path(best.weights).unlink()
     logs: list[str] = []
     verification = export_trial(study, "best", tmp_path / "export", formats="state_dict,onnx", log=logs.append)
     assert verification["retrained"] and verification["passed"]
     assert any("were not kept" in line and "retraining" in line for line in logs)
     assert "retrained" in (tmp_path / "export" / "MODEL_CARD.md").read_text()
     # same architecture, same seed, same data: the retrained net scores what the trial scored
-    assert verification["query_mAP"]["onnx"] == pytest.approx(best.user_attrs["metrics"]["query_mAP"], abs=0.01)
+    assert verification["query_mAP"]["onnx"] == pytest.approx(best.metrics["query_mAP"], abs=0.01)
 
 
 def test_torchscript_runs_without_our_code(exported) -> None:
@@ -173,8 +173,8 @@ def test_export_registers_a_loadable_model(exported) -> None:
     client = mlflow.tracking.MlflowClient(config.tracking_uri)
     tags = client.get_model_version(name, version).tags
     best = best_trial(study)
-    assert tags["mflops"] == f"{best.user_attrs['budgets']['mflops']:.4f}"
-    assert tags["query_mAP"] == f"{best.user_attrs['metrics']['query_mAP']:.4f}"
+    assert tags["mflops"] == f"{best.budgets['mflops']:.4f}"
+    assert tags["query_mAP"] == f"{best.metrics['query_mAP']:.4f}"
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(config.tracking_uri)
     try:
@@ -187,7 +187,7 @@ def test_export_registers_a_loadable_model(exported) -> None:
     exported_file = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(["embeddings"], {"images": x})[0]
     np.testing.assert_allclose(registered, exported_file, atol=1e-6)
     # registering did not change the trial's run status
-    assert client.get_run(best.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+    assert client.get_run(best.mlflow_run_id).info.status == "FINISHED"
 
 
 def test_export_of_a_warm_started_timm_trial(tmp_path: Path, tiny_config) -> None:
@@ -195,7 +195,7 @@ def test_export_of_a_warm_started_timm_trial(tmp_path: Path, tiny_config) -> Non
     raw = tiny_config(tmp_path / "run", search__trials=1, budgets__max_mflops=None, search__warm_start=["lcnet_035@32"], train__epochs=1)
     study = run_search(config_from_dict(raw), log=lambda _: None)
     (trial,) = study.trials  # the warm-start trial is the one trial of this run
-    assert "model=lcnet_035" in trial.user_attrs["arch"]
+    assert "model=lcnet_035" in TrialRecord.from_trial(trial).arch
     verification = export_trial(study, str(trial.number), tmp_path / "export", log=lambda _: None)
     assert verification["passed"] and set(verification["min_cosine"]) == {"reloaded", "torchscript", "onnx"}
     model = load_query_model(tmp_path / "export")

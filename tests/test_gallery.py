@@ -17,13 +17,13 @@ from nas.errors import ConfigError, GalleryError
 from nas.gallery import (
     GalleryNet,
     create_gallery_net,
-    embed,
     file_sha256,
     gallery_embeddings,
     load_gallery,
     save_gallery,
     train_gallery,
 )
+from nas.scoring import embed
 
 try:
     from _fixtures import digits_image_set

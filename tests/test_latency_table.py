@@ -1,4 +1,4 @@
-"""nas.latency_table: per-piece latencies cached on disk, predictions, and the predicted-reject path."""
+"""nas.hardware.latency_table: per-piece latencies cached on disk, predictions, and the predicted-reject path."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-import nas.budgets
-import nas.latency_table
-from nas.budgets import LatencyBudget, check_budgets, make_budgets, measure_latency
+import nas.hardware.budgets
+import nas.hardware.latency_table
 from nas.config import BudgetConfig, LatencyConfig
-from nas.latency_table import LatencyTable, default_table_dir, default_table_path, machine_header, piece_key, split_pieces
+from nas.hardware import check_budgets, make_budgets, measure_latency
+from nas.hardware.budgets import LatencyBudget
+from nas.hardware.latency_table import LatencyTable, default_table_dir, default_table_path, machine_header, piece_key, split_pieces
 from search_spaces import build, create_space
 
 
@@ -29,13 +30,13 @@ def small_arch():
 def count_measurements(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     """Record the input shape of every piece (and overhead) measurement the table makes."""
     calls: list[tuple[int, ...]] = []
-    real = nas.latency_table.measure_latency_of_input
+    real = nas.hardware.latency_table.measure_latency_of_input
 
     def counting(model, shape, cfg):
         calls.append(tuple(shape))
         return real(model, shape, cfg)
 
-    monkeypatch.setattr(nas.latency_table, "measure_latency_of_input", counting)
+    monkeypatch.setattr(nas.hardware.latency_table, "measure_latency_of_input", counting)
     return calls
 
 
@@ -43,7 +44,7 @@ def forbid_measurements(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("measured although it should not have been")
 
-    monkeypatch.setattr(nas.latency_table, "measure_latency_of_input", fail)
+    monkeypatch.setattr(nas.hardware.latency_table, "measure_latency_of_input", fail)
 
 
 # --------------------------------------------------------------------------- keys and paths
@@ -208,7 +209,7 @@ def test_predicted_over_the_margin_is_rejected_without_measuring(config: Latency
     def no_measurement(*args, **kwargs):
         raise AssertionError("the candidate was measured")
 
-    monkeypatch.setattr(nas.budgets, "measure_latency", no_measurement)
+    monkeypatch.setattr(nas.hardware.budgets, "measure_latency", no_measurement)
     forbid_measurements(monkeypatch)  # everything comes from the table
     limit = predicted / 2
     budgets = make_budgets(BudgetConfig(max_latency_ms=limit, latency=config))
@@ -228,13 +229,13 @@ def test_predicted_within_the_margin_is_measured(config: LatencyConfig, monkeypa
     net = build(arch)
     predicted = LatencyTable(config).predict(net, arch.resolution, 1)
     calls: list[int] = []
-    real = nas.budgets.measure_latency
+    real = nas.hardware.budgets.measure_latency
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(nas.budgets, "measure_latency", counting)
+    monkeypatch.setattr(nas.hardware.budgets, "measure_latency", counting)
     # just above the limit, but within the 15% margin: measured, and judged on the measurement
     budget = LatencyBudget(predicted / 1.1, config)
     measured = budget.measure(net, arch.resolution, 1)

@@ -15,7 +15,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from nas.config import config_from_dict
-from nas.study import open_study, run_search
+from nas.search.driver import run_search
+from nas.search.optuna_setup import open_study
 
 
 def _running_trial_in_training(db: Path, name: str) -> bool:

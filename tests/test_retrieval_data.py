@@ -1,4 +1,4 @@
-"""nas.retrieval_data: the benchmark loaders on tiny fixtures written in the official layouts,
+"""nas.data's benchmarks: the loaders on tiny fixtures written in the official layouts,
 the class-disjoint and query=gallery split modes, split-aware scoring, and the revisited
 Oxford/Paris mAP / mP@k (nas.metrics) on hand-computed cases."""
 
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nas.config import BENCHMARKS, DATASETS, DataConfig, config_from_dict
-from nas.data import Split, class_disjoint_split, list_datasets, load_dataset, split_dataset
-from nas.errors import ConfigError, DataError
-from nas.metrics import REVISITED_PROTOCOLS, retrieval_metrics, revisited_ground_truth, revisited_metrics, revisited_protocol_metrics
-from nas.retrieval_data import (
+from nas.config import DataConfig, config_from_dict
+from nas.data import (
+    DATASETS,
     RetrievalData,
+    Split,
+    class_disjoint_split,
     load_cub200,
     load_inshop,
     load_retrieval_data,
@@ -26,8 +26,11 @@ from nas.retrieval_data import (
     load_roxford5k,
     load_rparis6k,
     load_sop,
-    score_part,
+    split_dataset,
 )
+from nas.errors import ConfigError, DataError
+from nas.metrics import REVISITED_PROTOCOLS, retrieval_metrics, revisited_ground_truth, revisited_metrics, revisited_protocol_metrics
+from nas.scoring import score_part
 
 SIZE = 8  # image_size the loaders resize to
 
@@ -424,8 +427,9 @@ def test_revisited_gnd_file_cannot_run_code(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_dataset_names_are_wired() -> None:
-    assert list_datasets() == sorted(DATASETS)
-    assert set(BENCHMARKS) == {"cub200", "sop", "inshop", "roxford5k", "rparis6k"}
+    assert DATASETS.names() == ("fashion_mnist", "image_folder", "cub200", "sop", "inshop", "roxford5k", "rparis6k")
+    benchmarks = {name for name in DATASETS.names() if DATASETS.get(name).fixed_split}
+    assert benchmarks == {"cub200", "sop", "inshop", "roxford5k", "rparis6k"}
     with pytest.raises(ConfigError, match="Did you mean 'cub200'"):
         DataConfig(dataset="cub_200")
 
@@ -460,13 +464,23 @@ def test_load_entry_points_for_a_benchmark(tmp_path: Path) -> None:
     config = DataConfig(dataset="cub200", path=str(tmp_path), image_size=SIZE, val_classes=0.75, seed=1)
     got = load_retrieval_data(config)
     assert got.split.sizes() == {"train": 3, "val": 9, "query": 12, "gallery": 12}
-    assert load_dataset(config).fingerprint() == got.data.fingerprint()
+    assert load_cub200(tmp_path, SIZE, val_classes=0.75, seed=1).split.fingerprint() == got.split.fingerprint()
     with pytest.raises(ValueError, match="load_retrieval_data"):
         split_dataset(got.data, config)
     with pytest.raises(ConfigError, match="data.path"):
         load_retrieval_data(DataConfig(dataset="sop"))
-    gray = load_dataset(DataConfig(dataset="cub200", path=str(tmp_path), image_size=SIZE, channels=1))
+    gray = load_retrieval_data(DataConfig(dataset="cub200", path=str(tmp_path), image_size=SIZE, channels=1)).data
     assert gray.images.shape == (24, SIZE, SIZE, 1)
+
+
+@pytest.mark.parametrize("name", ["cub200", "sop", "inshop", "roxford5k"])
+def test_each_benchmark_loads_as_its_entry_declares(tmp_path: Path, name: str) -> None:
+    writers = {"cub200": write_cub, "sop": write_sop, "inshop": write_inshop, "roxford5k": write_revisited}
+    writers[name](tmp_path)
+    entry, config = DATASETS.get(name), DataConfig(dataset=name, path=str(tmp_path), image_size=SIZE)
+    got = load_retrieval_data(config)
+    assert entry.fixed_split and got.query_is_gallery == entry.query_is_gallery == config.resolved_query_is_gallery
+    assert (got.ground_truth is not None) == (entry.protocol == "revisited") == (not entry.has_classes)
 
 
 # --------------------------------------------------------------------------- class-disjoint and query=gallery on real data

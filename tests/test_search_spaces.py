@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import search_spaces
-from nas.budgets import count_mflops, count_params_m
+from nas.hardware import count_mflops, count_params_m
 from search_spaces import (
     Architecture,
     BlockSpec,
+    EmbeddingHead,
+    L2Normalise,
     MobileNetSpace,
     QueryNet,
     SearchSpace,
@@ -678,3 +680,36 @@ def test_timm_zoo_samples_registered_variants() -> None:
         assert f"width_{trial.params['family']}" in trial.params
         study.tell(trial, 0.0)
     assert seen <= {"lcnet_035", "lcnet_050", "resnet18"} and "resnet18" in seen
+
+
+def test_timm_model_exists_is_public() -> None:
+    assert search_spaces.timm_model_exists("resnet18")
+    assert not search_spaces.timm_model_exists("mobilenetv9")
+
+
+# --------------------------------------------------------------------------- the one embedding head
+
+
+def test_embedding_head_is_a_linear_layer_that_normalises() -> None:
+    torch.manual_seed(0)
+    head = EmbeddingHead(6, 4)
+    assert isinstance(head, torch.nn.Linear)
+    assert list(head.state_dict()) == ["weight", "bias"]  # what an nn.Linear stores: checkpoints load
+    x = torch.randn(5, 6)
+    out = head(x)
+    assert torch.allclose(out, torch.nn.functional.normalize(x @ head.weight.t() + head.bias, dim=1))
+    assert torch.allclose(out.norm(dim=1), torch.ones(5), atol=1e-6)
+    assert list(L2Normalise().state_dict()) == []
+    assert torch.equal(L2Normalise()(x), torch.nn.functional.normalize(x, dim=1))
+
+
+@pytest.mark.parametrize("space_name", ["mobilenet", "resnet", "timm_zoo"])
+def test_every_net_ends_with_the_embedding_head(space_name: str) -> None:
+    space = create_space(space_name, 8, 1, **({"resolutions": [32], "families": ["lcnet"]} if space_name == "timm_zoo" else {}))
+    net = build(space.extreme(smallest=True)).eval()
+    assert isinstance(net.embed, EmbeddingHead)
+    assert {"embed.weight", "embed.bias"} <= set(net.state_dict())
+    assert net.pieces()[-1].embed is net.embed  # the latency table's head piece is the same layer
+    x = torch.randn(2, 1, net.arch.resolution, net.arch.resolution)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.script(net)(x), net(x), atol=1e-6)

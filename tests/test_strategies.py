@@ -12,10 +12,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from nas.budgets import check_budgets, make_budgets
 from nas.config import BudgetConfig, SearchConfig, config_from_dict
 from nas.errors import ConfigError
-from nas.study import best_trial, counted_trials, make_pruner, make_sampler, open_study, pareto_front, run_search
+from nas.hardware import check_budgets, make_budgets
+from nas.results import best_trial, counted_trials, front_cost, pareto_front
+from nas.search.driver import run_search
+from nas.search.optuna_setup import make_pruner, make_sampler, open_study
 from search_spaces import build, create_space
 from tests.test_resilience import start_search_until_training
 
@@ -177,8 +179,6 @@ def test_ctrl_c_during_a_trial_marks_it_interrupted_and_the_study_resumes(tmp_pa
 
 
 def test_front_cost_follows_the_study_objectives() -> None:
-    from nas.study import front_cost
-
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.set_user_attr("config", {"search": {"objectives": ["mAP", "latency_ms"]}})
     assert front_cost(study) == "latency_ms"

@@ -10,7 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from nas.config import config_from_dict
 from nas.errors import BudgetError, GalleryError
-from nas.study import best_trial, counted_trials, open_study, run_search, summary
+from nas.results import best_trial, counted_trials, summary
+from nas.search.driver import run_search
+from nas.search.optuna_setup import open_study
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
@@ -72,7 +74,7 @@ def test_paragon_and_best_trial_are_stored(searched) -> None:
     paragon = study.user_attrs["paragon"]
     assert 0 < paragon["query"]["mAP"] <= 1
     best = best_trial(study)
-    assert best is not None and best.user_attrs["state"] == "complete"
+    assert best is not None and best.state == "complete"
     assert best.value == max(t.value for t in study.trials if t.user_attrs["state"] == "complete")
     text = summary(study, config)
     assert f"Best trial #{best.number}" in text and "of the paragon" in text and f"nas ui --run-dir {config.out_dir}" in text
@@ -192,7 +194,7 @@ def test_pruner_stops_only_trials_below_the_configured_percentile(tmp_path: Path
 def test_a_search_whose_sampler_only_finds_infeasible_candidates_stops(searched, tmp_path: Path, tiny_config) -> None:
     config, _, _ = searched
     gallery = str(config.out_dir / "gallery" / "gallery.safetensors")
-    from nas.budgets import count_mflops
+    from nas.hardware import count_mflops
     from search_spaces import build, create_space
 
     # a budget only the space's smallest member meets: (almost) every proposal is over it

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from nas.errors import NasError
-from nas.tracking import Tracker
+from nas.tracking import MlflowTracker
 
 
 def _free_port() -> int:
@@ -59,7 +59,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_unreachable_server_at_start_is_a_clear_error() -> None:
     uri = f"http://127.0.0.1:{_free_port()}"
     with pytest.raises(NasError) as info:
-        Tracker(uri, "nothing-there")
+        MlflowTracker(uri, "nothing-there")
     assert uri in str(info.value) and "tracking.enabled: false" in str(info.value)
 
 
@@ -69,7 +69,7 @@ def test_an_outage_in_the_middle_loses_nothing(tmp_path: Path) -> None:
     store, artifacts, log = tmp_path / "mlflow.db", tmp_path / "artifacts", tmp_path / "server.log"
     server = _start_server(store, artifacts, port, log)
     told: list[str] = []
-    tracker = Tracker(uri, "outage", log=told.append, retry_seconds=0.0)
+    tracker = MlflowTracker(uri, "outage", log=told.append, retry_seconds=0.0)
     study = optuna.create_study(direction="maximize")
     parent = tracker.start_study(study, params={"p": 1}, tags={}, texts={})
     first = study.ask()
@@ -106,7 +106,7 @@ def test_an_outage_in_the_middle_loses_nothing(tmp_path: Path) -> None:
 
 def test_nas_ui_serves_the_study(tmp_path: Path, tiny_config) -> None:
     from nas.config import config_from_dict
-    from nas.study import run_search
+    from nas.search.driver import run_search
 
     run_search(config_from_dict(tiny_config(tmp_path / "run", search__trials=2, budgets__max_mflops=None)), log=lambda _: None)
     port = _free_port()

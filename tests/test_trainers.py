@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -21,6 +22,7 @@ from trainers import (
     ContextualSimilarityLoss,
     ContrastiveLoss,
     EpochResult,
+    GalleryTargets,
     RegressionLoss,
     RelationalLoss,
     TrainingDiverged,
@@ -106,7 +108,7 @@ def _bound(loss: CompatibilityLoss, target: torch.Tensor, labels: torch.Tensor) 
     bank = torch.cat([target, extra])
     bank_labels = torch.cat([labels, torch.arange(len(extra)) % 4])
     classifier = torch.stack([bank[bank_labels == c].mean(0) for c in range(4)])
-    loss.bind(bank, bank_labels, classifier, 16.0)
+    loss.bind(GalleryTargets(bank, bank_labels, classifier, 16.0))
     return loss
 
 
@@ -179,13 +181,13 @@ def test_bct_is_cross_entropy_of_the_scaled_cosine_classifier() -> None:
     classifier = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)) * 5  # not unit length
     loss = create_loss("bct")
     assert isinstance(loss, BackwardCompatibleLoss)
-    loss.bind(target, labels, classifier, 16.0)
+    loss.bind(GalleryTargets(target, labels, classifier, 16.0))
     query = _unit_batch(6, n=16, dim=4)
     expected = F.cross_entropy(16.0 * query @ F.normalize(classifier, dim=1).t(), labels)
     assert float(loss(query, target, labels)) == pytest.approx(float(expected), rel=1e-5)
     # its own scale wins over the gallery's
     loss = create_loss("bct", scale=4.0)
-    loss.bind(target, labels, classifier, 16.0)
+    loss.bind(GalleryTargets(target, labels, classifier, 16.0))
     assert float(loss(query, target, labels)) == pytest.approx(float(F.cross_entropy(4.0 * query @ F.normalize(classifier, dim=1).t(), labels)), rel=1e-5)
 
 
@@ -193,16 +195,16 @@ def test_bct_without_a_classifier_says_why_and_what_to_do() -> None:
     target = _unit_batch(5)
     labels = torch.arange(len(target)) % 4
     with pytest.raises(ValueError) as info:
-        create_loss("bct").bind(target, labels, None, 16.0)
+        create_loss("bct").bind(GalleryTargets(target, labels, None, 16.0))
     message = str(info.value)
     assert "'bct'" in message and "classifier" in message
     assert "train.loss" in message and "gallery.checkpoint" in message  # the two ways out
     with pytest.raises(ValueError, match="classes"):
-        create_loss("bct").bind(target, labels + 10, torch.randn(4, EMBED), 16.0)
+        create_loss("bct").bind(GalleryTargets(target, labels + 10, torch.randn(4, EMBED), 16.0))
     with pytest.raises(ValueError, match="num_classes"):
-        create_loss("bct").bind(target, labels, torch.randn(4, EMBED + 1), 16.0)
+        create_loss("bct").bind(GalleryTargets(target, labels, torch.randn(4, EMBED + 1), 16.0))
     with pytest.raises(ValueError, match="scale"):
-        create_loss("bct").bind(target, labels, torch.randn(4, EMBED), None)
+        create_loss("bct").bind(GalleryTargets(target, labels, torch.randn(4, EMBED)))
 
 
 @pytest.mark.parametrize("name", ["bct", "csd"])
@@ -218,7 +220,7 @@ def test_csd_matches_distributions_over_gallery_neighbours() -> None:
     query = _unit_batch(9, n=10, dim=6)
     loss = create_loss("csd", k=5, temperature=0.1)
     assert isinstance(loss, ContextualSimilarityLoss)
-    loss.bind(bank, torch.zeros(40, dtype=torch.long), None, None)
+    loss.bind(GalleryTargets(bank, torch.zeros(40, dtype=torch.long)))
     # by hand: each target's 5 nearest bank entries (itself first)
     sim = target @ bank.t()
     top, idx = sim.topk(5, dim=1)
@@ -230,7 +232,7 @@ def test_csd_matches_distributions_over_gallery_neighbours() -> None:
     # labels are ignored; k above the bank size uses the whole bank
     assert float(loss(query, target, labels + 3)) == pytest.approx(float(expected), rel=1e-5)
     big = create_loss("csd", k=1000)
-    big.bind(bank, torch.zeros(40, dtype=torch.long))
+    big.bind(GalleryTargets(bank, torch.zeros(40, dtype=torch.long)))
     assert torch.isfinite(big(query, target, labels))
     for bad in ({"k": 1}, {"k": 2.5}, {"temperature": 0.0}):
         with pytest.raises(ValueError):
@@ -267,7 +269,7 @@ def test_weighted_sum_is_the_weighted_sum_and_binds_every_term() -> None:
     expected = reg(query, target, labels) + 0.5 * con(query, target, labels) + 2 * csd(query, target, labels)
     assert float(total(query, target, labels)) == pytest.approx(float(expected), rel=1e-6)
     with pytest.raises(ValueError, match="'bct'"):
-        create_loss_from_config({"regression": 1.0, "bct": 1.0}).bind(target, labels, None, None)
+        create_loss_from_config({"regression": 1.0, "bct": 1.0}).bind(GalleryTargets(target, labels))
 
 
 def test_create_loss_from_config_single_name_keeps_the_flat_options() -> None:
@@ -360,6 +362,14 @@ class _Problem:
         self.t_train = torch.from_numpy(self.targets[self.split.train])
         self.y_train = torch.from_numpy(labels[self.split.train])
 
+    def gallery(self, n: int | None = None, classifier: bool = False) -> GalleryTargets:
+        """The first ``n`` training targets and labels (all by default) as train_compatible takes
+        them; with ``classifier``, also the gallery's classifier and its logit scale 16."""
+        targets, labels = self.t_train[:n], self.y_train[:n]
+        if classifier:
+            return GalleryTargets(targets, labels, self.classifier, 16.0)
+        return GalleryTargets(targets, labels)
+
     def asymmetric_map(self, model: torch.nn.Module) -> float:
         model.eval()
         with torch.no_grad():
@@ -387,7 +397,7 @@ def test_training_raises_asymmetric_map(problem: _Problem) -> None:
     )["mAP"]
     before = problem.asymmetric_map(model)
     history = train_compatible(
-        model, problem.x_train, problem.t_train, problem.y_train, create_loss("regression"),
+        model, problem.x_train, problem.gallery(), create_loss("regression"),
         epochs=4, batch_size=64, lr=3e-3, seed=0,
     )
     after = problem.asymmetric_map(model)
@@ -407,7 +417,7 @@ def test_on_epoch_called_once_per_epoch_in_eval_mode(problem: _Problem) -> None:
     calls: list[tuple[EpochResult, bool]] = []
     n = 256
     history = train_compatible(
-        model, problem.x_train[:n], problem.t_train[:n], problem.y_train[:n], create_loss("regression"),
+        model, problem.x_train[:n], problem.gallery(n), create_loss("regression"),
         epochs=3, batch_size=64, seed=0, on_epoch=lambda r: calls.append((r, model.training)),
     )
     assert [c[0].epoch for c in calls] == [1, 2, 3]
@@ -431,7 +441,7 @@ def test_on_epoch_may_stop_training(problem: _Problem) -> None:
     n = 128
     with pytest.raises(Stop):
         train_compatible(
-            model, problem.x_train[:n], problem.t_train[:n], problem.y_train[:n], create_loss("regression"),
+            model, problem.x_train[:n], problem.gallery(n), create_loss("regression"),
             epochs=5, batch_size=64, on_epoch=stop_at_two,
         )
     assert seen == [1, 2]
@@ -448,7 +458,7 @@ def test_should_stop_interrupts_between_steps(problem: _Problem) -> None:
 
     with pytest.raises(KeyboardInterrupt, match="epoch 1, step 4"):
         train_compatible(
-            model, problem.x_train[:512], problem.t_train[:512], problem.y_train[:512], create_loss("regression"),
+            model, problem.x_train[:512], problem.gallery(512), create_loss("regression"),
             epochs=2, batch_size=64, should_stop=should_stop,
         )
     assert len(asked) == 4 and not model.training
@@ -459,7 +469,7 @@ def test_huge_learning_rate_diverges_with_epoch_in_message(problem: _Problem) ->
     n = 512
     with pytest.raises(TrainingDiverged) as info:
         train_compatible(
-            model, problem.x_train[:n], problem.t_train[:n], problem.y_train[:n], create_loss("regression"),
+            model, problem.x_train[:n], problem.gallery(n), create_loss("regression"),
             epochs=3, batch_size=64, optimizer="sgd", lr=1e8, schedule="none",
         )
     message = str(info.value)
@@ -476,7 +486,7 @@ def test_same_seed_same_training(problem: _Problem) -> None:
     for _ in range(2):
         model = _net(seed=3)
         history = train_compatible(
-            model, problem.x_train[:n], problem.t_train[:n], problem.y_train[:n], create_loss("regression"),
+            model, problem.x_train[:n], problem.gallery(n), create_loss("regression"),
             epochs=2, batch_size=64, seed=5,
         )
         runs.append(([r.train_loss for r in history], model.embed.weight.detach().clone()))
@@ -489,7 +499,7 @@ def test_other_optimizers_and_schedules_reduce_the_loss(problem: _Problem, optim
     model = _net()
     n = 256
     history = train_compatible(
-        model, problem.x_train[:n], problem.t_train[:n], problem.y_train[:n], create_loss("regression", distance="cosine"),
+        model, problem.x_train[:n], problem.gallery(n), create_loss("regression", distance="cosine"),
         epochs=3, batch_size=32, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3, schedule=schedule,
     )
     assert history[-1].train_loss < history[0].train_loss
@@ -498,7 +508,7 @@ def test_other_optimizers_and_schedules_reduce_the_loss(problem: _Problem, optim
 def test_fewer_images_than_a_batch_still_trains(problem: _Problem) -> None:
     model = _net()
     history = train_compatible(
-        model, problem.x_train[:10], problem.t_train[:10], problem.y_train[:10], create_loss("regression"),
+        model, problem.x_train[:10], problem.gallery(10), create_loss("regression"),
         epochs=2, batch_size=64,
     )
     assert len(history) == 2
@@ -511,7 +521,7 @@ def test_fewer_images_than_a_batch_still_trains(problem: _Problem) -> None:
 def test_bad_optimizer_or_schedule_is_value_error(problem: _Problem, kwargs: dict, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         train_compatible(
-            _net(), problem.x_train[:8], problem.t_train[:8], problem.y_train[:8], create_loss("regression"),
+            _net(), problem.x_train[:8], problem.gallery(8), create_loss("regression"),
             epochs=1, batch_size=4, **kwargs,
         )
 
@@ -519,7 +529,7 @@ def test_bad_optimizer_or_schedule_is_value_error(problem: _Problem, kwargs: dic
 def test_length_mismatch_is_value_error(problem: _Problem) -> None:
     with pytest.raises(ValueError, match="same length"):
         train_compatible(
-            _net(), problem.x_train[:8], problem.t_train[:7], problem.y_train[:8], create_loss("regression"),
+            _net(), problem.x_train[:8], GalleryTargets(problem.t_train[:7], problem.y_train[:8]), create_loss("regression"),
             epochs=1, batch_size=4,
         )
 
@@ -543,8 +553,8 @@ def _symmetric_map(problem: _Problem, model: torch.nn.Module) -> float:
 
 def _train(problem: _Problem, model: torch.nn.Module, loss: CompatibilityLoss, seed: int = 0) -> list[EpochResult]:
     return train_compatible(
-        model, problem.x_train, problem.t_train, problem.y_train, loss,
-        epochs=4, batch_size=64, lr=3e-3, seed=seed, classifier=problem.classifier, classifier_scale=16.0,
+        model, problem.x_train, problem.gallery(classifier=True), loss,
+        epochs=4, batch_size=64, lr=3e-3, seed=seed,
     )
 
 
@@ -601,8 +611,28 @@ def test_train_compatible_binds_the_loss_before_training(problem: _Problem) -> N
     model = _net()
     weights = model.embed.weight.detach().clone()
     with pytest.raises(ValueError, match="classifier"):
-        train_compatible(model, problem.x_train[:n], problem.t_train[:n], problem.y_train[:n], create_loss("bct"), epochs=1, batch_size=32)
+        train_compatible(model, problem.x_train[:n], problem.gallery(n), create_loss("bct"), epochs=1, batch_size=32)
     assert torch.equal(model.embed.weight, weights)  # failed before any step
     csd = create_loss("csd")
-    train_compatible(model, problem.x_train[:n], problem.t_train[:n], problem.y_train[:n], csd, epochs=1, batch_size=32)
+    train_compatible(model, problem.x_train[:n], problem.gallery(n), csd, epochs=1, batch_size=32)
     assert csd.bank is not None and csd.bank.shape == (n, EMBED)  # the bank is the training targets
+
+
+def test_train_compatible_binds_the_loss_to_the_bundle_it_was_given(problem: _Problem) -> None:
+    class Spy(RegressionLoss):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bound: list[GalleryTargets] = []
+
+        def bind(self, targets: GalleryTargets) -> None:
+            self.bound.append(targets)
+
+    bundle = problem.gallery(64, classifier=True)
+    spy = Spy()
+    train_compatible(_net(), problem.x_train[:64], bundle, spy, epochs=1, batch_size=32)
+    assert spy.bound == [bundle]  # one call, the same object: a new field reaches the loss untouched
+    assert bundle.classifier is problem.classifier and bundle.classifier_scale == 16.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bundle.classifier_scale = 8.0  # type: ignore[misc]
+    plain = GalleryTargets(bundle.targets, bundle.labels)
+    assert plain.classifier is None and plain.classifier_scale is None

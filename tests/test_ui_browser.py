@@ -28,7 +28,7 @@ def test_mlflow_ui_shows_the_study_and_its_trials(tmp_path: Path, tiny_config) -
     from mlflow.tracking import MlflowClient
 
     from nas.config import config_from_dict
-    from nas.study import run_search
+    from nas.search.driver import run_search
 
     study = run_search(config_from_dict(tiny_config(tmp_path / "run", search__trials=3)), log=lambda _: None)
     with socket.socket() as s:

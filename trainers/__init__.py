@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainers._base import CompatibilityLoss
+from trainers._base import CompatibilityLoss, GalleryTargets
 from trainers._losses import (
     BackwardCompatibleLoss,
     ContextualSimilarityLoss,
@@ -23,6 +23,7 @@ __all__ = [
     "ContextualSimilarityLoss",
     "ContrastiveLoss",
     "EpochResult",
+    "GalleryTargets",
     "RegressionLoss",
     "RelationalLoss",
     "TrainingDiverged",

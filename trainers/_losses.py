@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers._base import CompatibilityLoss
+from trainers._base import CompatibilityLoss, GalleryTargets
 
 __all__ = [
     "RegressionLoss",
@@ -131,8 +131,9 @@ class BackwardCompatibleLoss(CompatibilityLoss):
     The gallery model of this project is trained with a cosine classifier (normalised
     softmax, :func:`nas.gallery.train_gallery`), so the logits are
     ``scale * q @ normalize(W).T`` with the gallery's own training scale, and the loss is
-    their cross-entropy with the labels. ``scale`` overrides the scale passed to
-    :meth:`bind`. Needs the classifier: :meth:`bind` raises ``ValueError`` without one.
+    their cross-entropy with the labels. ``scale`` overrides the bound
+    ``GalleryTargets.classifier_scale``. Needs ``GalleryTargets.classifier``: :meth:`bind`
+    raises ``ValueError`` without one.
     """
 
     needs_labels = True
@@ -145,13 +146,8 @@ class BackwardCompatibleLoss(CompatibilityLoss):
         self._logit_scale: float | None = None
         self.register_buffer("classifier", None, persistent=False)
 
-    def bind(
-        self,
-        targets: torch.Tensor,
-        labels: torch.Tensor,
-        classifier: torch.Tensor | None = None,
-        scale: float | None = None,
-    ) -> None:
+    def bind(self, targets: GalleryTargets) -> None:
+        classifier, embeddings, labels = targets.classifier, targets.targets, targets.labels
         if classifier is None:
             raise ValueError(
                 "The 'bct' loss needs the gallery model's classifier, but this gallery checkpoint has none "
@@ -159,9 +155,9 @@ class BackwardCompatibleLoss(CompatibilityLoss):
                 "(regression, contrastive or csd need no classifier), or point gallery.checkpoint at a gallery "
                 "model trained with its classifier."
             )
-        if classifier.ndim != 2 or classifier.shape[1] != targets.shape[1]:
+        if classifier.ndim != 2 or classifier.shape[1] != embeddings.shape[1]:
             raise ValueError(
-                f"The gallery classifier must be (num_classes, {targets.shape[1]}) to classify {targets.shape[1]}-d "
+                f"The gallery classifier must be (num_classes, {embeddings.shape[1]}) to classify {embeddings.shape[1]}-d "
                 f"embeddings, but got {tuple(classifier.shape)}."
             )
         if len(labels) and int(labels.max()) >= classifier.shape[0]:
@@ -169,16 +165,16 @@ class BackwardCompatibleLoss(CompatibilityLoss):
                 f"The gallery classifier has {classifier.shape[0]} classes, but the training labels go up to "
                 f"{int(labels.max())}: the gallery was trained on other classes."
             )
-        logit_scale = self.scale if self.scale is not None else scale
+        logit_scale = self.scale if self.scale is not None else targets.classifier_scale
         if logit_scale is None or not logit_scale > 0:
             raise ValueError(f"The 'bct' loss needs the gallery classifier's logit scale (> 0), but got {logit_scale}.")
         self._logit_scale = float(logit_scale)
-        self.classifier = F.normalize(classifier.detach().float(), dim=1).to(targets.device)
+        self.classifier = F.normalize(classifier.detach().float(), dim=1).to(embeddings.device)
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.check_batch(query, target, labels)
         if self.classifier is None or self._logit_scale is None:
-            raise RuntimeError("The 'bct' loss has no gallery classifier yet: call bind(targets, labels, classifier, scale) first.")
+            raise RuntimeError("The 'bct' loss has no gallery classifier yet: call bind(GalleryTargets(targets, labels, classifier, scale)) first.")
         if query.shape[1] != self.classifier.shape[1]:
             raise ValueError(f"Loss 'bct': embeddings are {query.shape[1]}-d but the gallery classifier is {self.classifier.shape[1]}-d.")
         return F.cross_entropy(self._logit_scale * query @ self.classifier.t(), labels)
@@ -190,10 +186,10 @@ class ContextualSimilarityLoss(CompatibilityLoss):
 
     Wu, Wang, Zhou, Li & Tian, "Contextual Similarity Distillation for Asymmetric Image
     Retrieval", CVPR 2022. The anchor bank is the gallery model's embeddings of all
-    training images (given to :meth:`bind`). For each image of the batch, its ``k``
-    nearest neighbours in the bank by the *gallery* embedding ``t`` are found (the image
-    itself, at similarity 1, is the first of them: this is what makes the constraint
-    preserve the feature vector as well as the ranking). The gallery distribution is
+    training images (``GalleryTargets.targets``, given to :meth:`bind`). For each image
+    of the batch, its ``k`` nearest neighbours in the bank by the *gallery* embedding ``t``
+    are found (the image itself, at similarity 1, is the first of them: this is what makes
+    the constraint preserve the feature vector as well as the ranking). The gallery distribution is
     ``softmax(t . a_j / temperature)`` over those neighbours ``a_j``, the query distribution
     ``softmax(q . a_j / temperature)`` over the same ones, and the loss is
     ``KL(gallery || query)`` averaged over the batch. No labels are used.
@@ -216,21 +212,16 @@ class ContextualSimilarityLoss(CompatibilityLoss):
         self.temperature = float(temperature)
         self.register_buffer("bank", None, persistent=False)
 
-    def bind(
-        self,
-        targets: torch.Tensor,
-        labels: torch.Tensor,
-        classifier: torch.Tensor | None = None,
-        scale: float | None = None,
-    ) -> None:
-        if targets.ndim != 2 or len(targets) < 2:
-            raise ValueError(f"The 'csd' anchor bank must be (N >= 2, dim) training embeddings, but got {tuple(targets.shape)}.")
-        self.bank = F.normalize(targets.detach().float(), dim=1)
+    def bind(self, targets: GalleryTargets) -> None:
+        bank = targets.targets
+        if bank.ndim != 2 or len(bank) < 2:
+            raise ValueError(f"The 'csd' anchor bank must be (N >= 2, dim) training embeddings, but got {tuple(bank.shape)}.")
+        self.bank = F.normalize(bank.detach().float(), dim=1)
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.check_batch(query, target, labels)
         if self.bank is None:
-            raise RuntimeError("The 'csd' loss has no anchor bank yet: call bind(targets, labels) with the training targets first.")
+            raise RuntimeError("The 'csd' loss has no anchor bank yet: call bind(GalleryTargets(targets, labels)) with the training targets first.")
         if query.shape[1] != self.bank.shape[1]:
             raise ValueError(f"Loss 'csd': embeddings are {query.shape[1]}-d but the anchor bank is {self.bank.shape[1]}-d.")
         with torch.no_grad():
@@ -286,15 +277,9 @@ class WeightedSum(CompatibilityLoss):
         self.name = " + ".join(f"{w:g}*{loss.name}" for w, loss in zip(self.weights, self.losses))
         self.needs_labels = any(loss.needs_labels for loss in self.losses)
 
-    def bind(
-        self,
-        targets: torch.Tensor,
-        labels: torch.Tensor,
-        classifier: torch.Tensor | None = None,
-        scale: float | None = None,
-    ) -> None:
+    def bind(self, targets: GalleryTargets) -> None:
         for loss in self.losses:
-            loss.bind(targets, labels, classifier, scale)
+            loss.bind(targets)
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.check_batch(query, target, labels)

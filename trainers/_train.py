@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainers._base import CompatibilityLoss
+from trainers._base import CompatibilityLoss, GalleryTargets
 
 __all__ = ["train_compatible", "TrainingDiverged", "EpochResult"]
 
@@ -47,8 +47,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int) ->
 def train_compatible(
     model: nn.Module,
     images: torch.Tensor,
-    targets: torch.Tensor,
-    labels: torch.Tensor,
+    targets: GalleryTargets,
     loss_fn: CompatibilityLoss,
     *,
     epochs: int,
@@ -61,29 +60,28 @@ def train_compatible(
     device: torch.device | str = "cpu",
     seed: int = 0,
     on_epoch: Callable[[EpochResult], None] | None = None,
-    classifier: torch.Tensor | None = None,
-    classifier_scale: float | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[EpochResult]:
-    """Train ``model`` so that ``model(images[i])`` lands on ``targets[i]``.
+    """Train ``model`` so that ``model(images[i])`` lands on ``targets.targets[i]``.
 
-    ``images`` are preprocessed at the model's input resolution; ``targets`` are the
-    gallery model's embeddings of the same images. Before training, the loss is bound to
-    all of them: ``loss_fn.bind(targets, labels, classifier, classifier_scale)``, where
-    ``classifier`` is the gallery model's classifier weight ``(num_classes, dim)`` (or
-    ``None``) and ``classifier_scale`` its logit scale; a loss that needs what is missing
-    raises ``ValueError`` there, before any step. ``on_epoch`` is called after every
+    ``images`` are preprocessed at the model's input resolution, ``(N, C, H, W)``;
+    ``targets`` is what the gallery model says about the same ``N`` images (their
+    embeddings ``(N, D)`` and labels ``(N,)``, and the gallery's classifier and its logit
+    scale when it has one; see :class:`GalleryTargets`). Before training, the loss is bound
+    to all of it: ``loss_fn.bind(targets)``; a loss that needs what is missing raises
+    ``ValueError`` there, before any step. ``on_epoch`` is called after every
     epoch (it may raise, e.g. ``optuna.TrialPruned``, to stop training). A NaN or
     infinite loss raises :class:`TrainingDiverged`. ``should_stop`` is asked before every
     step; when it answers true training stops with ``KeyboardInterrupt`` (a Ctrl-C the
     caller deferred to this safe point). The model is left in eval mode on the CPU.
     """
-    if len(images) != len(targets) or len(images) != len(labels):
-        raise ValueError(f"images, targets and labels must have the same length, but got {len(images)}, {len(targets)}, {len(labels)}.")
+    embeddings, labels = targets.targets, targets.labels
+    if len(images) != len(embeddings) or len(images) != len(labels):
+        raise ValueError(f"images, targets and labels must have the same length, but got {len(images)}, {len(embeddings)}, {len(labels)}.")
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    loss_fn.bind(targets, labels, classifier, classifier_scale)
+    loss_fn.bind(targets)
     model.to(device)
     loss_fn.to(device)
     opt = _optimizer(model, optimizer, lr, weight_decay, momentum)
@@ -100,7 +98,7 @@ def train_compatible(
                 if should_stop is not None and should_stop():
                     raise KeyboardInterrupt(f"interrupted at epoch {epoch}, step {step + 1}")
                 idx = order[step * batch_size : (step + 1) * batch_size]
-                xb, tb, yb = images[idx].to(device), targets[idx].to(device), labels[idx].to(device)
+                xb, tb, yb = images[idx].to(device), embeddings[idx].to(device), labels[idx].to(device)
                 loss = loss_fn(model(xb), tb, yb)
                 value = float(loss.detach())
                 if not math.isfinite(value):

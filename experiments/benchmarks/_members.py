@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optuna
 
-from nas.budgets import count_mflops
+from nas.hardware import count_mflops
 from search_spaces import Architecture, SearchSpace, build
 
 

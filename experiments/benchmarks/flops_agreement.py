@@ -1,6 +1,6 @@
 """Our MFLOPs against an independent count, for every space and three timm reference models.
 
-Ours: fvcore's multiply-accumulates of conv / linear / matmul (``nas.budgets.count_mflops``).
+Ours: fvcore's multiply-accumulates of conv / linear / matmul (``nas.hardware.count_mflops``).
 Independent: PyTorch's ``torch.utils.flop_counter.FlopCounterMode``, which counts
 floating-point operations (2 per multiply-accumulate), halved. For every registered space
 the smallest, median (of 41 random members, by MFLOPs) and largest member are counted at
@@ -18,7 +18,7 @@ import optuna
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nas.budgets import count_mflops
+from nas.hardware import count_mflops
 from _members import median_member
 from search_spaces import Architecture, build, create_space, list_spaces, timm_architecture
 

@@ -32,7 +32,8 @@ import optuna
 
 from nas.baselines import run_baselines
 from nas.config import load_config
-from nas.study import best_trial, run_search
+from nas.results import best_trial
+from nas.search.driver import run_search
 
 BASELINES = (
     "lcnet_035", "lcnet_050", "lcnet_075", "mobilenetv3_small_050", "mobilenetv3_small_075", "mobilenetv3_small_100",
@@ -61,7 +62,7 @@ def _search(base: str, out: Path, gallery: str, budget: float, sampler: str, see
         curve.append(running)
     return {
         "seconds": time.perf_counter() - start, "curve": curve,
-        "metrics": best.user_attrs["metrics"], "budgets": best.user_attrs["budgets"], "arch": best.user_attrs["arch"],
+        "metrics": best.metrics, "budgets": best.budgets, "arch": best.arch,
     }
 
 

@@ -2,7 +2,7 @@
 
 For a budget that only a small share of the space meets, runs the study's ask -> sample ->
 build -> budget-check loop (MFLOPs and params; nothing is trained) with Optuna's random
-sampler and with the study's constrained TPE sampler (``nas.study.make_sampler``), and
+sampler and with the study's constrained TPE sampler (``nas.search.optuna_setup.make_sampler``), and
 prints the share of proposals that were over budget, overall and in the second half.
 
 A feasible candidate needs a score for TPE to rank it; training is what this benchmark
@@ -24,9 +24,9 @@ import numpy as np
 import optuna
 import torch
 
-from nas.budgets import check_budgets, count_mflops, make_budgets
 from nas.config import BudgetConfig, SearchConfig
-from nas.study import make_sampler
+from nas.hardware import check_budgets, count_mflops, make_budgets
+from nas.search.optuna_setup import make_sampler
 from _members import random_members
 from search_spaces import build, create_space
 

@@ -1,6 +1,6 @@
 """Latency repeatability: the same candidate measured 5 times, per CPU runtime.
 
-Each measurement is what a budget check does (``nas.budgets.measure_latency``: warm-up,
+Each measurement is what a budget check does (``nas.hardware.measure_latency``: warm-up,
 then the median of the timed runs). For the smallest, a median and the largest member of
 the space, prints the 5 medians' mean, standard deviation and coefficient of variation
 (std / mean) on each runtime.
@@ -16,8 +16,8 @@ import numpy as np
 import optuna
 import torch
 
-from nas.budgets import count_mflops, measure_latency
 from nas.config import LatencyConfig
+from nas.hardware import count_mflops, measure_latency
 from _members import median_member
 from search_spaces import build, create_space
 

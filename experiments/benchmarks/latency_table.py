@@ -22,9 +22,8 @@ import numpy as np
 import optuna
 import torch
 
-from nas.budgets import check_budgets, make_budgets, measure_latency
 from nas.config import BudgetConfig, LatencyConfig
-from nas.latency_table import LatencyTable
+from nas.hardware import LatencyTable, check_budgets, make_budgets, measure_latency
 from search_spaces import build, create_space
 
 

@@ -23,10 +23,13 @@ import time
 import numpy as np
 import torch
 
-from nas.baselines import DEFAULT_BASELINES, baselines_table, run_baselines
-from nas.budgets import count_mflops, count_params_m
+from nas.baselines import DEFAULT_BASELINES, run_baselines
 from nas.config import load_config
-from nas.study import build_seeded, paragon_scores, prepare, train_and_score
+from nas.hardware import count_mflops, count_params_m
+from nas.scoring import paragon_scores
+from nas.results import baselines_table
+from nas.search.context import prepare
+from nas.search.evaluators import TrainFromScratch, build_seeded
 from trainers import create_loss_from_config
 
 LOSSES = {
@@ -49,7 +52,7 @@ def main() -> None:
     config = load_config(args.config, {"tracking.enabled": False})
     torch.set_num_threads(torch.get_num_threads())
     ctx = prepare(config, log=print)
-    paragon = paragon_scores(ctx)
+    paragon = paragon_scores(ctx.retrieval, ctx.embeddings)
     arch = ctx.space.make(28, 0.5, [(2, 5, 4, True)] * 4)
     net = build_seeded(arch, 0)
     print(
@@ -64,7 +67,8 @@ def main() -> None:
         rows = []
         start = time.perf_counter()
         for seed in args.seeds:
-            metrics = train_and_score(run_ctx, build_seeded(arch, seed), seed, paragon)
+            evaluator = TrainFromScratch(run_ctx, paragon)
+            metrics = evaluator.evaluate(evaluator.build(arch, seed), seed).metrics
             rows.append((metrics["query_mAP"], metrics["query_R@1"], metrics["query_mAP_ratio"]))
         seconds = (time.perf_counter() - start) / len(args.seeds)
         a = np.array(rows)

@@ -17,8 +17,8 @@ import time
 import optuna
 import torch
 
-from nas.budgets import check_budgets, make_budgets
 from nas.config import BudgetConfig, LatencyConfig
+from nas.hardware import check_budgets, make_budgets
 from search_spaces import build, create_space
 
 

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nas.budgets import count_mflops, count_params_m, measure_latency, measure_peak_memory_mb
-from nas.config import LatencyConfig
+from nas.hardware.latency_table import LatencyTable
+from nas.hardware.measure import count_mflops, count_params_m, measure_peak_memory_mb
+from nas.hardware.runtimes import measure_latency
 from search_spaces import Architecture, SearchSpace, build
+
+if TYPE_CHECKING:
+    from nas.config import LatencyConfig
 
 __all__ = ["space_report", "Profile", "profile_architecture", "profile_table"]
 
@@ -63,8 +67,6 @@ class Profile:
 
 def profile_architecture(arch: Architecture, config: LatencyConfig, log: Callable[[str], None] | None = None) -> Profile:
     """MFLOPs, params, peak memory, measured latency and the lookup table's prediction of ``arch``."""
-    from nas.latency_table import LatencyTable
-
     net = build(arch).eval()
     res, chans = arch.resolution, arch.in_chans
     predicted = LatencyTable(config, log=log).predict(net, res, chans)

@@ -36,14 +36,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from nas.budgets import measure_latency_of_input
-from nas.config import LatencyConfig
+from nas.hardware.runtimes import RUNTIMES, measure_latency_of_input, onnxruntime_version
 from nas.locks import file_lock
+
+if TYPE_CHECKING:
+    from nas.config import LatencyConfig
 
 __all__ = ["LatencyTable", "default_table_dir", "default_table_path", "machine_header", "piece_key", "split_pieces"]
 
@@ -80,26 +82,21 @@ def _cpu_model() -> str:
 
 
 def machine_header(config: LatencyConfig) -> dict[str, Any]:
-    """What a table's latencies depend on; a table whose header differs is not used."""
-    try:
-        import onnxruntime
+    """What a table's latencies depend on; a table whose header differs is not used.
 
-        ort_version: str | None = onnxruntime.__version__
-    except ImportError:
-        ort_version = None
-    header: dict[str, Any] = {
+    The common entries, plus what the runtime adds (:meth:`Runtime.header`, e.g. the GPU of ``cuda``).
+    """
+    return {
         "format": TABLE_FORMAT,
         "runtime": config.runtime,
         "threads": config.threads,
         "batch_size": config.batch_size,
         "torch": torch.__version__,
-        "onnxruntime": ort_version,
+        "onnxruntime": onnxruntime_version(),
         "cpu": _cpu_model(),
         "host": _host(),
+        **RUNTIMES.get(config.runtime).header(),
     }
-    if config.runtime == "cuda" and torch.cuda.is_available():
-        header["gpu"] = torch.cuda.get_device_name()
-    return header
 
 
 def _plain(value: Any) -> bool:
@@ -214,16 +211,16 @@ class LatencyTable:
     def overhead(self) -> float:
         """Milliseconds of one call of the runtime on a near-empty graph (measured once per table).
 
-        ``torch`` and ``cuda``: an ``nn.Identity`` module (the module call itself, ~0.7 us on
-        one CPU thread, next to pieces of tens of microseconds or more). ``onnxruntime``: one
-        1x1 convolution of a single pixel. ONNX Runtime skips most of its executor for a graph
-        without a real node, so an identity graph (~3.5 us) under-states the fixed cost of a
-        ``run`` (~4.1 us, the same as the per-piece difference between the sum of a net's
-        pieces and the whole net).
+        The graph is the runtime's :meth:`Runtime.overhead_probe`: for ``torch`` and ``cuda``
+        an ``nn.Identity`` module (the module call itself, ~0.7 us on one CPU thread, next to
+        pieces of tens of microseconds or more); for ``onnxruntime`` one 1x1 convolution of a
+        single pixel. ONNX Runtime skips most of its executor for a graph without a real node,
+        so an identity graph (~3.5 us) under-states the fixed cost of a ``run`` (~4.1 us, the
+        same as the per-piece difference between the sum of a net's pieces and the whole net).
         """
         if self.overhead_ms is None:
             config = replace(self.config, warmup=max(self.config.warmup, 20), repeats=max(self.config.repeats, 200))
-            probe = nn.Conv2d(1, 1, 1) if self.config.runtime == "onnxruntime" else nn.Identity()
+            probe = RUNTIMES.get(self.config.runtime).overhead_probe()
             self.overhead_ms = measure_latency_of_input(probe, (self.config.batch_size, 1, 1, 1), config)[0]
         return self.overhead_ms
 

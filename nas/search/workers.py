@@ -3,7 +3,7 @@
 ``nas search CONFIG --workers N`` writes the effective configuration, fixes the study's
 trial budget (the trials it already holds plus ``search.trials``) and starts N ``nas
 worker`` processes with the CPU threads split between them. Each worker runs trials
-until the study holds that budget (see :func:`nas.study.run_search`); the study storage
+until the study holds that budget (see :func:`nas.search.driver.run_search`); the study storage
 and its locks coordinate them, there is no scheduler of ours.
 """
 
@@ -19,14 +19,14 @@ import yaml
 from nas.config import ExperimentConfig, config_to_dict
 from nas.errors import NasError
 from nas.locks import study_lock
+from nas.results import counted_trials
+from nas.search.optuna_setup import open_study
 
 __all__ = ["run_local_workers"]
 
 
 def run_local_workers(config: ExperimentConfig, workers: int) -> optuna.Study:
     """Start ``workers`` worker processes for ``config`` and wait for all of them."""
-    from nas.study import counted_trials, open_study
-
     if workers < 1:
         raise NasError(f"--workers must be >= 1, but got {workers}.")
     config.out_dir.mkdir(parents=True, exist_ok=True)

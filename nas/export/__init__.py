@@ -1,0 +1,200 @@
+"""Exporting a trial's query network, verifying the export, loading and using it.
+
+An export folder holds (``--format`` picks the optional ones; :data:`EXPORTERS` lists them):
+
+* ``arch.json``: the architecture (rebuildable without pickle), input shape and preprocessing;
+* ``weights.safetensors``: the trained weights (format ``state_dict``, always written);
+* ``model.torchscript.pt``: TorchScript, traced (format ``torchscript``);
+* ``model.onnx``: ONNX with a dynamic batch dimension, input ``images``, output
+  ``embeddings`` (format ``onnx``);
+* ``model.int8.onnx``: ONNX Runtime static int8 quantisation (QDQ, per-channel weights,
+  calibrated on training images) of ``model.onnx`` (format ``onnx-int8``);
+* ``verification.json`` and ``MODEL_CARD.md``.
+
+Verification embeds the evaluation query set with every float format and requires a
+cosine of at least :data:`MIN_COSINE` to the trained module for every image, and the
+asymmetric mAP recomputed from the ONNX model to equal the trial's within
+:data:`MAX_MAP_DIFF`. The int8 model is measured, not held to those thresholds: its
+asymmetric mAP against the same float gallery index, the drop from float, and its latency.
+
+Modules: :mod:`~nas.export.formats` (the formats), :mod:`~nas.export.verify`
+(verification), :mod:`~nas.export.card` (the model card), :mod:`~nas.export.loading`
+(loading an export back); this one chooses the trial and runs the steps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from safetensors.torch import load_file
+
+from nas.config import ExperimentConfig, config_from_dict
+from nas.data import load_retrieval_data
+from nas.errors import NasError
+from nas.export.card import model_card
+from nas.export.formats import EXPORTERS, ExportContext, Exporter, resolve_formats
+from nas.export.loading import embed_folder, load_query_model
+from nas.export.verify import MAX_MAP_DIFF, MIN_COSINE, gallery_index, verify_export
+from nas.records import QUERY_MAP, QUERY_MAP_RATIO, QUERY_R1, State, StudyRecord, TrialRecord, trial_records
+from nas.results import best_trial, front_cost, pareto_front
+from nas.search.context import prepare
+from nas.search.evaluators import Paragon, create_evaluator
+from nas.tracking import register_onnx_model
+from search_spaces import Architecture, QueryNet, build
+
+__all__ = [
+    "select_trial",
+    "export_trial",
+    "load_query_model",
+    "embed_folder",
+    "EXPORTERS",
+    "Exporter",
+    "MIN_COSINE",
+    "MAX_MAP_DIFF",
+]
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- choosing a trial
+
+
+def select_trial(study: optuna.Study, which: str = "best") -> TrialRecord:
+    """``best`` (highest val mAP among feasible complete trials), ``pareto:K`` (the K-th point, from 0, of
+    the Pareto front against MFLOPs, or against a multi-objective study's first cost) or a trial number."""
+    if which == "best":
+        trial = best_trial(study)
+        if trial is None:
+            raise NasError(f"Study {study.study_name!r} has no feasible complete trial to export yet; run more trials first.")
+        return trial
+    if which.startswith("pareto:"):
+        front = pareto_front(study, front_cost(study))
+        try:
+            k = int(which.split(":", 1)[1])
+            return front[k]
+        except (ValueError, IndexError):
+            raise NasError(
+                f"--trial {which!r}: the Pareto front of study {study.study_name!r} has {len(front)} point(s), "
+                f"pareto:0 to pareto:{len(front) - 1}; 'nas results' lists them."
+            ) from None
+    try:
+        number = int(which)
+    except ValueError:
+        raise NasError(f"--trial must be 'best', 'pareto:K' or a trial number, but got {which!r}.") from None
+    records = trial_records(study)
+    matches = [t for t in records if t.number == number]
+    if not matches:
+        raise NasError(f"Study {study.study_name!r} has no trial {number} (it has {len(records)} trials).")
+    trial = matches[0]
+    if trial.state != State.COMPLETE:
+        raise NasError(f"Trial {number} is {trial.state}, not complete: only trained, feasible trials can be exported.")
+    return trial
+
+
+# --------------------------------------------------------------------------- the trained module
+
+
+def _retrain(config: ExperimentConfig, arch: Architecture, seed: int, paragon: Paragon, log: Log) -> tuple[QueryNet, dict[str, float]]:
+    """Build and train ``arch`` with ``seed`` as the search did (the study's evaluator); its module and metrics."""
+    ctx = prepare(config, log=log)
+    evaluator = create_evaluator(ctx, paragon)
+    model = evaluator.build(arch, seed)
+    return model, evaluator.evaluate(model, seed).metrics
+
+
+def _trial_model(study: StudyRecord, trial: TrialRecord, config: ExperimentConfig, log: Log) -> tuple[QueryNet, dict[str, float], bool]:
+    """The trial's trained module, the metrics of those weights, and whether they were retrained:
+    its kept weights, or a retrain with its seed when they are gone."""
+    arch = Architecture.from_string(trial.arch)
+    if trial.weights and Path(trial.weights).is_file():
+        model = build(arch)
+        model.load_state_dict(load_file(trial.weights), strict=True)
+        return model.eval(), trial.metrics, False
+    seed = trial.seed_for(config.search.seed)
+    log(f"The weights of trial {trial.number} were not kept (the search keeps the best search.keep_best); retraining it with seed {seed}.")
+    model, metrics = _retrain(config, arch, seed, study.paragon, log)
+    log(f"Retrained: query mAP {metrics[QUERY_MAP]:.4f} (the trial had {trial.metrics[QUERY_MAP]:.4f}).")
+    return model.eval(), metrics, True
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _register(
+    study: StudyRecord, trial: TrialRecord, arch: Architecture, config: ExperimentConfig, metrics: dict[str, float], onnx_path: Path, log: Log
+) -> str:
+    """Log the ONNX model to the trial's MLflow run and register it as ``asymnas-<study>``; its ``models:/`` URI."""
+    name = f"asymnas-{study.name}"
+    b = trial.budgets
+    lat = config.budgets.latency
+    tags = {
+        "trial": trial.number,
+        "arch_id": arch.arch_id,
+        "mflops": f"{b['mflops']:.4f}",
+        "params_m": f"{b['params_m']:.4f}",
+        "latency_ms": f"{b['latency_ms']:.3f} ({lat.runtime}, {lat.threads} thread(s), batch {lat.batch_size})",
+        **{key: f"{metrics[key]:.4f}" for key in (QUERY_MAP, QUERY_R1, QUERY_MAP_RATIO) if key in metrics},
+    }
+    version = register_onnx_model(config.tracking_uri, trial.mlflow_run_id, onnx_path, name, tags)
+    log(f"Registered in the MLflow model registry as models:/{name}/{version} (ONNX flavour, budgets and metrics as tags).")
+    return f"models:/{name}/{version}"
+
+
+def export_trial(
+    study: optuna.Study, which: str, out: str | Path, formats: str | Sequence[str] = EXPORTERS.names(), log: Log = print, register: bool = True
+) -> dict[str, Any]:
+    """Export trial ``which`` of ``study`` to ``out`` in ``formats`` and verify it.
+
+    Returns the verification record (also written to ``verification.json`` and the card);
+    raises :class:`NasError` when verification fails. With ``register`` (and tracking on)
+    the ONNX model is also logged to the trial's MLflow run and registered as
+    ``asymnas-<study name>``.
+    """
+    exporters = resolve_formats(formats)
+    trial = select_trial(study, which)
+    record = StudyRecord.load(study)
+    config = config_from_dict(record.config)
+    run_dir = Path(record.out_dir if record.out_dir is not None else str(config.out_dir))
+    config = config_from_dict({**record.config, "out": str(run_dir)})
+    model, metrics, retrained = _trial_model(record, trial, config, log)
+    arch = model.arch
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    retrieval = load_retrieval_data(config.data)
+    context = ExportContext(retrieval)
+    for exporter in exporters:
+        exporter.write(model, out, context)
+    written = sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors", ".pt", ".onnx"))
+    log(f"Exported trial {trial.number} to {out}: {', '.join(written)}")
+
+    trial_map = metrics[QUERY_MAP]
+    gallery = gallery_index(config, run_dir, retrieval, log)
+    verification = verify_export(
+        model, exporters, out, retrieval, gallery,
+        trial=trial.number, trial_map=trial_map, retrained=retrained, threads=config.budgets.latency.threads,
+    )  # fmt: skip
+    (out / "verification.json").write_text(json.dumps(verification, indent=2))
+    (out / "MODEL_CARD.md").write_text(model_card(record, trial, arch, config, verification, metrics))
+    cos = ", ".join(f"{k} {v:.6f}" for k, v in verification["min_cosine"].items())
+    log(f"Verification {'passed' if verification['passed'] else 'FAILED'}: min cosine to the trained module on {verification['query_images']} query images: {cos} (threshold {MIN_COSINE})")
+    if "query_mAP" in verification:
+        log(f"Asymmetric query mAP: trial {trial_map:.4f}, recomputed from the export {list(verification['query_mAP'].values())[1]:.4f}")
+    if "int8" in verification:
+        q = verification["int8"]
+        log(
+            f"int8 ONNX: query mAP {q['query_mAP']:.4f} (drop {q['mAP_drop_from_float']:+.4f} from float), "
+            f"latency {q['latency_ms_onnxruntime']['median']:.3f} ms vs float {q['float_latency_ms_onnxruntime']['median']:.3f} ms"
+        )
+    if not verification["passed"]:
+        raise NasError(f"Export verification failed; see {out / 'verification.json'}.")
+    run_id = trial.mlflow_run_id or ""
+    onnx = EXPORTERS.get("onnx")
+    if register and config.tracking.enabled and onnx in exporters and run_id and not run_id.startswith("pending-"):
+        verification["registered_model"] = _register(record, trial, arch, config, metrics, out / onnx.filename, log)
+        (out / "verification.json").write_text(json.dumps(verification, indent=2))
+    return verification

@@ -1,0 +1,105 @@
+"""Using an export: rebuild its query network (no pickle) and embed a folder of images with it.
+
+An export folder always holds ``arch.json`` (the architecture, input shape and
+preprocessing) and ``weights.safetensors`` (the trained weights); :func:`write_arch`
+writes the first, :func:`load_query_model` reads both back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from nas.data import IMAGE_SUFFIXES, PREPROCESSING, preprocess
+from nas.errors import NasError
+from search_spaces import Architecture, QueryNet, build
+
+__all__ = ["ARCH_FILE", "WEIGHTS_FILE", "write_arch", "load_query_model", "embed_folder"]
+
+#: The architecture file of an export folder (JSON; rebuildable without pickle).
+ARCH_FILE = "arch.json"
+#: The weights file of an export folder (safetensors; the ``state_dict`` format).
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def write_arch(arch: Architecture, folder: Path) -> Path:
+    """Write ``folder/arch.json``: the architecture, the input shape and preprocessing, the output."""
+    path = folder / ARCH_FILE
+    path.write_text(
+        json.dumps(
+            {
+                "architecture": arch.to_dict(),
+                "input": {"shape": ["batch", arch.in_chans, arch.resolution, arch.resolution], "preprocessing": PREPROCESSING},
+                "output": {"embedding_dim": arch.embed_dim, "normalised": "L2"},
+            },
+            indent=2,
+        )
+    )
+    return path
+
+
+def load_query_model(folder: str | Path) -> QueryNet:
+    """Rebuild an exported query network from ``arch.json`` and ``weights.safetensors`` (no pickle)."""
+    folder = Path(folder)
+    arch_file, weights_file = folder / ARCH_FILE, folder / WEIGHTS_FILE
+    for file in (arch_file, weights_file):
+        if not file.is_file():
+            raise NasError(f"{file} is missing: {folder} is not a complete export (see 'nas export').")
+    try:
+        meta = json.loads(arch_file.read_text())
+        arch = Architecture.from_dict(meta["architecture"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise NasError(f"{arch_file} is not a valid architecture file: {exc}") from None
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError) as exc:
+        raise NasError(f"{weights_file} is unreadable or truncated ({exc}); export the model again.") from None
+    model = build(arch)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise NasError(f"{weights_file} does not fit the architecture in {arch_file}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int = 256) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Embed every image under ``images_dir`` with an exported model.
+
+    Returns the embeddings (float32, one row per readable image), their ids (paths
+    relative to ``images_dir``), and the ``(path, reason)`` of every image that was
+    skipped because it could not be read.
+    """
+    from PIL import Image, UnidentifiedImageError  # deferred: Pillow (optional) is needed only to read image files
+
+    model = load_query_model(export_dir)
+    arch = model.arch
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise NasError(f"{root} is not a folder of images.")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise NasError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    mode = "L" if arch.in_chans == 1 else "RGB"
+    ids: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    tensors: list[torch.Tensor] = []
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                array = np.asarray(img.convert(mode), dtype=np.uint8)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            skipped.append((str(file.relative_to(root)), f"{type(exc).__name__}: {exc}"))
+            continue
+        tensors.append(preprocess(array.reshape(array.shape[0], array.shape[1], arch.in_chans)[None], arch.resolution))
+        ids.append(str(file.relative_to(root)))
+    if not tensors:
+        return np.zeros((0, arch.embed_dim), dtype=np.float32), ids, skipped
+    x = torch.cat(tensors)
+    with torch.inference_mode():
+        emb = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy().astype(np.float32)
+    return emb, ids, skipped

@@ -1,0 +1,239 @@
+"""Hardware budgets: measured quantities with limits, checked cheapest first.
+
+Units:
+
+* **MFLOPs**: millions of multiply-accumulates of conv / linear / matmul as fvcore counts
+  them (batch 1, at the candidate's input resolution). Batch-norm, pooling and
+  element-wise operations are not counted: the MobileNet/EfficientNet "MAdds" convention.
+* **params (M)**: millions of parameters (all, including the embedding layer).
+* **memory (MiB)**: peak memory of one inference forward pass: bytes of parameters and
+  buffers plus the peak bytes of live tensors (input and activations) of an inference
+  forward pass at the latency batch size, tracked per ATen operator (see
+  :func:`~nas.hardware.measure.measure_peak_memory_mb`); 1 MiB = 2**20 bytes.
+* **latency (ms)**: median of timed batch forward passes after warm-up, on the stated
+  runtime (an entry of :data:`~nas.hardware.runtimes.RUNTIMES`: ``torch`` eager CPU,
+  ``onnxruntime`` CPU execution provider, ``cuda``, ...) with the stated thread count and
+  batch size; the p90 is recorded beside it. With ``latency.predict`` the latency lookup
+  table (:mod:`nas.hardware.latency_table`) predicts it first, and a candidate predicted
+  beyond ``limit * (1 + margin)`` is rejected without a measurement.
+
+Every budget is an entry of :data:`BUDGETS`, keyed by the name its value is recorded under;
+:func:`make_budgets` builds one of each from the config. Adding a budget is one registered
+:class:`Budget` subclass (and its ``max_<name>`` limit in the config).
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from nas.hardware.latency_table import LatencyTable
+from nas.hardware.measure import count_mflops, count_params_m, measure_peak_memory_mb
+from nas.hardware.runtimes import measure_latency
+from nas.registry import Registry
+
+if TYPE_CHECKING:
+    from nas.config import BudgetConfig, LatencyConfig
+
+__all__ = [
+    "Budget",
+    "BUDGETS",
+    "MflopsBudget",
+    "ParamsBudget",
+    "MemoryBudget",
+    "LatencyBudget",
+    "Measurement",
+    "BudgetReport",
+    "make_budgets",
+    "check_budgets",
+]
+
+
+@dataclass
+class Measurement:
+    """What :meth:`Budget.measure` returns.
+
+    ``value`` is compared with the limit; ``extra`` holds further named values for the
+    report. ``measured`` is false when ``value`` is an estimate (it is then not recorded under
+    the budget's name), and ``note`` says how it was obtained; it is added to a violation.
+    """
+
+    value: float
+    extra: dict[str, float] = field(default_factory=dict)
+    measured: bool = True
+    note: str = ""
+
+
+class Budget(abc.ABC):
+    """A measured quantity of a candidate with an optional upper limit.
+
+    ``name`` is the key its value is recorded under and its :data:`BUDGETS` name; its
+    limit is the config's ``max_<name>`` (see :meth:`from_config`).
+    """
+
+    name: str = ""
+    unit: str = ""
+    #: Relative cost of measuring it; cheaper budgets are checked first.
+    cost: int = 0
+
+    def __init__(self, limit: float | None) -> None:
+        if limit is not None and limit <= 0:
+            raise ValueError(f"Budget {self.name} limit must be > 0, but got {limit}.")
+        self.limit = limit
+
+    @classmethod
+    def from_config(cls, config: BudgetConfig) -> Budget:
+        """This budget with the limit ``config.max_<name>`` (null: measured, not limited)."""
+        return cls(getattr(config, f"max_{cls.name}"))
+
+    @abc.abstractmethod
+    def measure(self, model: nn.Module, resolution: int, in_chans: int) -> Measurement:
+        """Measure ``model`` at input ``resolution``."""
+
+    def describe(self) -> str:
+        limit = "no limit" if self.limit is None else f"<= {self.limit:g}"
+        return f"{self.name} {limit} ({self.unit})"
+
+
+#: The budgets by the name their value is recorded under, in registration order.
+BUDGETS: Registry[type[Budget]] = Registry("budgets")
+
+
+@BUDGETS.register("params_m")
+class ParamsBudget(Budget):
+    name, unit, cost = "params_m", "M parameters", 0
+
+    def measure(self, model: nn.Module, resolution: int, in_chans: int) -> Measurement:
+        return Measurement(count_params_m(model))
+
+
+@BUDGETS.register("mflops")
+class MflopsBudget(Budget):
+    name, unit, cost = "mflops", "M multiply-accumulates (fvcore, batch 1)", 1
+
+    def measure(self, model: nn.Module, resolution: int, in_chans: int) -> Measurement:
+        return Measurement(count_mflops(model, resolution, in_chans))
+
+
+@BUDGETS.register("memory_mb")
+class MemoryBudget(Budget):
+    """Peak MiB of one inference forward pass (weights + activations), see :func:`measure_peak_memory_mb`."""
+
+    name, cost = "memory_mb", 2
+
+    def __init__(self, limit: float | None, batch_size: int = 1) -> None:
+        super().__init__(limit)
+        if batch_size < 1:
+            raise ValueError(f"MemoryBudget batch_size must be >= 1, but got {batch_size}.")
+        self.batch_size = batch_size
+        self.unit = f"MiB peak of one forward pass (weights + activations), batch {batch_size}"
+
+    @classmethod
+    def from_config(cls, config: BudgetConfig) -> Budget:
+        """At the latency batch size."""
+        return cls(config.max_memory_mb, config.latency.batch_size)
+
+    def measure(self, model: nn.Module, resolution: int, in_chans: int) -> Measurement:
+        return Measurement(measure_peak_memory_mb(model, resolution, in_chans, self.batch_size))
+
+
+@BUDGETS.register("latency_ms")
+class LatencyBudget(Budget):
+    """Median latency on ``config.runtime``; with ``config.predict`` the lookup table predicts it first.
+
+    A candidate predicted above ``limit * (1 + config.margin)`` is rejected without being
+    measured; otherwise it is measured. The prediction is recorded as
+    ``latency_predicted_ms`` beside ``latency_ms`` (measured) and ``latency_p90_ms``.
+    """
+
+    name, cost = "latency_ms", 3
+
+    def __init__(self, limit: float | None, config: LatencyConfig) -> None:
+        super().__init__(limit)
+        self.config = config
+        self.unit = f"ms median, {config.runtime} runtime, {config.threads} thread(s), batch {config.batch_size}"
+        self._table: LatencyTable | None = None
+
+    @classmethod
+    def from_config(cls, config: BudgetConfig) -> Budget:
+        """Measured as ``config.latency`` says."""
+        return cls(config.max_latency_ms, config.latency)
+
+    @property
+    def table(self) -> LatencyTable:
+        """The lookup table of ``config`` (opened on first use)."""
+        if self._table is None:
+            self._table = LatencyTable(self.config)
+        return self._table
+
+    def measure(self, model: nn.Module, resolution: int, in_chans: int) -> Measurement:
+        extra: dict[str, float] = {}
+        if self.config.predict:
+            predicted = self.table.predict(model, resolution, in_chans)
+            extra["latency_predicted_ms"] = predicted
+            if self.limit is not None and predicted > self.limit * (1 + self.config.margin):
+                note = f"predicted from the latency lookup table, not measured: more than {self.config.margin:.0%} over the limit"
+                return Measurement(predicted, extra, measured=False, note=note)
+        median, p90 = measure_latency(model, resolution, in_chans, self.config)
+        return Measurement(median, {"latency_p90_ms": p90, **extra})
+
+
+def make_budgets(config: BudgetConfig) -> list[Budget]:
+    """One budget of every :data:`BUDGETS` entry, cheapest first. Every quantity is measured; limits may be null."""
+    budgets = [BUDGETS.get(name).from_config(config) for name in BUDGETS.names()]
+    return sorted(budgets, key=lambda b: b.cost)
+
+
+@dataclass
+class BudgetReport:
+    """What was measured, which limits were exceeded, and Optuna constraint values.
+
+    ``constraints`` has one entry per budget, ``(value - limit) / limit`` (<= 0 means
+    within budget); a budget not measured because a cheaper one already failed, or one
+    without a limit, contributes 0.
+    """
+
+    values: dict[str, float]
+    violations: list[str]
+    constraints: list[float]
+    seconds: float
+
+    @property
+    def feasible(self) -> bool:
+        return not self.violations
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.violations)
+
+
+def check_budgets(model: nn.Module, resolution: int, in_chans: int, budgets: Sequence[Budget], measure_all: bool = False) -> BudgetReport:
+    """Measure ``budgets`` cheapest first; stop at the first exceeded limit unless ``measure_all``.
+
+    ``seconds`` of the report is the wall-clock time of the whole check.
+    """
+    start = time.perf_counter()
+    values: dict[str, float] = {}
+    violations: list[str] = []
+    constraints: list[float] = []
+    for budget in budgets:
+        if violations and not measure_all:
+            constraints.append(0.0)
+            continue
+        measured = budget.measure(model, resolution, in_chans)
+        if measured.measured:
+            values[budget.name] = measured.value
+        values.update(measured.extra)
+        if budget.limit is None:
+            constraints.append(0.0)
+            continue
+        constraints.append((measured.value - budget.limit) / budget.limit)
+        if measured.value > budget.limit:
+            note = f"; {measured.note}" if measured.note else ""
+            violations.append(f"{budget.name} {measured.value:.3g} > limit {budget.limit:g} ({budget.unit}{note})")
+    return BudgetReport(values, violations, constraints, time.perf_counter() - start)

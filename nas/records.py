@@ -1,0 +1,298 @@
+"""The typed records of a study and its trials: the only code that reads or writes Optuna user attributes.
+
+A trial's results live in Optuna's storage as user attributes (JSON values under string
+keys), so that any worker, ``nas results``, ``nas export`` and ``nas report`` read the
+same facts. This module owns those keys: :class:`TrialRecord` reads a finished (or
+running) trial into typed fields, :class:`TrialWriter` writes a live one, and
+:class:`StudyRecord` / :class:`StudyWriter` do the same for the study's own attributes.
+Everything else uses the fields.
+
+It also holds the facts that must agree everywhere: the trial states, the names of the
+stored metrics and the per-trial seed rule.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = [
+    "State",
+    "TrialRecord",
+    "TrialWriter",
+    "StudyRecord",
+    "StudyWriter",
+    "trial_seed",
+    "baseline_seed",
+    "enqueue_architecture",
+    "trial_records",
+    "VAL_MAP",
+    "QUERY_MAP",
+    "QUERY_MAP_RATIO",
+    "QUERY_R1",
+]
+
+#: The stored metric names the tables, the report and export read (the rest are ``val_*`` / ``query_*`` too).
+VAL_MAP = "val_mAP"
+QUERY_MAP = "query_mAP"
+QUERY_MAP_RATIO = "query_mAP_ratio"
+QUERY_R1 = "query_R@1"
+
+
+class State(str, enum.Enum):
+    """What happened to a trial, as the tables, MLflow tags and exit codes say it.
+
+    ``infeasible``: over budget, never trained; ``pruned``: stopped by the pruner or the
+    promotion rule; ``interrupted``: Ctrl-C; ``failed``: an error (or a dead worker).
+    """
+
+    COMPLETE = "complete"
+    INFEASIBLE = "infeasible"
+    PRUNED = "pruned"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    RUNNING = "running"
+    WAITING = "waiting"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def trial_seed(search_seed: int, number: int) -> int:
+    """The seed of trial ``number`` (weights initialisation and data order): one rule for search, export and retries."""
+    return search_seed * 100003 + number
+
+
+def baseline_seed(search_seed: int) -> int:
+    """The one fixed seed of every hand-designed baseline of a study (outside the trial numbers' range)."""
+    return trial_seed(search_seed, 99991)
+
+
+# ----------------------------------------------------------------------------- trials
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as stored: Optuna's own fields and ours, typed.
+
+    ``state`` is the effective state: ours when the trial recorded one, ``failed`` for any
+    trial Optuna marked FAIL (a dead worker's trial records nothing itself), else Optuna's
+    state in lower case (``running``, ``waiting``).
+    """
+
+    number: int
+    optuna_state: TrialState
+    state: str
+    values: tuple[float, ...] | None
+    params: dict[str, Any]
+    constraints: dict[str, float]
+    arch: str | None = None
+    arch_id: str | None = None
+    seed: int | None = None
+    budgets: dict[str, float] = field(default_factory=dict)
+    budget_seconds: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    weights: str | None = None
+    reason: str | None = None
+    duplicate_of: int | None = None
+    worker: str | None = None
+    mlflow_run_id: str | None = None
+    val_curve: dict[str, float] = field(default_factory=dict)
+    warm_start_arch: str | None = None
+
+    @classmethod
+    def from_trial(cls, trial: FrozenTrial) -> TrialRecord:
+        a = trial.user_attrs
+        state = a.get("state", trial.state.name.lower())
+        if trial.state == TrialState.FAIL:
+            state = State.FAILED.value
+        return cls(
+            number=trial.number,
+            optuna_state=trial.state,
+            state=state,
+            values=tuple(trial.values) if trial.values is not None else None,
+            params=dict(trial.params),
+            constraints=dict(trial.constraints),
+            arch=a.get("arch"),
+            arch_id=a.get("arch_id"),
+            seed=a.get("seed"),
+            budgets=dict(a.get("budgets", {})),
+            budget_seconds=a.get("budget_seconds"),
+            metrics=dict(a.get("metrics", {})),
+            weights=a.get("weights"),
+            reason=a.get("reason"),
+            duplicate_of=a.get("duplicate_of"),
+            worker=a.get("worker"),
+            mlflow_run_id=a.get("mlflow_run_id"),
+            val_curve=dict(a.get("val_curve", {})),
+            warm_start_arch=a.get("warm_start_arch"),
+        )
+
+    @property
+    def value(self) -> float | None:
+        """The first objective (val asymmetric mAP), ``None`` until the trial finished."""
+        return self.values[0] if self.values else None
+
+    @property
+    def feasible(self) -> bool:
+        """Within every budget (Optuna's convention: a constraint value <= 0 is satisfied)."""
+        return all(v <= 0 for v in self.constraints.values())
+
+    @property
+    def feasible_complete(self) -> bool:
+        """Trained to the end within every budget: a result that may be exported."""
+        return self.optuna_state == TrialState.COMPLETE and self.state == State.COMPLETE and self.feasible
+
+    def seed_for(self, search_seed: int) -> int:
+        """The recorded seed, or the rule's for a trial that recorded none."""
+        return self.seed if self.seed is not None else trial_seed(search_seed, self.number)
+
+
+class TrialWriter:
+    """Writes the user attributes of a live Optuna trial (the objective's side of :class:`TrialRecord`)."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+    def warm_start_arch(self) -> str | None:
+        """The architecture string a queued trial (warm start) was enqueued with, if any."""
+        return self.trial.user_attrs.get("warm_start_arch")
+
+    def worker(self, name: str) -> None:
+        self.trial.set_user_attr("worker", name)
+
+    def mlflow_run(self, run_id: str) -> None:
+        self.trial.set_user_attr("mlflow_run_id", run_id)
+
+    def architecture(self, arch: str, arch_id: str) -> None:
+        self.trial.set_user_attr("arch", arch)
+        self.trial.set_user_attr("arch_id", arch_id)
+
+    def seed(self, seed: int) -> None:
+        self.trial.set_user_attr("seed", seed)
+
+    def budgets(self, values: Mapping[str, float], seconds: float) -> None:
+        self.trial.set_user_attr("budgets", dict(values))
+        self.trial.set_user_attr("budget_seconds", seconds)
+
+    def constraints(self, values: Mapping[str, float]) -> None:
+        """Optuna constraints (> 0: over budget); a retried trial keeps its original's (same architecture)."""
+        for name, value in values.items():
+            if name not in self.trial.constraints:
+                self.trial.set_constraint(name, value)
+
+    def val_curve(self, curve: Mapping[str, float]) -> None:
+        self.trial.set_user_attr("val_curve", dict(curve))
+
+    def outcome(self, state: State, reason: str | None = None, metrics: Mapping[str, float] | None = None, weights: str | None = None) -> None:
+        """The trial's result: state, and the reason, final metrics and kept weights where there are any."""
+        if metrics is not None:
+            self.trial.set_user_attr("metrics", dict(metrics))
+        if weights is not None:
+            self.trial.set_user_attr("weights", weights)
+        self.trial.set_user_attr("state", state.value)
+        if reason is not None:
+            self.trial.set_user_attr("reason", reason)
+
+    def duplicate(self, original: TrialRecord) -> None:
+        """Reuse ``original``'s result: its constraints, state, reason, budgets, metrics and weights."""
+        self.constraints(original.constraints)
+        stored = {"state": original.state, "reason": original.reason, "budgets": original.budgets or None,
+                  "metrics": original.metrics or None, "weights": original.weights}
+        for key, value in stored.items():
+            if value is not None:
+                self.trial.set_user_attr(key, value)
+        self.trial.set_user_attr("duplicate_of", original.number)
+
+
+def enqueue_architecture(study: optuna.Study, arch: str) -> None:
+    """Queue a trial that evaluates the architecture string ``arch`` instead of sampling one."""
+    study.enqueue_trial({}, user_attrs={"warm_start_arch": arch}, skip_if_exists=False)
+
+
+def trial_records(study: optuna.Study, states: tuple[TrialState, ...] | None = None) -> list[TrialRecord]:
+    """Every trial of ``study`` (optionally only those in Optuna ``states``) as records, by number."""
+    return [TrialRecord.from_trial(t) for t in study.get_trials(deepcopy=False, states=states)]
+
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """What a study stores about itself: its config, run folder, gallery model, paragon and baselines."""
+
+    name: str
+    config: dict[str, Any] | None = None
+    out_dir: str | None = None
+    space: dict[str, Any] | None = None
+    paragon: dict[str, dict[str, float]] | None = None
+    gallery_sha256: str | None = None
+    gallery_model: str | None = None
+    gallery_budgets: dict[str, float] = field(default_factory=dict)
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warm_started: tuple[str, ...] = ()
+    mlflow_parent_run_id: str | None = None
+
+    @classmethod
+    def load(cls, study: optuna.Study) -> StudyRecord:
+        a = study.user_attrs
+        return cls(
+            name=study.study_name,
+            config=a.get("config"),
+            out_dir=a.get("out_dir"),
+            space=a.get("space"),
+            paragon=a.get("paragon"),
+            gallery_sha256=a.get("gallery_sha256"),
+            gallery_model=a.get("gallery_model"),
+            gallery_budgets=dict(a.get("gallery_budgets", {})),
+            baselines=dict(a.get("baselines", {})),
+            warm_started=tuple(a.get("warm_started", [])),
+            mlflow_parent_run_id=a.get("mlflow_parent_run_id"),
+        )
+
+    @property
+    def objectives(self) -> list[str]:
+        """The study's objectives as configured (``["mAP", cost, ...]``)."""
+        return list((self.config or {}).get("search", {}).get("objectives", ["mAP"]))
+
+    @property
+    def paragon_query(self) -> dict[str, float]:
+        return (self.paragon or {}).get("query", {})
+
+
+class StudyWriter:
+    """Writes the study's own user attributes (the driver's side of :class:`StudyRecord`)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+
+    def description(self, config: Mapping[str, Any], out_dir: str, space: Mapping[str, Any], gallery_budgets: Mapping[str, float]) -> None:
+        self.study.set_user_attr("config", dict(config))
+        self.study.set_user_attr("out_dir", out_dir)
+        self.study.set_user_attr("space", dict(space))
+        self.study.set_user_attr("gallery_budgets", dict(gallery_budgets))
+
+    def paragon(self, gallery_sha256: str, gallery_model: str, paragon: Mapping[str, Mapping[str, float]]) -> None:
+        self.study.set_user_attr("gallery_sha256", gallery_sha256)
+        self.study.set_user_attr("gallery_model", gallery_model)
+        self.study.set_user_attr("paragon", {k: dict(v) for k, v in paragon.items()})
+
+    def baselines(self, results: Mapping[str, Mapping[str, Any]]) -> None:
+        self.study.set_user_attr("baselines", {k: dict(v) for k, v in results.items()})
+
+    def warm_started(self, archs: list[str]) -> None:
+        self.study.set_user_attr("warm_started", list(archs))
+
+    def parent_run(self, run_id: str) -> None:
+        self.study.set_user_attr("mlflow_parent_run_id", run_id)

@@ -1,0 +1,76 @@
+"""Embedding images with a model, and scoring a split part by retrieval.
+
+:func:`embed` runs any embedding network (a candidate query network, the gallery model,
+an exported model) over uint8 images; :func:`score_part` scores the val or query part of
+a :class:`~nas.data.RetrievalData` as its split says; :func:`paragon_scores` is the
+gallery model's own (symmetric) score, the reference every candidate is compared with.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nas.data import RetrievalData, iter_batches
+from nas.metrics import retrieval_metrics, revisited_protocol_metrics
+
+if TYPE_CHECKING:
+    from nas.gallery import GalleryEmbeddings
+
+__all__ = ["embed", "score_part", "paragon_scores"]
+
+
+@torch.inference_mode()
+def embed(model: nn.Module, images: np.ndarray, resolution: int, batch_size: int = 256, device: torch.device | None = None) -> np.ndarray:
+    """L2-normalised embeddings of ``images`` (uint8 NHWC) at ``resolution``, as float32."""
+    device = device or torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    out = [model(batch.to(device)).float().cpu() for batch in iter_batches(images, resolution, batch_size)]
+    model.train(was_training)
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def score_part(data: RetrievalData, part: str, embeddings: np.ndarray, gallery_side: Any) -> dict[str, float]:
+    """Score the embeddings of split part ``part`` (``val`` or ``query``, in split order).
+
+    ``gallery_side`` holds the gallery model's embeddings of the split parts as attributes
+    ``val`` and ``gallery`` (a :class:`nas.gallery.GalleryEmbeddings`); ``embeddings`` come
+    from the candidate (asymmetric) or from the gallery model itself (paragon).
+
+    * ``query``: against the gallery part; with revisited ground truth, mAP and mP@k under
+      the easy, medium and hard protocols (:func:`nas.metrics.revisited_protocol_metrics`),
+      else by labels (:func:`nas.metrics.retrieval_metrics`), each query's own entry excluded
+      by index when query and gallery are the same images.
+    * ``val``: as ``split.val_against`` says: against the gallery part; against val itself
+      with each image's own entry excluded; or against val itself with each image's own
+      gallery-model embedding its only positive (``self``).
+    """
+    split, labels = data.split, data.data.labels
+    if part not in ("val", "query"):
+        raise ValueError(f"part must be 'val' or 'query', but got {part!r}.")
+    rows = getattr(split, part)
+    if len(embeddings) != len(rows):
+        raise ValueError(f"{len(embeddings)} {part} embeddings for {len(rows)} {part} images.")
+    if part == "query":
+        if data.ground_truth is not None:
+            truth = data.ground_truth
+            return revisited_protocol_metrics(embeddings, gallery_side.gallery, truth.easy, truth.hard, truth.junk)
+        exclude = np.arange(len(rows)) if split.query_is_gallery else None
+        return retrieval_metrics(embeddings, labels[rows], gallery_side.gallery, labels[split.gallery], exclude=exclude)
+    if split.val_against == "gallery":
+        return retrieval_metrics(embeddings, labels[rows], gallery_side.gallery, labels[split.gallery])
+    if split.val_against == "val":
+        return retrieval_metrics(embeddings, labels[rows], gallery_side.val, labels[rows], exclude=np.arange(len(rows)))
+    own = np.arange(len(rows))
+    return retrieval_metrics(embeddings, own, gallery_side.val, own)
+
+
+def paragon_scores(retrieval: RetrievalData, gallery_embeddings: GalleryEmbeddings) -> dict[str, dict[str, float]]:
+    """The gallery model's own (symmetric) scores on the query and val parts of ``retrieval``,
+    from its cached embeddings ``gallery_embeddings`` of that split."""
+    emb = gallery_embeddings
+    return {"query": score_part(retrieval, "query", emb.query, emb), "val": score_part(retrieval, "val", emb.val, emb)}

@@ -1,0 +1,148 @@
+"""What every trial needs, assembled once per process: :func:`prepare` and its :class:`Context`.
+
+``prepare`` checks what can be checked without data first (names against their
+registries, budgets against the space's smallest member), then loads the data and its
+split, loads or trains the gallery model, and computes (or loads from the cache) the
+gallery embeddings of the training images (the targets) and of the gallery set (the
+index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nas.config import ExperimentConfig
+from nas.data import ImageSet, RetrievalData, Split, load_retrieval_data
+from nas.errors import BudgetError, ConfigError
+from nas.gallery import GalleryEmbeddings, GalleryNet, file_sha256, gallery_embeddings, load_gallery, train_gallery
+from nas.hardware import Budget, check_budgets, make_budgets
+from search_spaces import SearchSpace, build, create_space
+from trainers import CompatibilityLoss, GalleryTargets, create_loss_from_config
+
+__all__ = ["Context", "prepare", "ensure_gallery", "check_reachable", "resolve_device", "gallery_targets", "Log"]
+
+Log = Callable[[str], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'.")
+    return torch.device(name)
+
+
+@dataclass
+class Context:
+    """Everything a trial needs, built once per process by :func:`prepare`."""
+
+    config: ExperimentConfig
+    retrieval: RetrievalData  # data, split and (revisited Oxford/Paris) ground truth: how parts are scored
+    gallery: GalleryNet
+    gallery_sha: str
+    embeddings: GalleryEmbeddings
+    targets: GalleryTargets  # what the compatibility loss is bound to: the training images' gallery embeddings and more
+    space: SearchSpace
+    budgets: list[Budget]
+    loss: CompatibilityLoss
+    device: torch.device
+    smallest: dict[str, float]  # budgets measured on the space's smallest member
+
+    @property
+    def data(self) -> ImageSet:
+        return self.retrieval.data
+
+    @property
+    def split(self) -> Split:
+        return self.retrieval.split
+
+
+def ensure_gallery(config: ExperimentConfig, data: ImageSet, split: Split, log: Log = print, retrain: bool = False) -> tuple[GalleryNet, Path]:
+    """Load the configured gallery checkpoint, or train one under ``<out>/gallery`` if there is none."""
+    if config.gallery.checkpoint is not None:
+        path = Path(config.gallery.checkpoint)
+        return load_gallery(config.gallery, path, data.channels), path
+    path = config.out_dir / "gallery" / "gallery.safetensors"
+    if path.is_file() and not retrain:
+        log(f"Gallery model: loading {path}")
+        return load_gallery(config.gallery, path, data.channels), path
+    log(f"Gallery model: no checkpoint configured; training {config.gallery.model} on {len(split.train)} images -> {path}")
+    model = train_gallery(config.gallery, data, split, path, resolve_device(config.train.device), seed=config.data.seed, log=log)
+    return model, path
+
+
+def check_reachable(space: SearchSpace, budgets: list[Budget]) -> dict[str, float]:
+    """Measure the space's smallest member; a budget even it exceeds is a :class:`BudgetError`."""
+    smallest = space.extreme(smallest=True)
+    report = check_budgets(build(smallest), smallest.resolution, smallest.in_chans, budgets, measure_all=True)
+    if not report.feasible:
+        reached = ", ".join(f"{k} {v:.4g}" for k, v in report.values.items())
+        raise BudgetError(
+            f"No architecture in search space {space.name!r} meets the budgets: even its smallest member "
+            f"({smallest.to_string()}) measures {reached}, and {report.reason}. Raise the limit(s) "
+            f"(--max-mflops / --max-params-m / --max-memory-mb / --max-latency-ms) to at least what the smallest member reaches, "
+            f"or give the space smaller choices (space.options)."
+        )
+    return report.values
+
+
+def gallery_targets(config: ExperimentConfig, gallery: GalleryNet, data: ImageSet, split: Split, emb: GalleryEmbeddings) -> GalleryTargets:
+    """What a compatibility loss may use beyond a batch: the gallery embeddings and labels of all training
+    images, and the gallery model's frozen cosine classifier with its logit scale when it has one (``bct``)."""
+    classifier = None if gallery.classifier is None else gallery.classifier.detach().cpu()
+    return GalleryTargets(
+        targets=torch.from_numpy(emb.train),
+        labels=torch.from_numpy(data.labels[split.train]),
+        classifier=classifier,
+        classifier_scale=config.gallery.train.scale,
+    )
+
+
+def _create_space(config: ExperimentConfig, embed_dim: int, in_chans: int) -> SearchSpace:
+    try:
+        return create_space(config.space.name, embed_dim=embed_dim, in_chans=in_chans, **config.space.options)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def prepare(config: ExperimentConfig, log: Log = print) -> Context:
+    """Load data, split, gallery model and its cached embeddings; build space, budgets and loss."""
+    if config.search.threads:
+        torch.set_num_threads(config.search.threads)
+    retrieval = load_retrieval_data(config.data)
+    data, split = retrieval.data, retrieval.split
+    mode = "query = gallery, own entry excluded" if split.query_is_gallery else "query and gallery disjoint"
+    log(f"Data: {data.name}, {len(data.classes)} classes, {config.data.resolved_protocol} protocol ({mode}), split {split.sizes()}")
+    space = _create_space(config, config.gallery.embed_dim or 2, data.channels)
+    try:
+        loss = create_loss_from_config(config.train.loss, config.train.loss_options)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if loss.needs_labels and (data.labels[split.train] < 0).any():
+        raise ConfigError(
+            f"train.loss {loss.name!r} uses class labels, but the training images of {data.name} have none; "
+            f"use a loss that needs no labels (regression or csd)."
+        )
+    budgets = make_budgets(config.budgets)
+    smallest = check_reachable(space, budgets)  # before any gallery training: fail fast
+    gallery, path = ensure_gallery(config, data, split, log)
+    if config.gallery.embed_dim is None:  # the space must project to the backbone's own width
+        space = _create_space(config, gallery.embed_dim, data.channels)
+    device = resolve_device(config.train.device)
+    sha = file_sha256(path)
+    emb, cached = gallery_embeddings(
+        gallery, sha, data, split, config.gallery.resolution, config.out_dir / "cache", config.gallery.batch_size, device, log
+    )
+    if cached:
+        log("Gallery embeddings: loaded from cache (content hash verified)")
+    targets = gallery_targets(config, gallery, data, split, emb)
+    try:  # fail before any trial, e.g. the bct loss on a gallery model without a classifier
+        loss.bind(targets)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return Context(config, retrieval, gallery, sha, emb, targets, space, budgets, loss, device, smallest)

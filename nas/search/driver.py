@@ -1,0 +1,280 @@
+"""The search loop: open the study and its MLflow parent run, then run trials until the study holds enough.
+
+``study.optimize`` cannot be used: asking for a trial must happen under the study lock
+(:func:`nas.locks.study_lock`) so that "count, then ask" is exact across workers. So the
+loop asks, runs the objective with Optuna's own heartbeat thread, and tells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+
+import optuna
+import yaml
+from optuna.storages._heartbeat import get_heartbeat_thread
+
+from nas.config import ExperimentConfig, config_to_dict
+from nas.errors import ConfigError, GalleryError
+from nas.hardware import check_budgets
+from nas.locks import file_lock, study_lock
+from nas.records import State, StudyRecord, StudyWriter, TrialRecord, enqueue_architecture
+from nas.report import write_report
+from nas.results import best_trial, counted_trials, feasible_complete, pareto_front, recall_text
+from nas.scoring import paragon_scores
+from nas.search.context import Context, Log, prepare
+from nas.search.evaluators import EVALUATORS, Paragon, create_evaluator
+from nas.search.objective import Objective
+from nas.search.optuna_setup import StaleTrialCallback, open_study
+from nas.search.progress import Progress
+from nas.tracking import NullTracker, Tracker, flatten, make_tracker
+from search_spaces import Architecture, build, timm_architecture
+from trainers import TrainingDiverged
+
+__all__ = ["run_search", "open_tracked_study", "study_paragon", "warm_start_architectures"]
+
+
+def study_paragon(ctx: Context, study: optuna.Study) -> Paragon:
+    """Symmetric scores of the gallery model: computed once and stored on the study.
+
+    A study searched against other gallery weights is refused: its trials are not comparable.
+    """
+    info = StudyRecord.load(study)
+    if info.gallery_sha256 is not None and info.gallery_sha256 != ctx.gallery_sha:
+        raise GalleryError(
+            f"Study {study.study_name!r} was searched against gallery weights {info.gallery_sha256[:12]}, but the configured gallery "
+            f"model hashes to {ctx.gallery_sha[:12]}: its trials are not comparable. Use a new --study-name or the original checkpoint."
+        )
+    if info.paragon is not None:
+        return info.paragon
+    paragon = paragon_scores(ctx.retrieval, ctx.embeddings)
+    StudyWriter(study).paragon(ctx.gallery_sha, ctx.config.gallery.model, paragon)
+    return paragon
+
+
+def open_tracked_study(
+    config: ExperimentConfig,
+    ctx: Context,
+    tracker: Tracker,
+    log: Log = print,
+    on_stale_trial: StaleTrialCallback | None = None,
+    describe: bool = True,
+) -> tuple[optuna.Study, str, Paragon, dict[str, float]]:
+    """Open the study and its MLflow parent run; returns the study, the parent run id, the
+    paragon scores and the gallery model's budgets. Call under the study lock.
+
+    ``describe`` (re)writes the study's config, space and gallery description; a joining
+    worker only writes them when the study has none yet.
+    """
+    study = open_study(config, on_stale_trial=on_stale_trial)
+    closed = tracker.reconcile(study)
+    if closed:
+        log(f"Tracking: closed {closed} MLflow run(s) left open by an interrupted earlier search.")
+    paragon = study_paragon(ctx, study)
+    description = ctx.space.describe()
+    gallery_budgets = check_budgets(ctx.gallery, config.gallery.resolution, ctx.data.channels, ctx.budgets[:2], measure_all=True).values
+    if StudyRecord.load(study).config is None or describe:
+        StudyWriter(study).description(config_to_dict(config), str(config.out_dir.resolve()), description, gallery_budgets)
+    parent = tracker.start_study(
+        study,
+        params=flatten({**config_to_dict(config), "split": ctx.split.sizes()}),
+        tags={
+            "gallery.sha256": ctx.gallery_sha,
+            "gallery.model": config.gallery.model,
+            "budgets": "; ".join(b.describe() for b in ctx.budgets),
+            "space.num_architectures": description["num_architectures"],
+        },
+        texts={"config.yaml": yaml.safe_dump(config_to_dict(config), sort_keys=False), "space.json": json.dumps(description, indent=2)},
+    )
+    tracker.log(
+        parent,
+        metrics={
+            **{f"paragon_query_{k}": v for k, v in paragon["query"].items() if k not in ("queries", "skipped")},
+            **{f"paragon_val_{k}": v for k, v in paragon["val"].items() if k not in ("queries", "skipped")},
+            **{f"gallery_{k}": v for k, v in gallery_budgets.items()},
+            **{f"smallest_candidate_{k}": v for k, v in ctx.smallest.items()},
+        },
+    )
+    return study, parent, paragon, gallery_budgets
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def warm_start_architectures(config: ExperimentConfig, ctx: Context, study: optuna.Study) -> list[Architecture]:
+    """The architectures ``search.warm_start`` names (see :class:`nas.config.SearchConfig`)."""
+    spec = config.search.warm_start
+    if spec in (None, "none"):
+        return []
+    if spec == "baselines":
+        recorded = StudyRecord.load(study).baselines
+        return [Architecture.from_string(r["arch"]) for _, r in sorted(recorded.items()) if r.get("fits")]
+    archs = []
+    for entry in spec:
+        try:
+            if "space=" in entry:
+                arch = Architecture.from_string(entry)
+            else:
+                name, sep, res = entry.partition("@")
+                if not sep or not res.isdigit():
+                    raise ValueError(f"expected 'timm_model@resolution' (e.g. lcnet_050@32) or an architecture string, but got {entry!r}")
+                arch = timm_architecture(name, int(res), ctx.space.embed_dim, ctx.data.channels)
+                build(arch)  # an unknown timm name fails here, before the search starts
+        except ValueError as exc:
+            raise ConfigError(f"search.warm_start: {exc}") from None
+        if (arch.embed_dim, arch.in_chans) != (ctx.space.embed_dim, ctx.data.channels):
+            raise ConfigError(
+                f"search.warm_start: {entry!r} has embed={arch.embed_dim} in={arch.in_chans}, but this study needs "
+                f"embed={ctx.space.embed_dim} in={ctx.data.channels}."
+            )
+        archs.append(arch)
+    return archs
+
+
+def _warm_start(config: ExperimentConfig, ctx: Context, study: optuna.Study, log: Log) -> None:
+    """Enqueue the warm-start architectures not enqueued before, as the next trials."""
+    done = list(StudyRecord.load(study).warm_started)
+    new = [a for a in warm_start_architectures(config, ctx, study) if a.to_string() not in done]
+    for arch in new:
+        enqueue_architecture(study, arch.to_string())
+        done.append(arch.to_string())
+    if new:
+        StudyWriter(study).warm_started(done)
+        log(f"Warm start: enqueued {len(new)} architecture(s) as the next trials: " + "; ".join(a.timm_model or a.arch_id for a in new))
+    elif config.search.warm_start == "baselines" and not StudyRecord.load(study).baselines:
+        log("Warm start: no baselines recorded for this study yet; run 'nas baseline' first.")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _keep_best_weights(study: optuna.Study, keep: int) -> None:
+    """Delete the weights of all but the ``keep`` best trials and the Pareto front's.
+
+    Duplicates share their original's file. An export of a trial whose weights are gone
+    retrains it with its seed.
+    """
+    ranked = sorted(feasible_complete(study), key=lambda t: -t.values[0])
+    keep_paths = {t.weights for t in ranked[:keep] + pareto_front(study)}
+    for trial in ranked[keep:]:
+        if trial.weights and trial.weights not in keep_paths and os.path.exists(trial.weights):
+            os.remove(trial.weights)
+
+
+def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> None:
+    """Run ``objective`` on an asked trial with heartbeats, then tell the study its outcome.
+
+    The heartbeat thread is Optuna's own, the same one ``optimize`` runs; it is private API
+    (pinned with optuna==5.0.0 in setup.cfg) and this is the one place that uses it.
+    """
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return
+        except TrainingDiverged:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # that trial fails, the study goes on
+            return
+        except BaseException:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+    study.tell(trial, value)
+
+
+def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | None = None, worker: str = "") -> optuna.Study:
+    """Run (or resume) the study of ``config``.
+
+    Without ``total_trials`` this adds ``config.search.trials`` trials to the study. With
+    it (``nas worker``) the process runs trials until the study as a whole holds
+    ``total_trials``, however many workers share it; "count, then ask" is serialised by
+    :func:`nas.locks.study_lock`, so the total is exact. ``search.timeout`` stops this
+    process from starting new trials after that many seconds.
+    """
+    prefix = f"[{worker}] " if worker else ""
+    log = (lambda text, _log=log: _log(prefix + text)) if worker else log
+    EVALUATORS.check(config.search.strategy)  # a misspelled strategy fails before any data is loaded
+    with file_lock(config.out_dir / ".gallery.lock"):  # the first worker builds, the others wait and load
+        ctx = prepare(config, log)
+    tracker: Tracker = NullTracker()  # replaced under the study lock below
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.search.max_retries)
+
+    def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        tracker.close_stale_trial(study, trial)
+        retry(study, trial)
+        log(f"Trial {trial.number} stopped sending heartbeats (its worker died): marked failed and queued for a retry.")
+
+    lock = lambda: study_lock(config.storage_url, config.search.study_name, config.out_dir)  # noqa: E731
+    with lock():  # first-time creation of the study and tracking tables, one worker at a time
+        tracker = make_tracker(config, log)
+        study, parent, paragon, gallery_budgets = open_tracked_study(config, ctx, tracker, log, on_stale_trial, describe=total_trials is None)
+        before = counted_trials(study)
+        target = total_trials if total_trials is not None else before + config.search.trials
+        _warm_start(config, ctx, study, log)  # the enqueued trials are among this run's trials
+    log(
+        f"Paragon (gallery model on both sides): query mAP {paragon['query']['mAP']:.4f}, {recall_text(paragon['query'])}; "
+        f"val mAP {paragon['val']['mAP']:.4f}"
+    )
+    log(
+        f"Study {study.study_name!r} at {config.storage_url}: {before} earlier trial(s); running until it holds {target}. "
+        f"Budgets: {'; '.join(b.describe() for b in ctx.budgets)}. Gallery model: {gallery_budgets['mflops']:.2f} MFLOPs."
+    )
+    objective = Objective(create_evaluator(ctx, paragon), study, tracker, parent)
+    progress = Progress(max(target - before, 0), config.search.timeout, log)
+    start = time.monotonic()
+    status = "FINISHED"
+    infeasible_in_a_row = 0
+    try:
+        while config.search.timeout is None or time.monotonic() - start < config.search.timeout:
+            if infeasible_in_a_row >= config.search.max_infeasible_in_a_row:
+                log(
+                    f"Stopping: the last {infeasible_in_a_row} candidates were all over budget. Few members of the space fit; "
+                    f"narrow the space's choices (space.options, see 'nas space show {config.space.name}') or loosen the budgets."
+                )
+                break
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, then retried
+            with lock():
+                # waiting trials (warm starts, retries of a dead worker's trial) are counted already: run them even at the target
+                waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+                if counted_trials(study) >= target and not waiting:
+                    break
+                with warnings.catch_warnings():  # we run Optuna's heartbeat thread ourselves (see _run_one)
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                    trial = study.ask()
+            with objective.interrupt.installed():
+                _run_one(study, trial, objective)
+            if objective.interrupt.requested():  # Ctrl-C outside training: the trial finished, stop here
+                raise KeyboardInterrupt
+            finished = TrialRecord.from_trial(next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number))
+            infeasible_in_a_row = infeasible_in_a_row + 1 if finished.state == State.INFEASIBLE else 0
+            progress(study, finished)
+            _keep_best_weights(study, config.search.keep_best)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        log("Interrupted (Ctrl-C): a trial stopped in training is marked failed (state interrupted); run the same command again to resume the study.")
+        raise
+    finally:
+        _finish(study, config, tracker, parent, status, time.monotonic() - start, log)
+    return study
+
+
+def _finish(study: optuna.Study, config: ExperimentConfig, tracker: Tracker, parent: str, status: str, wall: float, log: Log) -> None:
+    """Write the report, log it to the parent run and close the run unless other workers go on."""
+    best = best_trial(study)
+    metrics = {f"best_{k}": v for k, v in best.metrics.items()} if best else {}
+    for path in write_report(study, config.out_dir / "report"):
+        tracker.log_artifact(parent, path)
+    if wall > 0 and config.tracking.enabled:
+        log(f"Tracking: {tracker.seconds:.1f} s of this process's {wall:.0f} s search ({100 * tracker.seconds / wall:.1f}%).")
+    still_running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+    tags = {"best_trial": best.number if best else "none"}
+    if still_running and status == "FINISHED":
+        tracker.log(parent, metrics=metrics, tags=tags)  # other workers go on
+    else:
+        tracker.end_study(parent, metrics=metrics, tags=tags, status=status)

@@ -1,0 +1,57 @@
+"""The progress line a search prints after every trial."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+
+from nas.records import QUERY_MAP, QUERY_MAP_RATIO, VAL_MAP, State, TrialRecord
+from nas.results import best_trial
+from nas.search.context import Log
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    """One line per finished trial: k of N (candidates rejected over budget do not count), state, scores, best so far, elapsed and remaining."""
+
+    def __init__(self, total: int, timeout: float | None, log: Log) -> None:
+        self.total, self.timeout, self.log = total, timeout, log
+        self.start = time.perf_counter()
+        self.done = 0
+        self.rejected = 0
+
+    def __call__(self, study: optuna.Study, trial: TrialRecord) -> None:
+        if trial.state == State.INFEASIBLE:
+            self.rejected += 1
+            self.log(
+                f"[trial {trial.number:>3} | rejected] over budget in {trial.budget_seconds or 0:.2f} s, not trained: "
+                f"{trial.reason or ''} ({self.rejected} rejected so far)"
+            )
+            return
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        remaining = elapsed / self.done * (self.total - self.done)
+        if self.timeout is not None:
+            remaining = min(remaining, max(self.timeout - elapsed, 0.0))
+        m, b = trial.metrics, trial.budgets
+        detail = ""
+        if trial.duplicate_of is not None:
+            detail = f"same architecture as trial {trial.duplicate_of} (result reused)"
+        elif trial.state == State.COMPLETE:
+            detail = f"val mAP {m[VAL_MAP]:.4f}, query mAP {m[QUERY_MAP]:.4f} ({m[QUERY_MAP_RATIO]:.3f} of paragon)"
+        elif trial.reason is not None:
+            detail = trial.reason
+        budgets = ", ".join(f"{k} {b[k]:.3g}" for k in ("mflops", "params_m", "latency_ms") if k in b)
+        best = best_trial(study)
+        if best:
+            bb = best.budgets
+            best_text = (f"best #{best.number} val mAP {best.values[0]:.4f} ("
+                         + ", ".join(f"{k} {bb[k]:.3g}" for k in ("mflops", "latency_ms") if k in bb) + ")")
+        else:
+            best_text = "no feasible trial yet"
+        self.log(
+            f"[trial {trial.number:>3} | {self.done}/{self.total}] {trial.state:<10} {detail} [{budgets}] | {best_text} | "
+            f"elapsed {elapsed / 60:.1f} min, ~{remaining / 60:.1f} min left"
+        )

@@ -74,9 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             cmd.add_argument("--trial", default="best", help="'best' (default), 'pareto:K' (see 'nas results') or a trial number")
             cmd.add_argument("--out", required=True, help="folder to write the export to")
-            cmd.add_argument(
-                "--format", default="state_dict,torchscript,onnx,onnx-int8", help="comma-separated: state_dict, torchscript, onnx, onnx-int8"
-            )
+            cmd.add_argument("--format", help="comma-separated registered export formats (default: all; see nas.export.EXPORTERS)")
 
     embed_cmd = sub.add_parser("embed", help="embed a folder of images with an exported query network")
     embed_cmd.add_argument("export_dir", help="folder written by 'nas export'")

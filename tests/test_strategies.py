@@ -17,7 +17,8 @@ from nas.errors import ConfigError
 from nas.hardware import check_budgets, make_budgets
 from nas.results import best_trial, counted_trials, front_cost, pareto_front
 from nas.search.driver import run_search
-from nas.search.optuna_setup import make_pruner, make_sampler, open_study
+from nas.search.evaluators import EVALUATORS, TrainFromScratch
+from nas.search.optuna_setup import SAMPLERS, make_pruner, make_sampler, open_study
 from search_spaces import build, create_space
 from tests.test_resilience import start_search_until_training
 
@@ -39,12 +40,28 @@ def _proposals(sampler_name: str, seed: int, n: int = 12) -> list[str]:
     return ids
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "random", "nsga2", "gp"])
+@pytest.mark.parametrize("sampler", ["tpe", "random", "nsga2", "gp", "qmc"])
 def test_samplers_are_seeded(sampler: str) -> None:
     first = _proposals(sampler, seed=7)
     assert _proposals(sampler, seed=7) == first  # the same config and seed: the same candidates
     assert _proposals(sampler, seed=8) != first
     assert len(set(first)) > 1
+
+
+def test_qmc_sampler_is_one_registered_entry() -> None:
+    """A sampler added by one registry entry: the config accepts it and the study gets Optuna's QMC sampler."""
+    assert "qmc" in SAMPLERS.names()
+    assert isinstance(make_sampler(SearchConfig(sampler="qmc", seed=3)), optuna.samplers.QMCSampler)
+    with pytest.raises(ConfigError, match=r"search.sampler must be one of .*Did you mean 'qmc'"):
+        SearchConfig(sampler="qcm")
+
+
+def test_unknown_strategy_fails_before_any_data_is_loaded(tmp_path) -> None:
+    config = config_from_dict({"out": str(tmp_path), "data": {"path": str(tmp_path / "nothing-here")},
+                               "search": {"strategy": "train_from_scrach"}})
+    with pytest.raises(ConfigError, match=r"search.strategy must be one of 'train_from_scratch'.*Did you mean 'train_from_scratch'"):
+        run_search(config, log=lambda _: None)
+    assert EVALUATORS.get("train_from_scratch") is TrainFromScratch
 
 
 def test_pruners_by_name() -> None:

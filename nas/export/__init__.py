@@ -118,7 +118,7 @@ def _trial_model(study: StudyRecord, trial: TrialRecord, config: ExperimentConfi
     log(f"The weights of trial {trial.number} were not kept (the search keeps the best search.keep_best); retraining it with seed {seed}.")
     model, metrics = _retrain(config, arch, seed, study.paragon, log)
     log(f"Retrained: query mAP {metrics[QUERY_MAP]:.4f} (the trial had {trial.metrics[QUERY_MAP]:.4f}).")
-    return model.eval(), metrics, True
+    return model.cpu().eval(), metrics, True  # exported and verified on the CPU, wherever it was trained
 
 
 # --------------------------------------------------------------------------- export
@@ -145,7 +145,7 @@ def _register(
 
 
 def export_trial(
-    study: optuna.Study, which: str, out: str | Path, formats: str | Sequence[str] = EXPORTERS.names(), log: Log = print, register: bool = True
+    study: optuna.Study, which: str, out: str | Path, formats: str | Sequence[str] | None = None, log: Log = print, register: bool = True
 ) -> dict[str, Any]:
     """Export trial ``which`` of ``study`` to ``out`` in ``formats`` and verify it.
 

@@ -215,12 +215,14 @@ class OnnxInt8Exporter(OnnxExporter):
         return path
 
 
-def resolve_formats(formats: str | Sequence[str]) -> list[Exporter]:
-    """The exporters of a ``--format`` value (comma-separated or a sequence), in registry order.
+def resolve_formats(formats: str | Sequence[str] | None = None) -> list[Exporter]:
+    """The exporters of a ``--format`` value (comma-separated or a sequence; ``None``: all), in registry order.
 
     Adds what the chosen formats require and the formats always written; an unknown
     name is a :class:`NasError` listing the valid ones.
     """
+    if formats is None:
+        formats = EXPORTERS.names()
     items = [f.strip() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
     unknown = [f for f in items if f not in EXPORTERS]
     if unknown:

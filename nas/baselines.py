@@ -24,6 +24,7 @@ from nas.records import QUERY_MAP, QUERY_MAP_RATIO, StudyRecord, StudyWriter, ba
 from nas.search.context import prepare
 from nas.search.driver import open_tracked_study
 from nas.search.evaluators import TrainFromScratch
+from nas.search.optuna_setup import check_storage
 from nas.tracking import make_tracker
 from search_spaces import timm_architecture, timm_model_exists
 from trainers import EpochResult
@@ -48,6 +49,7 @@ def run_baselines(config: ExperimentConfig, models: Sequence[str], resolutions: 
     small = [r for r in resolutions if r < 32]
     if small:
         raise ConfigError(f"Baseline resolutions must be >= 32 (timm's nets downsample 32x), but got {small}.")
+    check_storage(config.storage_url)  # a storage typo or a damaged database: before the gallery model is trained
     with file_lock(config.out_dir / ".gallery.lock"):
         ctx = prepare(config, log)
     with study_lock(config.storage_url, config.search.study_name, config.out_dir):

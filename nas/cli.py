@@ -20,12 +20,27 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in ``[low, high]`` (a bad value: argparse's usage error, exit status 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, but got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {f'between {low} and {high}' if high else f'>= {low}'}, but got {value}")
+        return value
+
+    return parse
+
+
 def _add_config_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML file, e.g. experiments/quickstart.yaml")
     parser.add_argument("--out", help="output folder (study, caches, weights); default runs/<study name>")
     parser.add_argument("--study-name", help="Optuna study name (search.study_name)")
-    parser.add_argument("--storage", help="Optuna storage URL; default sqlite:///<out>/optuna.db")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI; default sqlite:///<out>/mlflow.db")
+    parser.add_argument("--storage", help="Optuna storage URL, or env:NAME to read it from that variable; default sqlite:///<out>/optuna.db")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI, or env:NAME to read it from that variable; default sqlite:///<out>/mlflow.db")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,11 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--sampler", help="search.sampler, a registered Optuna sampler (default tpe)")
     search.add_argument("--objectives", help="comma-separated search.objectives, e.g. mAP,mflops (default mAP)")
     search.add_argument("--threads", type=int, help="torch threads for training (search.threads)")
-    search.add_argument("--workers", type=int, default=1, help="run N worker processes on this machine (default 1)")
+    search.add_argument("--workers", type=_int_in(1), default=1, help="run N worker processes on this machine (default 1)")
 
     worker = sub.add_parser("worker", help="join a shared study and run trials until it holds its trial budget")
     _add_config_overrides(worker)
-    worker.add_argument("--trials", type=int, required=True, help="the study's total trial budget (all workers together)")
+    worker.add_argument("--trials", type=_int_in(0), required=True, help="the study's total trial budget (all workers together)")
+    worker.add_argument("--request", help="count --trials toward this request id instead of the study's total (set by nas search --workers)")
     worker.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     worker.add_argument("--threads", type=int, help="torch threads for training")
 
@@ -66,10 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--study-name", required=True, help="the study to read")
-        cmd.add_argument("--storage", help="Optuna storage URL; default sqlite:///<run dir>/optuna.db")
+        cmd.add_argument("--storage", help="Optuna storage URL (env:NAME: from that variable); default sqlite:///<run dir>/optuna.db")
         cmd.add_argument("--run-dir", help="the search's output folder; default runs/<study name>")
+        if name in ("export", "report"):
+            cmd.add_argument("--tracking-uri", help="MLflow tracking URI to log to (env:NAME allowed); default the study's recorded one")
         if name == "report":
-            cmd.add_argument("--top", type=int, default=10, help="how many of the best trials to list (default 10)")
+            cmd.add_argument("--top", type=_int_in(1), default=10, help="how many of the best trials to list (default 10)")
             cmd.add_argument("--out", help="folder for the report files; default <run dir>/report")
         if name == "export":
             cmd.add_argument("--trial", default="best", help="'best' (default), 'pareto:K' (see 'nas results') or a trial number")
@@ -85,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--study-name", help="the study; its store is runs/<study name>/mlflow.db unless --run-dir or --tracking-uri")
     ui.add_argument("--run-dir", help="the search's output folder")
     ui.add_argument("--tracking-uri", help="an MLflow backend store URI to browse instead")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=_int_in(1, 65535), default=5000, help="local port (default 5000)")
 
     sub.add_parser("spaces", help="list the registered search spaces and their options")
     space = sub.add_parser("space", help="search-space commands")
@@ -118,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--threads", type=int, help="threads of the runtime")
     profile.add_argument("--batch-size", type=int, help="batch size of the latency and memory measurements")
     profile.add_argument("--table-dir", help="folder of the latency lookup tables")
+    profile.add_argument("--refresh", action="store_true", help="re-measure the lookup table's entries for these candidates and replace them")
     profile.add_argument("--embed-dim", type=int, default=128, help="embedding size (default 128, or the config's)")
     profile.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="input channels (default 1, or the config's)")
     return parser
@@ -136,22 +155,34 @@ def _quiet_libraries() -> None:
 
 
 def _load_study(args: argparse.Namespace):
-    import optuna
-
+    """The study ``nas results`` / ``export`` / ``report`` read: from ``--storage``, else ``<run dir>/optuna.db``."""
     from nas.errors import NasError
+    from nas.search.optuna_setup import load_existing_study
+    from nas.secrets import resolve_url
 
-    storage = args.storage
+    storage = resolve_url(args.storage, "--storage")
     if storage is None:
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / args.study_name
         db = run_dir / "optuna.db"
         if not db.is_file():
             raise NasError(f"No study database at {db}. Pass --run-dir (the search's --out folder) or --storage URL.")
         storage = f"sqlite:///{db.resolve()}"
-    try:
-        return optuna.load_study(study_name=args.study_name, storage=storage)
-    except KeyError:
-        names = optuna.get_all_study_names(storage)
-        raise NasError(f"No study named {args.study_name!r} in {storage}. Studies there: {', '.join(names) or 'none'}.") from None
+    return load_existing_study(storage, args.study_name)
+
+
+def _output_path(path: str, flag: str, folder: bool) -> Path:
+    """``path`` of ``flag`` checked before any work: a folder to write into (``folder``), else a file to write."""
+    from nas.errors import ConfigError
+
+    target = Path(path)
+    if folder and target.exists() and not target.is_dir():
+        raise ConfigError(f"{flag} {target} is a file, but it must be a folder (new or existing); pass another path. Nothing was written.")
+    if not folder and target.is_dir():
+        raise ConfigError(f"{flag} {target} is a folder, but it must be a file; pass e.g. {target / 'embeddings.npy'}. Nothing was written.")
+    above = next((p for p in target.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"{flag} {target} lies under {above}, which is a file, not a folder; pass another path. Nothing was written.")
+    return target
 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -166,23 +197,29 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def _log_report_to_mlflow(study, files) -> str:
-    """Log the report files to the study's MLflow parent run, when the study has one."""
+def _log_report_to_mlflow(study, files, tracking_uri: str | None = None) -> str:
+    """Log the report files to the study's MLflow parent run (at ``tracking_uri``, default the recorded one), when it has one."""
     from nas.config import config_from_dict
-    from nas.tracking import MlflowTracker
-
+    from nas.errors import ConfigError
     from nas.records import StudyRecord
+    from nas.secrets import mask_url
+    from nas.tracking import MlflowTracker
 
     info = StudyRecord.load(study)
     parent, raw = info.mlflow_parent_run_id, info.config
     if parent is None or raw is None:
         return "MLflow: the study has no parent run (tracking was off); files not logged."
     config = config_from_dict({**raw, "out": info.out_dir or raw.get("out")})
-    tracker = MlflowTracker(config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts", log=print)
+    try:
+        uri = tracking_uri or config.tracking_uri  # a recorded URI whose password was masked: a clear error
+    except ConfigError as exc:
+        return f"MLflow: files not logged: {exc}"
+    experiment = config.tracking.experiment or config.search.study_name
+    tracker = MlflowTracker(uri, experiment, config.out_dir / "mlartifacts", log=print, journal_dir=config.out_dir)
     for path in files:
         tracker.log_artifact(parent, path)
     tracker.flush()
-    return f"MLflow: logged {len(files)} file(s) to the parent run {parent} at {config.tracking_uri}."
+    return f"MLflow: logged {len(files)} file(s) to the parent run {parent} at {mask_url(tracker.uri)}."
 
 
 def _parse_options(pairs: Sequence[str]) -> dict[str, object]:
@@ -230,6 +267,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     from nas.config import LatencyConfig, load_config
     from nas.errors import ConfigError
+    from nas.hardware.latency_table import LatencyTable
     from nas.hardware.profile import profile_architecture, profile_table
     from search_spaces import Architecture, create_space, timm_architecture
 
@@ -257,10 +295,11 @@ def _profile(args: argparse.Namespace) -> int:
                 trial = study.ask()
                 archs.append(space.sample(trial))
                 study.tell(trial, 0.0)
-        profiles = [profile_architecture(arch, latency, log=print) for arch in archs]
+        table = LatencyTable(latency, log=print)
+        profiles = [profile_architecture(arch, latency, log=print, table=table, refresh=args.refresh) for arch in archs]
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None
-    print(profile_table(profiles, latency))
+    print(profile_table(profiles, latency, table))
     return 0
 
 
@@ -285,6 +324,9 @@ def _run(args: argparse.Namespace) -> int:
         }
         config = load_config(args.config, overrides)
         if args.workers > 1:
+            from nas.search.optuna_setup import check_storage
+
+            check_storage(config.storage_url)  # once here, not once per worker process
             study = run_local_workers(config, args.workers)
         else:
             study = run_search(config)
@@ -297,7 +339,7 @@ def _run(args: argparse.Namespace) -> int:
         from nas.search.driver import run_search
 
         config = load_config(args.config, _run_overrides(args))
-        run_search(config, total_trials=args.trials, worker=f"{socket.gethostname()}-{os.getpid()}")
+        run_search(config, total_trials=args.trials, worker=f"{socket.gethostname()}-{os.getpid()}", request=args.request)
         return 0
     if args.command == "gallery":
         from nas.data import load_retrieval_data
@@ -311,13 +353,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from nas.export import export_trial
 
+        _output_path(args.out, "--out", folder=True)
         study = _load_study(args)
-        export_trial(study, args.trial, args.out, formats=args.format)
+        export_trial(study, args.trial, args.out, formats=args.format, tracking_uri=args.tracking_uri)
         print(f"Export written to {args.out}; load it with nas.load_query_model({str(args.out)!r}).")
         return 0
     if args.command == "report":
         from nas.report import write_report
 
+        if args.out:
+            _output_path(args.out, "--out", folder=True)
         study = _load_study(args)
         from nas.records import StudyRecord
 
@@ -326,7 +371,7 @@ def _run(args: argparse.Namespace) -> int:
         for path in files:
             if path.suffix == ".txt":
                 print(f"== {path.name}\n{path.read_text()}")
-        logged = _log_report_to_mlflow(study, files)
+        logged = _log_report_to_mlflow(study, files, args.tracking_uri)
         print("Report files: " + ", ".join(str(p) for p in files))
         print(logged)
         return 0
@@ -347,12 +392,18 @@ def _run(args: argparse.Namespace) -> int:
 
         from nas.export import embed_folder
 
-        embeddings, ids, skipped = embed_folder(args.export_dir, args.images)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, embeddings)
+        from nas.errors import DataError
+
+        out = _output_path(args.out, "--out", folder=False)
+        out = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")  # as np.save names it
+        embeddings, ids, skipped = embed_folder(args.export_dir, args.images)  # no readable image: an error, nothing written
         ids_file = out.with_suffix(".ids.txt")
-        ids_file.write_text("".join(f"{i}\n" for i in ids))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            np.save(out, embeddings)
+            ids_file.write_text("".join(f"{i}\n" for i in ids))
+        except OSError as exc:
+            raise DataError(f"Cannot write the embeddings to {out}: {exc}. Pass an --out FILE.npy in a writable folder.") from None
         print(f"Embedded {len(ids)} image(s) -> {out} ({embeddings.shape[0]} x {embeddings.shape[1]}), ids -> {ids_file}")
         if skipped:
             print(f"Skipped {len(skipped)} unreadable image(s):")
@@ -360,8 +411,17 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"  {path}: {reason}")
         return 0
     if args.command == "ui":
+        import socket
+
+        from nas.errors import ConfigError
         from nas.ui import serve_ui
 
+        with socket.socket() as probe:  # a port in use: say so, rather than report another server's answer as ours
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closed port in TIME_WAIT is free
+            try:
+                probe.bind(("127.0.0.1", args.port))
+            except OSError as exc:
+                raise ConfigError(f"Port {args.port} on 127.0.0.1 is in use ({exc.strerror}); pass another --port, e.g. --port {args.port + 1}.") from None
         return serve_ui(args.study_name, args.run_dir, args.tracking_uri, args.port)
     if args.command == "spaces":
         from search_spaces import list_spaces, space_options
@@ -382,6 +442,8 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--resolutions takes comma-separated integers, e.g. 32,48, but got {args.resolutions!r}.") from None
         models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not models or not resolutions:  # else an empty table and exit status 0
+            raise ConfigError("--models and --resolutions must each name at least one, e.g. --models resnet18 --resolutions 32.")
         study = run_baselines(config, models, resolutions)
         print(baselines_table(study))
         return 0
@@ -408,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `nas results | head`: the reader stopped reading; exit as a program killed by SIGPIPE does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from nas.errors import ConfigError
 from nas.hardware.budgets import BUDGETS
 from nas.hardware.runtimes import RUNTIMES
 from nas.search.optuna_setup import PRUNERS, SAMPLERS
+from nas.secrets import resolve_url
 from nas.typed_config import build_dataclass, set_dotted
 
 __all__ = [
@@ -105,6 +106,7 @@ class DataConfig:
             f"data.max_per_class must be null for dataset {self.dataset!r} (it has no classes), but got {self.max_per_class}.",
         )
         _check(self.image_size >= 8, f"data.image_size must be >= 8, but got {self.image_size}.")
+        _check(self.seed >= 0, f"data.seed must be >= 0, but got {self.seed}.")  # numpy's generators refuse it, after loading
         _check(self.channels in (None, 1, 3), f"data.channels must be 1, 3 or null, but got {self.channels}.")
         _check(
             self.max_per_class is None or self.max_per_class >= 4,
@@ -185,6 +187,7 @@ class GalleryConfig:
     def __post_init__(self) -> None:
         _check(self.embed_dim is None or self.embed_dim >= 2, f"gallery.embed_dim must be >= 2, but got {self.embed_dim}.")
         _check(self.resolution >= 8, f"gallery.resolution must be >= 8, but got {self.resolution}.")
+        _check(self.batch_size >= 1, f"gallery.batch_size must be >= 1, but got {self.batch_size}.")  # else a crash after training
 
 
 @dataclass(frozen=True)
@@ -328,7 +331,7 @@ class SearchConfig:
     trials have reported and only after ``prune_warmup_epochs`` epochs. A running trial sends a heartbeat every
     ``heartbeat_interval`` seconds; one silent for ``grace_period`` seconds (its process
     was killed) is failed when any worker next asks for a trial, and retried up to
-    ``max_retries`` times.
+    ``max_retries`` times (on the machine that ran it, as soon as its process is gone).
 
     ``sampler`` names an entry of :data:`nas.search.optuna_setup.SAMPLERS`: ``tpe``
     (constrained TPE, the default), ``nsga2`` (NSGA-II with constrained domination), ``gp``
@@ -359,8 +362,9 @@ class SearchConfig:
 
     A candidate over budget is recorded as an infeasible trial (its constraint values teach
     the sampler where the budget lies) but does not count toward ``trials``: it costs a
-    fraction of a second, not a training run. ``max_infeasible_in_a_row`` stops a search
-    whose sampler keeps proposing candidates over budget.
+    fraction of a second, not a training run; nor does a duplicate (an architecture another
+    trial evaluated or is evaluating). ``max_infeasible_in_a_row`` stops a search whose
+    sampler keeps proposing candidates over budget or duplicates.
     """
 
     study_name: str = "quickstart"
@@ -390,6 +394,7 @@ class SearchConfig:
         _check(bool(self.study_name), "search.study_name must not be empty.")
         _check(self.max_infeasible_in_a_row >= 1, f"search.max_infeasible_in_a_row must be >= 1, but got {self.max_infeasible_in_a_row}.")
         _check(self.trials >= 0, f"search.trials must be >= 0, but got {self.trials}.")
+        _check(0 <= self.seed < 2**32, f"search.seed must be in [0, 2**32), but got {self.seed}.")  # else Optuna refuses it after the gallery
         _check(self.timeout is None or self.timeout > 0, f"search.timeout must be > 0 or null, but got {self.timeout}.")
         PRUNERS.check(self.pruner)
         SAMPLERS.check(self.sampler)
@@ -423,7 +428,7 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow tracking; ``uri`` null means ``sqlite:///<out>/mlflow.db``."""
+    """MLflow tracking; ``uri`` null means ``sqlite:///<out>/mlflow.db``; ``env:NAME`` (also for ``search.storage``) reads it from that variable."""
 
     enabled: bool = True
     uri: str | None = None
@@ -450,13 +455,13 @@ class ExperimentConfig:
     @property
     def storage_url(self) -> str:
         if self.search.storage:
-            return self.search.storage
+            return resolve_url(self.search.storage, "search.storage (--storage)")
         return f"sqlite:///{(self.out_dir / 'optuna.db').resolve()}"
 
     @property
     def tracking_uri(self) -> str:
         if self.tracking.uri:
-            return self.tracking.uri
+            return resolve_url(self.tracking.uri, "tracking.uri (--tracking-uri)")
         return f"sqlite:///{(self.out_dir / 'mlflow.db').resolve()}"
 
 
@@ -476,20 +481,17 @@ def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Load an experiment YAML file and apply ``overrides`` (dotted keys, e.g. ``budgets.max_mflops``).
-
-    Overrides whose value is ``None`` are ignored, so CLI flags that were not given can be
-    passed straight through.
-    """
+    """Load an experiment YAML file and apply ``overrides`` (dotted keys, e.g. ``budgets.max_mflops``);
+    overrides whose value is ``None`` are ignored, so CLI flags not given pass straight through."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Experiment file {path} does not exist. Pass the path of a YAML file such as experiments/quickstart.yaml.")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"Experiment file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"Experiment file {path} {'is a folder' if path.is_dir() else 'does not exist'}. Pass the path of a YAML file such as experiments/quickstart.yaml.")
+    try:  # an empty file is refused below: it would silently start a full default run
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Experiment file {path} is not valid YAML text: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"Experiment file {path} must hold a mapping at the top level.")
+        raise ConfigError(f"Experiment file {path} is empty: write the experiment's settings in it (start from experiments/quickstart.yaml)." if data is None else f"Experiment file {path} must hold a mapping (key: value lines) at the top level, but holds a {type(data).__name__}.")
     for dotted, value in (overrides or {}).items():
         if value is not None:
             set_dotted(data, dotted, value)

@@ -8,7 +8,7 @@ showing a traceback.
 
 from __future__ import annotations
 
-__all__ = ["NasError", "ConfigError", "DataError", "GalleryError", "BudgetError", "TrainingError"]
+__all__ = ["NasError", "ConfigError", "DataError", "GalleryError", "BudgetError", "TrainingError", "StorageError"]
 
 
 class NasError(Exception):
@@ -33,3 +33,7 @@ class BudgetError(NasError):
 
 class TrainingError(NasError):
     """Training a candidate diverged (for example a NaN loss); the trial fails, the study goes on."""
+
+
+class StorageError(NasError):
+    """The study database (the Optuna storage) is unreachable or unreadable, or its URL is malformed."""

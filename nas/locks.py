@@ -17,6 +17,8 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from nas.search.optuna_setup import storage_errors
+
 __all__ = ["file_lock", "study_lock"]
 
 
@@ -47,7 +49,9 @@ def study_lock(storage_url: str, study_name: str, lock_dir: str | Path) -> Itera
         engine = sqlalchemy.create_engine(storage_url, poolclass=NullPool)
         key = _advisory_key(study_name)
         try:
-            with engine.connect() as conn:
+            with storage_errors(storage_url):  # the server unreachable: one clear error (a lost connection later stays an error)
+                conn = engine.connect()
+            with conn:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
                 try:
                     yield

@@ -29,6 +29,8 @@ __all__ = [
     "StudyWriter",
     "trial_seed",
     "baseline_seed",
+    "sampler_seed",
+    "fail_trial",
     "enqueue_architecture",
     "trial_records",
     "VAL_MAP",
@@ -47,12 +49,15 @@ QUERY_R1 = "query_R@1"
 class State(str, enum.Enum):
     """What happened to a trial, as the tables, MLflow tags and exit codes say it.
 
-    ``infeasible``: over budget, never trained; ``pruned``: stopped by the pruner or the
-    promotion rule; ``interrupted``: Ctrl-C; ``failed``: an error (or a dead worker).
+    ``infeasible``: over budget, never trained; ``duplicate``: an architecture evaluated
+    (or being evaluated) by an earlier trial, not trained again; ``pruned``: stopped by the
+    pruner or the promotion rule; ``interrupted``: Ctrl-C; ``failed``: an error (or a dead
+    worker). Infeasible and duplicate trials do not count toward ``search.trials``.
     """
 
     COMPLETE = "complete"
     INFEASIBLE = "infeasible"
+    DUPLICATE = "duplicate"
     PRUNED = "pruned"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
@@ -73,6 +78,15 @@ def baseline_seed(search_seed: int) -> int:
     return trial_seed(search_seed, 99991)
 
 
+def sampler_seed(search_seed: int, trials_held: int) -> int:
+    """The sampler's seed for the ask that creates a study's trial number ``trials_held``.
+
+    A function of the study's state, not of the process: a resumed search continues the
+    sequence one long run would have proposed (see :mod:`nas.search.coordination`).
+    """
+    return (search_seed * 1_000_003 + trials_held * 7919 + 17) % 2**32
+
+
 # ----------------------------------------------------------------------------- trials
 
 
@@ -80,9 +94,16 @@ def baseline_seed(search_seed: int) -> int:
 class TrialRecord:
     """One trial as stored: Optuna's own fields and ours, typed.
 
-    ``state`` is the effective state: ours when the trial recorded one, ``failed`` for any
-    trial Optuna marked FAIL (a dead worker's trial records nothing itself), else Optuna's
-    state in lower case (``running``, ``waiting``).
+    ``state`` is the effective state: ``duplicate`` for a trial that reused another's
+    architecture, ours when the trial recorded one, ``failed`` for any other trial Optuna
+    marked FAIL (a dead worker's trial records nothing itself), else Optuna's state in lower
+    case (``running``, ``waiting``).
+
+    ``host``, ``pid``, ``process_started`` (clock ticks since boot) and ``pid_scope`` (boot
+    id and pid namespace) identify the process that ran it (see
+    :class:`nas.search.coordination.ProcessIdentity`); ``request`` is the ``nas search``
+    invocation it counts toward (a retry keeps its original's); ``retry_of`` is the failed
+    trial a retry repeats.
     """
 
     number: int
@@ -104,12 +125,20 @@ class TrialRecord:
     mlflow_run_id: str | None = None
     val_curve: dict[str, float] = field(default_factory=dict)
     warm_start_arch: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    process_started: int | None = None
+    pid_scope: str | None = None
+    request: str | None = None
+    retry_of: int | None = None
 
     @classmethod
     def from_trial(cls, trial: FrozenTrial) -> TrialRecord:
-        a = trial.user_attrs
+        a = {k: v for k, v in trial.user_attrs.items() if v is not None}  # None: cleared for a retry (TrialWriter.started)
         state = a.get("state", trial.state.name.lower())
-        if trial.state == TrialState.FAIL:
+        if a.get("duplicate_of") is not None:
+            state = State.DUPLICATE.value
+        elif trial.state == TrialState.FAIL:
             state = State.FAILED.value
         return cls(
             number=trial.number,
@@ -131,6 +160,12 @@ class TrialRecord:
             mlflow_run_id=a.get("mlflow_run_id"),
             val_curve=dict(a.get("val_curve", {})),
             warm_start_arch=a.get("warm_start_arch"),
+            host=a.get("host"),
+            pid=a.get("pid"),
+            process_started=a.get("process_started"),
+            pid_scope=a.get("pid_scope"),
+            request=a.get("request"),
+            retry_of=trial.system_attrs.get("failed_trial"),
         )
 
     @property
@@ -167,8 +202,23 @@ class TrialWriter:
         """The architecture string a queued trial (warm start) was enqueued with, if any."""
         return self.trial.user_attrs.get("warm_start_arch")
 
-    def worker(self, name: str) -> None:
-        self.trial.set_user_attr("worker", name)
+    #: What a trial records about its own run; a retry inherits its original's user attributes, and these are cleared.
+    _RUN_KEYS = ("state", "reason", "duplicate_of", "metrics", "weights", "val_curve", "budgets", "budget_seconds", "seed", "mlflow_run_id")
+
+    def started(self, host: str, pid: int, process_started: int | None, pid_scope: str | None, request: str) -> None:
+        """The process running the trial and the request it counts toward (a retry or warm start keeps the one it
+        was queued with); clears what a retried trial inherited of its original's run."""
+        attrs = self.trial.user_attrs
+        for key in self._RUN_KEYS:
+            if attrs.get(key) is not None:
+                self.trial.set_user_attr(key, None)
+        self.trial.set_user_attr("host", host)
+        self.trial.set_user_attr("pid", pid)
+        self.trial.set_user_attr("process_started", process_started)
+        self.trial.set_user_attr("pid_scope", pid_scope)
+        self.trial.set_user_attr("worker", f"{host}-{pid}")
+        if attrs.get("request") is None:
+            self.trial.set_user_attr("request", request)
 
     def mlflow_run(self, run_id: str) -> None:
         self.trial.set_user_attr("mlflow_run_id", run_id)
@@ -203,20 +253,34 @@ class TrialWriter:
         if reason is not None:
             self.trial.set_user_attr("reason", reason)
 
-    def duplicate(self, original: TrialRecord) -> None:
-        """Reuse ``original``'s result: its constraints, state, reason, budgets, metrics and weights."""
-        self.constraints(original.constraints)
-        stored = {"state": original.state, "reason": original.reason, "budgets": original.budgets or None,
-                  "metrics": original.metrics or None, "weights": original.weights}
-        for key, value in stored.items():
-            if value is not None:
-                self.trial.set_user_attr(key, value)
+    def duplicate(self, original: TrialRecord, reason: str) -> None:
+        """A trial not trained because ``original`` has (or is getting) its architecture's result: state
+        ``duplicate``, the reason, and for reading convenience the original's budgets and metrics so far."""
+        for key, value in {"budgets": original.budgets, "metrics": original.metrics}.items():
+            if value:
+                self.trial.set_user_attr(key, dict(value))
+        self.trial.set_user_attr("state", State.DUPLICATE.value)
+        self.trial.set_user_attr("reason", reason)
         self.trial.set_user_attr("duplicate_of", original.number)
 
 
-def enqueue_architecture(study: optuna.Study, arch: str) -> None:
-    """Queue a trial that evaluates the architecture string ``arch`` instead of sampling one."""
-    study.enqueue_trial({}, user_attrs={"warm_start_arch": arch}, skip_if_exists=False)
+def enqueue_architecture(study: optuna.Study, arch: str, request: str | None = None) -> None:
+    """Queue a trial that evaluates the architecture string ``arch`` instead of sampling one, counted toward ``request``."""
+    study.enqueue_trial({}, user_attrs={"warm_start_arch": arch, "request": request}, skip_if_exists=False)
+
+
+def fail_trial(study: optuna.Study, number: int, reason: str) -> FrozenTrial | None:
+    """Mark running trial ``number`` failed with ``reason`` (its process is gone); the failed trial, or
+    ``None`` when it finished first (another process failed it, or it ended on its own)."""
+    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    storage = study._storage  # Optuna's storage API: the trial belongs to no live process of ours
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+        if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            return None
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return None
+    return storage.get_trial(trial._trial_id)
 
 
 def trial_records(study: optuna.Study, states: tuple[TrialState, ...] | None = None) -> list[TrialRecord]:

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from nas.config import ExperimentConfig
 from nas.records import QUERY_MAP, QUERY_MAP_RATIO, QUERY_R1, VAL_MAP, State, StudyRecord, TrialRecord, trial_records
+from nas.secrets import mask_url
 
 __all__ = [
     "feasible_complete",
@@ -21,6 +22,7 @@ __all__ = [
     "pareto_front",
     "front_cost",
     "counted_trials",
+    "counts_toward",
     "state_counts",
     "results_table",
     "pareto_table",
@@ -66,17 +68,26 @@ def front_cost(study: optuna.Study) -> str:
     return objectives[1] if len(objectives) > 1 else "mflops"
 
 
-def counted_trials(study: optuna.Study) -> int:
-    """Trials that count toward the study's trial budget.
+def counts_toward(record: TrialRecord, retried: set[int]) -> bool:
+    """Whether a trial counts toward a trial budget (``search.trials``, ``nas worker --trials``).
 
     Every trial counts (complete, pruned, failed, running, waiting) except an infeasible
-    one (over budget: rejected before any training) and a failed one that is being
-    retried (its retry counts instead).
+    one (over budget: rejected before any training), a duplicate (an architecture another
+    trial evaluated or is evaluating: not trained again) and a failed one whose number is
+    in ``retried`` (its retry counts instead).
     """
+    if record.state in (State.INFEASIBLE, State.DUPLICATE):
+        return False
+    return not (record.optuna_state == TrialState.FAIL and record.number in retried)
+
+
+def counted_trials(study: optuna.Study, request: str | None = None) -> int:
+    """Trials that count toward the study's trial budget (:func:`counts_toward`); given ``request``,
+    only those counting toward that ``nas search`` invocation (a retry counts toward its original's)."""
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     records = [TrialRecord.from_trial(t) for t in trials]
-    return sum(1 for r in records if not (r.optuna_state == TrialState.FAIL and r.number in retried) and r.state != State.INFEASIBLE)
+    return sum(1 for r in records if counts_toward(r, retried) and (request is None or r.request == request))
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
@@ -184,10 +195,10 @@ def summary(study: optuna.Study, config: ExperimentConfig) -> str:
     lines.append("")
     lines.append("Browse the trials in the MLflow UI:")
     if config.tracking.uri:
-        lines.append(f"  .venv/bin/nas ui --tracking-uri {config.tracking_uri}")
+        lines.append(f"  .venv/bin/nas ui --tracking-uri {mask_url(config.tracking.uri)}")
     else:
         lines.append(f"  .venv/bin/nas ui --run-dir {config.out_dir}")
-    storage = f" --storage {config.search.storage}" if config.search.storage else f" --run-dir {config.out_dir}"
+    storage = f" --storage {mask_url(config.search.storage)}" if config.search.storage else f" --run-dir {config.out_dir}"
     lines.append("Export the best query network:")
     lines.append(f"  .venv/bin/nas export --study-name {study.study_name}{storage} --out {config.out_dir / 'export'}")
     return "\n".join(lines)

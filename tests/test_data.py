@@ -252,7 +252,7 @@ def test_a_registered_data_set_is_accepted_and_loads(tiny_digits: str) -> None:
 def test_a_registered_benchmark_declares_its_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
     def load(config: DataConfig) -> RetrievalData:
         data = digits_image_set(per_class=4)
-        order = np.arange(len(data.labels))
+        order = np.argsort(data.labels, kind="stable")  # by class: every val and query image has a positive
         return RetrievalData(data, Split(order[:10], order[10:20], order[20:], order[20:], query_is_gallery=True, val_against="val"))
 
     monkeypatch.setitem(DATASETS._entries, "tiny_bench", DatasetEntry.benchmark(load, protocol="class_disjoint", query_is_gallery=True))

@@ -1,8 +1,10 @@
-"""nas.hardware.latency_table: per-piece latencies cached on disk, predictions, and the predicted-reject path."""
+"""nas.hardware.latency_table: per-piece latencies cached on disk, predictions, the predicted-reject path, and
+entries measured under load or with noise (refused, re-measured on disagreement, ``nas profile --refresh``)."""
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +13,8 @@ from torch import nn
 
 import nas.hardware.budgets
 import nas.hardware.latency_table
+import nas.hardware.runtimes
+from nas.cli import main
 from nas.config import BudgetConfig, LatencyConfig
 from nas.hardware import check_budgets, make_budgets, measure_latency
 from nas.hardware.budgets import LatencyBudget
@@ -30,13 +34,13 @@ def small_arch():
 def count_measurements(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     """Record the input shape of every piece (and overhead) measurement the table makes."""
     calls: list[tuple[int, ...]] = []
-    real = nas.hardware.latency_table.measure_latency_of_input
+    real = nas.hardware.latency_table.measure_runs_of_input
 
     def counting(model, shape, cfg):
         calls.append(tuple(shape))
         return real(model, shape, cfg)
 
-    monkeypatch.setattr(nas.hardware.latency_table, "measure_latency_of_input", counting)
+    monkeypatch.setattr(nas.hardware.latency_table, "measure_runs_of_input", counting)
     return calls
 
 
@@ -44,7 +48,41 @@ def forbid_measurements(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("measured although it should not have been")
 
-    monkeypatch.setattr(nas.hardware.latency_table, "measure_latency_of_input", fail)
+    monkeypatch.setattr(nas.hardware.latency_table, "measure_runs_of_input", fail)
+
+
+def steady_machine(monkeypatch: pytest.MonkeyPatch, spread_check: bool = True) -> None:
+    """A load probe that always reads the same, so only what a test simulates looks like load.
+
+    Without ``spread_check`` no piece is refused as noisy either: for tests that count measurements.
+    """
+    monkeypatch.setattr(nas.hardware.latency_table, "load_probe_ms", lambda threads: 0.1)
+    if not spread_check:
+        monkeypatch.setattr(nas.hardware.latency_table, "MAX_SPREAD", float("inf"))
+
+
+def slowed(factor: float):
+    """``time_runs`` of a machine where another job slows every run ``factor`` times (pieces and load probe alike)."""
+    real = nas.hardware.runtimes.time_runs
+
+    def slow(run, warmup, repeats):
+        return [t * factor for t in real(run, warmup, repeats)]
+
+    return slow
+
+
+class Jittery(nn.Module):
+    """Two of every three calls sleep 2 ms: the median of its runs sits far above its fastest runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._calls = 0  # private: not part of the piece's key
+
+    def forward(self, x):
+        self._calls += 1
+        if self._calls % 3:
+            time.sleep(0.002)
+        return x
 
 
 # --------------------------------------------------------------------------- keys and paths
@@ -91,7 +129,7 @@ def test_prediction_is_close_to_measurement(runtime: str, config: LatencyConfig)
     net = build(arch)
     table = LatencyTable(config)
     predicted = table.predict(net, arch.resolution, 1)
-    measured = measure_latency(net, arch.resolution, 1, config)[0]
+    measured = min(measure_latency(net, arch.resolution, 1, config)[0] for _ in range(3))  # load only ever slows a run
     assert 0 < predicted
     assert measured / 3 < predicted < measured * 3  # loose: timings on a shared CPU are noisy
     # the prediction is the sum of the pieces less the per-call overhead of all but one
@@ -102,6 +140,7 @@ def test_prediction_is_close_to_measurement(runtime: str, config: LatencyConfig)
 
 
 def test_cache_file_has_a_header_and_is_reused(config: LatencyConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    steady_machine(monkeypatch, spread_check=False)
     arch = small_arch()
     net = build(arch)
     calls = count_measurements(monkeypatch)
@@ -114,7 +153,7 @@ def test_cache_file_has_a_header_and_is_reused(config: LatencyConfig, monkeypatc
     assert header == machine_header(config)
     assert {"runtime", "threads", "batch_size", "torch", "onnxruntime", "cpu", "host"} <= set(header)
     assert (header["runtime"], header["threads"], header["batch_size"]) == ("torch", 1, 1)
-    assert len(data["entries"]) == pieces and data["overhead_ms"] == first.overhead_ms
+    assert len(data["entries"]) == pieces and data["overhead"]["ms"] == first.overhead_ms
     assert not list(default_table_path(config).parent.glob("*.tmp"))  # written via a temporary file
     # a second table (another worker, a later study) measures nothing
     forbid_measurements(monkeypatch)
@@ -125,6 +164,7 @@ def test_cache_file_has_a_header_and_is_reused(config: LatencyConfig, monkeypatc
 
 
 def test_candidates_share_pieces(config: LatencyConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    steady_machine(monkeypatch, spread_check=False)
     space = create_space("mobilenet", 16, 1)
     a = space.make(16, 0.35, [(1, 3, 3, False)] * 4)
     b = space.make(16, 0.35, [(1, 3, 3, False)] * 3 + [(1, 5, 3, False)])  # only the last stage differs
@@ -139,6 +179,7 @@ def test_candidates_share_pieces(config: LatencyConfig, monkeypatch: pytest.Monk
 
 
 def test_header_mismatch_starts_fresh_and_replaces_the_file(config: LatencyConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    steady_machine(monkeypatch, spread_check=False)
     arch = small_arch()
     net = build(arch)
     LatencyTable(config).predict(net, arch.resolution, 1)
@@ -202,6 +243,7 @@ def test_a_model_without_pieces_is_one_piece(config: LatencyConfig) -> None:
 
 
 def test_predicted_over_the_margin_is_rejected_without_measuring(config: LatencyConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    steady_machine(monkeypatch)
     arch = small_arch()
     net = build(arch)
     predicted = LatencyTable(config).predict(net, arch.resolution, 1)
@@ -270,3 +312,142 @@ def test_predict_leaves_every_module_in_its_mode(runtime: str, config: LatencyCo
     net.eval()
     measure_latency(net.pieces()[0], 8, 1, replace(config, runtime=runtime))
     assert not any(m.training for m in net.modules())
+
+
+# --------------------------------------------------------------------------- poisoned entries, noise and --refresh
+
+
+def test_pieces_measured_under_load_are_not_trusted_once_the_load_is_gone(config: LatencyConfig) -> None:
+    # The reported fault: a table filled while another job ran predicted 76x the measured
+    # latency, and every later search predicted (and rejected fitting candidates) from it.
+    arch = small_arch()
+    net = build(arch)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(nas.hardware.runtimes, "time_runs", slowed(1000))
+        loaded = LatencyTable(config, log=None).predict(net, arch.resolution, 1)
+    predicted = LatencyTable(config, log=None).predict(net, arch.resolution, 1)
+    assert predicted is None or predicted < loaded / 20  # the loaded entries are re-measured, not used
+    limit = loaded / 100  # ~10x what the candidate takes: it fits
+    report = check_budgets(net, arch.resolution, 1, [LatencyBudget(limit, config)])
+    assert report.feasible, report.reason
+
+
+def test_a_busy_machine_stores_nothing_and_the_candidate_is_measured_whole(config: LatencyConfig) -> None:
+    space = create_space("mobilenet", 16, 1)
+    a, b = space.make(16, 0.35, [(1, 3, 3, False)] * 4), space.make(16, 0.5, [(1, 5, 3, False)] * 4)
+    table = LatencyTable(config, log=None)
+    assert table.predict(build(a), 16, 1) is not None or table.refused  # an idle machine: measured and stored
+    before = json.loads(default_table_path(config).read_text())["entries"]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(nas.hardware.runtimes, "time_runs", slowed(100))
+        assert table.predict(build(b), 16, 1) is None  # the load probe reads 100x its fastest: nothing measured
+        measured = LatencyBudget(None, config).measure(build(b), 16, 1)
+    assert measured.measured and "latency_predicted_ms" not in measured.extra
+    assert json.loads(default_table_path(config).read_text())["entries"].keys() == before.keys()
+
+
+def test_a_poisoned_entry_is_replaced_when_a_whole_measurement_disagrees(config: LatencyConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    steady_machine(monkeypatch)
+    arch = small_arch()
+    net = build(arch)
+    LatencyTable(config, log=None).predict(net, arch.resolution, 1)
+    path = default_table_path(config)
+    data = json.loads(path.read_text())
+    key = next(k for k, e in data["entries"].items() if "ms" in e)
+    poisoned = data["entries"][key]["ms"] = 10_000.0  # a poisoned entry that looks clean (low dispersion, idle machine)
+    path.write_text(json.dumps(data))
+    # today: every later prediction uses it, and a candidate that fits is rejected unmeasured
+    assert LatencyTable(config, log=None).predict(net, arch.resolution, 1) >= poisoned
+    # a candidate measured whole (no limit here, or `nas profile`) shows the disagreement
+    measured = LatencyBudget(None, config).measure(net, arch.resolution, 1)
+    assert measured.measured and measured.extra["latency_predicted_ms"] >= poisoned > 100 * measured.value
+    saved = json.loads(path.read_text())["entries"][key]
+    assert saved.get("ms") is None or saved["ms"] < poisoned / 100  # replaced (or refused if the re-measurement was noisy)
+    predicted = LatencyTable(config, log=None).predict(net, arch.resolution, 1)
+    assert predicted is None or predicted < poisoned / 100
+    assert check_budgets(net, arch.resolution, 1, [LatencyBudget(poisoned / 100, config)]).feasible
+
+
+def test_a_noisy_piece_is_re_measured_then_refused(config: LatencyConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    steady_machine(monkeypatch)
+    calls = count_measurements(monkeypatch)
+    config = replace(config, repeats=5)
+    table = LatencyTable(config, log=None)
+    piece = Jittery()
+    assert table.predict(piece, 8, 1) is None  # no prediction: the candidate is measured whole
+    assert calls.count((1, 1, 8, 8)) == nas.hardware.latency_table.ATTEMPTS  # measured, re-measured, then refused
+    assert len(table) == 0 and table.refused == 1 and table.measured == 1
+    entry = json.loads(default_table_path(config).read_text())["entries"][piece_key(piece, (1, 1, 8, 8))]
+    assert "ms" not in entry and "noisy" in entry["refused"] and entry["spread"] > nas.hardware.latency_table.MAX_SPREAD
+    assert table.predict(piece, 8, 1) is None and calls.count((1, 1, 8, 8)) == nas.hardware.latency_table.ATTEMPTS  # not retried here
+    report = check_budgets(piece, 8, 1, [LatencyBudget(1e6, config)])
+    assert report.feasible and "latency_ms" in report.values and "latency_predicted_ms" not in report.values
+
+
+def test_entries_record_their_dispersion_and_the_machine_load(config: LatencyConfig) -> None:
+    arch = small_arch()
+    LatencyTable(config, log=None).predict(build(arch), arch.resolution, 1)
+    data = json.loads(default_table_path(config).read_text())
+    assert data["header"]["format"] == 2 and data["probe_ms"] > 0
+    for entry in data["entries"].values():
+        if "ms" in entry:
+            assert entry["p10_ms"] <= entry["ms"] <= entry["p90_ms"]
+            assert entry["spread"] == pytest.approx(entry["ms"] / entry["p10_ms"] - 1)
+            assert entry["spread"] <= nas.hardware.latency_table.MAX_SPREAD and entry["probe_ms"] > 0
+
+
+def test_an_old_format_table_is_not_trusted(config: LatencyConfig) -> None:
+    path = default_table_path(config)
+    path.parent.mkdir(parents=True)
+    header = {**machine_header(config), "format": 1}
+    path.write_text(json.dumps({"header": header, "overhead_ms": 0.001, "entries": {"k": {"ms": 1009.6, "p90_ms": 1010.0}}}))
+    messages: list[str] = []
+    table = LatencyTable(config, log=messages.append)
+    assert len(table) == 0 and table.overhead_ms is None
+    assert "format 1" in table.stale_reason and "re-measured" in messages[0]
+
+
+def test_a_replaced_entry_wins_over_a_stale_copy_of_another_worker(config: LatencyConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    steady_machine(monkeypatch, spread_check=False)
+    space = create_space("mobilenet", 16, 1)
+    a, b = space.make(16, 0.35, [(1, 3, 3, False)] * 4), space.make(16, 0.5, [(1, 3, 3, False)] * 4)
+    LatencyTable(config, log=None).predict(build(a), 16, 1)
+    first, second = LatencyTable(config, log=None), LatencyTable(config, log=None)  # both hold the same entries
+    first.refresh(build(a), 16, 1)  # re-measures and replaces a's entries
+    replaced = json.loads(default_table_path(config).read_text())["entries"]
+    second.predict(build(b), 16, 1)  # measures b's pieces and saves, holding a's old entries in memory
+    saved = json.loads(default_table_path(config).read_text())["entries"]
+    assert all(saved[k] == replaced[k] for k in first.entries if k in replaced)
+
+
+def test_a_disagreement_re_measures_each_piece_once_per_table(config: LatencyConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    steady_machine(monkeypatch, spread_check=False)
+    arch = small_arch()
+    net = build(arch)
+    table = LatencyTable(config, log=None)
+    predicted = table.predict(net, arch.resolution, 1)
+    calls = count_measurements(monkeypatch)
+    assert not table.reconcile(net, arch.resolution, 1, predicted, predicted * 1.1)  # within the margin
+    assert calls == []
+    assert table.reconcile(net, arch.resolution, 1, predicted, predicted * 3)
+    pieces = len(table)  # its distinct pieces: the table holds nothing else
+    assert table.rechecked == pieces and len(calls) == pieces + 1  # its pieces and the overhead
+    assert not table.reconcile(net, arch.resolution, 1, predicted, predicted * 3) and len(calls) == pieces + 1
+
+
+def test_profile_refresh_re_measures_and_replaces_the_entries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    arch = "space=resnet res=16 width=1 stem=16 stages=bb_r1_k3_s1_c8/bb_r1_k3_s2_c16 head=0 embed=8 in=1 act=relu"
+    argv = ["profile", "--arch", arch, "--table-dir", str(tmp_path), "--threads", "1"]
+    assert main(argv) == 0
+    path = next(tmp_path.glob("torch-1t-b1-*.json"))
+    data = json.loads(path.read_text())
+    for entry in data["entries"].values():
+        entry["ms"], entry["at"] = 1009.6, 0.0  # poisoned, long ago
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main([*argv, "--refresh"]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads(path.read_text())["entries"]
+    assert saved.keys() == data["entries"].keys()
+    assert all(e["at"] > 0 and e.get("ms") != 1009.6 for e in saved.values())  # every entry re-measured
+    assert "re-measured" in out

@@ -6,7 +6,11 @@ quickstart's limits by default), and for each one predicts its latency from the 
 (measuring and caching any piece not yet in it) and measures it as a budget check does.
 Prints, per runtime, the Spearman rank correlation and the median absolute percentage error
 of prediction against measurement, the time a prediction takes once the table holds the
-pieces, and the table's size.
+pieces, and the table's size; then how often the table's guards against measurements taken
+under load fired: the share of pieces refused (noisy, or the machine busy) while filling
+it, the share of candidates it made no prediction for, and the share of candidates whose
+measurement was more than the margin from the prediction, with the share of the table's
+pieces re-measured because of it (see ``LatencyTable.reconcile``).
 
     .venv/bin/python experiments/benchmarks/latency_table.py --candidates 60
 """
@@ -67,7 +71,10 @@ def main() -> None:
         f"{len(archs)} random feasible members of {args.space!r} (<= {args.max_mflops:g} MFLOPs, <= {args.max_params_m:g} M params); "
         f"{args.threads} thread(s), batch 1; latency = median of 30 runs after 10 warm-up"
     )
-    print(f"{'runtime':<12} {'Spearman':>8} {'MdAPE':>6} {'pred/meas p10-p90':>17} {'fill s':>7} {'predict ms':>10} {'pieces':>6}")
+    print(
+        f"{'runtime':<12} {'Spearman':>8} {'MdAPE':>6} {'pred/meas p10-p90':>17} {'fill s':>7} {'predict ms':>10} {'pieces':>6} "
+        f"{'refused':>7} {'no pred':>7} {'disagree':>8} {'re-meas':>7}"
+    )
     for runtime in ("torch", "onnxruntime"):
         config = LatencyConfig(runtime=runtime, threads=args.threads)
         with tempfile.TemporaryDirectory() as folder:
@@ -77,19 +84,24 @@ def main() -> None:
             for net, arch in zip(nets, archs):
                 table.predict(net, arch.resolution, 1)  # fills the table
             fill = time.perf_counter() - start
+            refused = table.refused / max(table.measured, 1)
             predicted, seconds = [], []
             for net, arch in zip(nets, archs):
                 start = time.perf_counter()
                 predicted.append(table.predict(net, arch.resolution, 1))
                 seconds.append(time.perf_counter() - start)
-            measured = np.array([measure_latency(net, arch.resolution, 1, config)[0] for net, arch in zip(nets, archs)])
-            predicted = np.array(predicted)
-            ratio = predicted / measured
+            measured = [measure_latency(net, arch.resolution, 1, config)[0] for net, arch in zip(nets, archs)]
+            pieces = len(table)
+            disagree = sum(table.reconcile(net, a.resolution, 1, p, m) for net, a, p, m in zip(nets, archs, predicted, measured))
+            known = [i for i, p in enumerate(predicted) if p is not None]
+            pred, meas = np.array([predicted[i] for i in known]), np.array([measured[i] for i in known])
+            ratio = pred / meas
             mdape = float(np.median(np.abs(ratio - 1)))
             print(
-                f"{runtime:<12} {spearman(predicted, measured):>8.3f} {mdape:>6.1%} "
+                f"{runtime:<12} {spearman(pred, meas):>8.3f} {mdape:>6.1%} "
                 f"{np.percentile(ratio, 10):>8.2f}-{np.percentile(ratio, 90):<8.2f} {fill:>7.1f} "
-                f"{1e3 * statistics.median(seconds):>10.1f} {len(table):>6}"
+                f"{1e3 * statistics.median(seconds):>10.1f} {pieces:>6} {refused:>7.1%} {1 - len(known) / len(archs):>7.1%} "
+                f"{disagree / len(archs):>8.1%} {table.rechecked / max(pieces, 1):>7.1%}"
             )
 
 

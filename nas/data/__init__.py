@@ -6,6 +6,8 @@
   (:data:`PROTOCOLS`);
 * :mod:`nas.data.registry`: :data:`DATASETS`, :class:`RetrievalData` and
   :func:`load_retrieval_data`, the one way to load a data set;
+* :mod:`nas.data.checks`: :func:`~nas.data.checks.check_scorable`, which refuses data that
+  retrieval cannot score (one class in a part, no query with a positive) before training;
 * one module per family of data sets, each registering its entries:
   :mod:`~nas.data.fashion_mnist`, :mod:`~nas.data.image_folder`,
   :mod:`~nas.data.benchmarks` (``cub200``, ``sop``, ``inshop``) and

@@ -29,7 +29,8 @@ def load_image_folder(path: str | Path, image_size: int, channels: int = 3) -> I
     """
     root = Path(path)
     if not root.is_dir():
-        raise DataError(f"Image folder {root} does not exist. Set data.path to a folder with one sub-folder of images per class.")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"Image folder {root} {what}. Set data.path to a folder with one sub-folder of images per class.")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"Image folder {root} has no class sub-folders. Expected {root}/<class name>/<image files>.")

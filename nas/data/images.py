@@ -8,16 +8,22 @@ for the labelled data sets' splits; a benchmark's own files define its split).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from nas.errors import DataError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 __all__ = [
     "ImageSet",
@@ -26,6 +32,9 @@ __all__ = [
     "PREPROCESSING",
     "IMAGE_SUFFIXES",
     "IMAGE_ERRORS",
+    "MAX_IMAGE_PIXELS",
+    "ImageTooLarge",
+    "open_image",
     "read_image",
     "to_channels",
     "preprocess",
@@ -37,8 +46,21 @@ PREPROCESSING = "uint8 -> float in [0,1] -> bilinear resize (antialiased) to the
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
-#: What PIL raises for a missing, unreadable or corrupt file (its ``UnidentifiedImageError`` is an
-#: ``OSError``; its PNG plugin raises ``SyntaxError``).
+#: The largest image read, in pixels (width x height): 89,478,485, PIL's own default
+#: (``PIL.Image.MAX_IMAGE_PIXELS``, about 9459 x 9459). A larger file is refused from its header,
+#: before it is decoded: a 14000 x 14000 PNG of one colour is about 200 KB on disk but 588 MB as RGB
+#: pixels (a decompression bomb). Set this module attribute to allow larger images; PIL itself
+#: refuses anything over twice ``PIL.Image.MAX_IMAGE_PIXELS``, so raise that one too beyond it.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+class ImageTooLarge(ValueError):
+    """An image file over :data:`MAX_IMAGE_PIXELS` pixels (one of :data:`IMAGE_ERRORS`)."""
+
+
+#: What reading an image file raises for a missing, unreadable, corrupt or too large file (PIL's
+#: ``UnidentifiedImageError`` is an ``OSError``; its PNG plugin raises ``SyntaxError``;
+#: :class:`ImageTooLarge` is a ``ValueError``).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError)
 
 
@@ -121,6 +143,27 @@ class Split:
 # --------------------------------------------------------------------------- image files
 
 
+@contextlib.contextmanager
+def open_image(file: str | Path) -> Iterator[PILImage]:
+    """``PIL.Image.open(file)`` refused, before decoding, when over :data:`MAX_IMAGE_PIXELS`
+    (:class:`ImageTooLarge`); raises one of :data:`IMAGE_ERRORS` for the caller to name the file."""
+    from PIL import Image  # deferred: only the image loaders need PIL
+
+    limit = MAX_IMAGE_PIXELS
+    guard = f"the limit of {limit:,} pixels (nas.data.images.MAX_IMAGE_PIXELS, a guard against decompression bombs)"
+    try:
+        with warnings.catch_warnings():  # PIL warns between its limit and twice it; ours decides below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(file)
+    except Image.DecompressionBombError as exc:  # over twice PIL's own limit: refused by PIL from the header
+        raise ImageTooLarge(f"it is larger than {guard}; PIL: {exc} Downscale it") from None
+    with img:
+        width, height = img.size
+        if width * height > limit:
+            raise ImageTooLarge(f"it has {width} x {height} = {width * height:,} pixels, more than {guard}; downscale it")
+        yield img
+
+
 def read_image(
     file: str | Path, image_size: int, channels: int, box: Sequence[float] | None = None, draft: bool = False
 ) -> np.ndarray:
@@ -136,7 +179,7 @@ def read_image(
     from PIL import Image  # deferred as before: only the image loaders need PIL
 
     mode = "L" if channels == 1 else "RGB"
-    with Image.open(file) as img:
+    with open_image(file) as img:
         if draft and box is None:
             img.draft(mode, (image_size, image_size))
         img = img.convert(mode)

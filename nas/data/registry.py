@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from nas.data.checks import check_scorable
 from nas.data.images import ImageSet, Split, to_channels
 from nas.data.splits import PROTOCOLS
 from nas.errors import ConfigError, DataError
@@ -141,10 +142,12 @@ def split_dataset(data: ImageSet, config: DataConfig) -> Split:
 
 def load_retrieval_data(config: DataConfig) -> RetrievalData:
     """The data set ``config.dataset`` with its split (a benchmark's own, or ``data.protocol``'s)
-    and ``config.resolved_channels`` channels."""
+    and ``config.resolved_channels`` channels; data that retrieval cannot score (one class in a
+    scored part, no query with a positive) is a :class:`DataError` (:func:`nas.data.checks.check_scorable`)."""
     entry = DATASETS.get(config.dataset)
     if config.resolved_path is None:
         raise ConfigError(f"data.path must be set for dataset {config.dataset!r}.")
     retrieval = entry.load(config)
+    check_scorable(retrieval)
     data = to_channels(retrieval.data, config.resolved_channels)
     return retrieval if data is retrieval.data else dataclasses.replace(retrieval, data=data)

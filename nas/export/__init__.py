@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from nas.config import ExperimentConfig, config_from_dict
 from nas.data import load_retrieval_data
-from nas.errors import NasError
+from nas.errors import ConfigError, NasError
 from nas.export.card import model_card
 from nas.export.formats import EXPORTERS, ExportContext, Exporter, resolve_formats
 from nas.export.loading import embed_folder, load_query_model
@@ -43,7 +43,7 @@ from nas.records import QUERY_MAP, QUERY_MAP_RATIO, QUERY_R1, State, StudyRecord
 from nas.results import best_trial, front_cost, pareto_front
 from nas.search.context import prepare
 from nas.search.evaluators import Paragon, create_evaluator
-from nas.tracking import register_onnx_model
+from nas.tracking import check_tracking_uri, register_onnx_model
 from search_spaces import Architecture, QueryNet, build
 
 __all__ = [
@@ -125,9 +125,10 @@ def _trial_model(study: StudyRecord, trial: TrialRecord, config: ExperimentConfi
 
 
 def _register(
-    study: StudyRecord, trial: TrialRecord, arch: Architecture, config: ExperimentConfig, metrics: dict[str, float], onnx_path: Path, log: Log
+    study: StudyRecord, trial: TrialRecord, arch: Architecture, config: ExperimentConfig, metrics: dict[str, float], onnx_path: Path, log: Log,
+    uri: str,
 ) -> str:
-    """Log the ONNX model to the trial's MLflow run and register it as ``asymnas-<study>``; its ``models:/`` URI."""
+    """Log the ONNX model to the trial's MLflow run at tracking URI ``uri`` and register it as ``asymnas-<study>``; its ``models:/`` URI."""
     name = f"asymnas-{study.name}"
     b = trial.budgets
     lat = config.budgets.latency
@@ -139,22 +140,26 @@ def _register(
         "latency_ms": f"{b['latency_ms']:.3f} ({lat.runtime}, {lat.threads} thread(s), batch {lat.batch_size})",
         **{key: f"{metrics[key]:.4f}" for key in (QUERY_MAP, QUERY_R1, QUERY_MAP_RATIO) if key in metrics},
     }
-    version = register_onnx_model(config.tracking_uri, trial.mlflow_run_id, onnx_path, name, tags)
+    version = register_onnx_model(uri, trial.mlflow_run_id, onnx_path, name, tags)
     log(f"Registered in the MLflow model registry as models:/{name}/{version} (ONNX flavour, budgets and metrics as tags).")
     return f"models:/{name}/{version}"
 
 
 def export_trial(
-    study: optuna.Study, which: str, out: str | Path, formats: str | Sequence[str] | None = None, log: Log = print, register: bool = True
+    study: optuna.Study, which: str, out: str | Path, formats: str | Sequence[str] | None = None, log: Log = print, register: bool = True,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Export trial ``which`` of ``study`` to ``out`` in ``formats`` and verify it.
 
     Returns the verification record (also written to ``verification.json`` and the card);
     raises :class:`NasError` when verification fails. With ``register`` (and tracking on)
     the ONNX model is also logged to the trial's MLflow run and registered as
-    ``asymnas-<study name>``.
+    ``asymnas-<study name>`` in the store at ``tracking_uri`` (``env:NAME`` allowed), by default
+    the study's recorded ``tracking.uri``; a recorded URI holds no password (see :mod:`nas.secrets`),
+    so a store that needs one is named with ``tracking_uri``.
     """
     exporters = resolve_formats(formats)
+    tracking_uri = check_tracking_uri(tracking_uri, "--tracking-uri") if tracking_uri else None  # a typo fails before any work
     trial = select_trial(study, which)
     record = StudyRecord.load(study)
     config = config_from_dict(record.config)
@@ -195,6 +200,11 @@ def export_trial(
     run_id = trial.mlflow_run_id or ""
     onnx = EXPORTERS.get("onnx")
     if register and config.tracking.enabled and onnx in exporters and run_id and not run_id.startswith("pending-"):
-        verification["registered_model"] = _register(record, trial, arch, config, metrics, out / onnx.filename, log)
+        try:
+            uri = tracking_uri or config.tracking_uri
+        except ConfigError as exc:  # e.g. the recorded URI's password is masked
+            log(f"Not registered in the MLflow model registry: {exc}")
+            return verification
+        verification["registered_model"] = _register(record, trial, arch, config, metrics, out / onnx.filename, log, uri)
         (out / "verification.json").write_text(json.dumps(verification, indent=2))
     return verification

@@ -16,7 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from nas.data import IMAGE_SUFFIXES, PREPROCESSING, preprocess
-from nas.errors import NasError
+from nas.data.images import IMAGE_ERRORS, open_image
+from nas.errors import DataError, NasError
 from search_spaces import Architecture, QueryNet, build
 
 __all__ = ["ARCH_FILE", "WEIGHTS_FILE", "write_arch", "load_query_model", "embed_folder"]
@@ -72,10 +73,10 @@ def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int
 
     Returns the embeddings (float32, one row per readable image), their ids (paths
     relative to ``images_dir``), and the ``(path, reason)`` of every image that was
-    skipped because it could not be read.
+    skipped because it could not be read (corrupt, not an image, or over
+    :data:`nas.data.images.MAX_IMAGE_PIXELS`). A folder where no image can be read is a
+    :class:`~nas.errors.DataError` listing them.
     """
-    from PIL import Image, UnidentifiedImageError  # deferred: Pillow (optional) is needed only to read image files
-
     model = load_query_model(export_dir)
     arch = model.arch
     root = Path(images_dir)
@@ -90,15 +91,20 @@ def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int
     tensors: list[torch.Tensor] = []
     for file in files:
         try:
-            with Image.open(file) as img:
+            with open_image(file) as img:
                 array = np.asarray(img.convert(mode), dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        except IMAGE_ERRORS as exc:
             skipped.append((str(file.relative_to(root)), f"{type(exc).__name__}: {exc}"))
             continue
         tensors.append(preprocess(array.reshape(array.shape[0], array.shape[1], arch.in_chans)[None], arch.resolution))
         ids.append(str(file.relative_to(root)))
     if not tensors:
-        return np.zeros((0, arch.embed_dim), dtype=np.float32), ids, skipped
+        listed = "; ".join(f"{path} ({reason})" for path, reason in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        raise DataError(
+            f"None of the {len(files)} image file(s) under {root} could be read, so nothing was written: {listed}{more}. "
+            f"Check that the folder holds real image files ({', '.join(IMAGE_SUFFIXES)})."
+        )
     x = torch.cat(tensors)
     with torch.inference_mode():
         emb = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy().astype(np.float32)

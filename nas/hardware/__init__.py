@@ -4,7 +4,8 @@
 * :mod:`nas.hardware.runtimes`: the latency runtimes (:data:`RUNTIMES`), and the one place
   that makes ONNX Runtime sessions and times runs;
 * :mod:`nas.hardware.latency_table`: per-piece latencies cached per machine, to predict a
-  candidate's latency;
+  candidate's latency (noisy pieces and pieces measured under load are not stored; a
+  prediction a measurement disagrees with has its pieces re-measured);
 * :mod:`nas.hardware.budgets`: the budgets (:data:`BUDGETS`), checked cheapest first;
 * :mod:`nas.hardware.profile`: ``nas space show`` and ``nas profile`` reports (imported
   from there: it needs the search spaces).

@@ -15,7 +15,9 @@ Units:
   ``onnxruntime`` CPU execution provider, ``cuda``, ...) with the stated thread count and
   batch size; the p90 is recorded beside it. With ``latency.predict`` the latency lookup
   table (:mod:`nas.hardware.latency_table`) predicts it first, and a candidate predicted
-  beyond ``limit * (1 + margin)`` is rejected without a measurement.
+  beyond ``limit * (1 + margin)`` is rejected without a measurement; a measured candidate
+  whose measurement disagrees with the prediction by more than the margin has its table
+  entries re-measured and replaced (its own measurement is what the budget uses).
 
 Every budget is an entry of :data:`BUDGETS`, keyed by the name its value is recorded under;
 :func:`make_budgets` builds one of each from the config. Adding a budget is one registered
@@ -147,8 +149,12 @@ class LatencyBudget(Budget):
     """Median latency on ``config.runtime``; with ``config.predict`` the lookup table predicts it first.
 
     A candidate predicted above ``limit * (1 + config.margin)`` is rejected without being
-    measured; otherwise it is measured. The prediction is recorded as
-    ``latency_predicted_ms`` beside ``latency_ms`` (measured) and ``latency_p90_ms``.
+    measured; otherwise it is measured, and judged on that measurement. The prediction is
+    recorded as ``latency_predicted_ms`` beside ``latency_ms`` (measured) and
+    ``latency_p90_ms``; the table makes none for a candidate holding a piece it refused as
+    noisy (see :mod:`nas.hardware.latency_table`), which is then measured. A measurement
+    more than the margin away from the prediction re-measures the candidate's entries
+    (:meth:`LatencyTable.reconcile`).
     """
 
     name, cost = "latency_ms", 3
@@ -173,13 +179,15 @@ class LatencyBudget(Budget):
 
     def measure(self, model: nn.Module, resolution: int, in_chans: int) -> Measurement:
         extra: dict[str, float] = {}
-        if self.config.predict:
-            predicted = self.table.predict(model, resolution, in_chans)
+        predicted = self.table.predict(model, resolution, in_chans) if self.config.predict else None
+        if predicted is not None:
             extra["latency_predicted_ms"] = predicted
             if self.limit is not None and predicted > self.limit * (1 + self.config.margin):
                 note = f"predicted from the latency lookup table, not measured: more than {self.config.margin:.0%} over the limit"
                 return Measurement(predicted, extra, measured=False, note=note)
         median, p90 = measure_latency(model, resolution, in_chans, self.config)
+        if predicted is not None:
+            self.table.reconcile(model, resolution, in_chans, predicted, median)
         return Measurement(median, {"latency_p90_ms": p90, **extra})
 
 

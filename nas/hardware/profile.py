@@ -54,7 +54,7 @@ def space_report(space: SearchSpace) -> str:
 
 @dataclass
 class Profile:
-    """What one candidate costs, measured and predicted."""
+    """What one candidate costs, measured and predicted (``predicted_ms`` None: the table made no prediction)."""
 
     arch: Architecture
     mflops: float
@@ -62,23 +62,42 @@ class Profile:
     memory_mb: float
     latency_ms: float
     latency_p90_ms: float
-    predicted_ms: float
+    predicted_ms: float | None
 
 
-def profile_architecture(arch: Architecture, config: LatencyConfig, log: Callable[[str], None] | None = None) -> Profile:
-    """MFLOPs, params, peak memory, measured latency and the lookup table's prediction of ``arch``."""
+def profile_architecture(
+    arch: Architecture,
+    config: LatencyConfig,
+    log: Callable[[str], None] | None = None,
+    table: LatencyTable | None = None,
+    refresh: bool = False,
+) -> Profile:
+    """MFLOPs, params, peak memory, measured latency and the lookup table's prediction of ``arch``.
+
+    ``table`` (default: the table of ``config``, opened here) predicts; with ``refresh`` the
+    candidate's entries are re-measured and replaced first. As in a search, a measurement
+    that disagrees with the prediction by more than ``config.margin`` replaces the entries
+    (the prediction shown is the one made before).
+    """
     net = build(arch).eval()
     res, chans = arch.resolution, arch.in_chans
-    predicted = LatencyTable(config, log=log).predict(net, res, chans)
+    table = table if table is not None else LatencyTable(config, log=log)
+    if refresh:
+        table.refresh(net, res, chans)
+    predicted = table.predict(net, res, chans)
     median, p90 = measure_latency(net, res, chans, config)
+    table.reconcile(net, res, chans, predicted, median)
     return Profile(
         arch, count_mflops(net, res, chans), count_params_m(net), measure_peak_memory_mb(net, res, chans, config.batch_size),
         median, p90, predicted,
     )
 
 
-def profile_table(profiles: Sequence[Profile], config: LatencyConfig) -> str:
-    """Side by side: MFLOPs, params, memory, measured and predicted latency."""
+def profile_table(profiles: Sequence[Profile], config: LatencyConfig, table: LatencyTable | None = None) -> str:
+    """Side by side: MFLOPs, params, memory, measured and predicted latency (``-``: no prediction).
+
+    With ``table``, a last line says what it measured, refused and re-measured.
+    """
     lines = [
         f"Latency: {config.runtime} runtime, {config.threads} thread(s), batch {config.batch_size}; median of {config.repeats} runs "
         f"after {config.warmup} warm-up. MFLOPs: millions of multiply-accumulates (fvcore, batch 1). Memory: MiB peak of one "
@@ -86,8 +105,16 @@ def profile_table(profiles: Sequence[Profile], config: LatencyConfig) -> str:
         f"{'#':>3} {'res':>4} {'MFLOPs':>9} {'params M':>8} {'mem MiB':>8} {'measured ms':>11} {'p90 ms':>7} {'predicted ms':>12} {'pred/meas':>9}  architecture",
     ]
     for i, p in enumerate(profiles):
+        predicted = "-" if p.predicted_ms is None else f"{p.predicted_ms:.3f}"
+        ratio = "-" if p.predicted_ms is None else f"{p.predicted_ms / p.latency_ms:.2f}"
         lines.append(
             f"{i:>3} {p.arch.resolution:>4} {p.mflops:>9.3f} {p.params_m:>8.3f} {p.memory_mb:>8.3f} {p.latency_ms:>11.3f} "
-            f"{p.latency_p90_ms:>7.3f} {p.predicted_ms:>12.3f} {p.predicted_ms / p.latency_ms:>9.2f}  {p.arch.to_string()}"
+            f"{p.latency_p90_ms:>7.3f} {predicted:>12} {ratio:>9}  {p.arch.to_string()}"
+        )
+    if table is not None:
+        lines.append(
+            f"Lookup table {table.path}: {len(table)} entries. Pieces measured now: {table.measured}, of which {table.rechecked} "
+            f"re-measured (--refresh, or a measurement more than {config.margin:.0%} from the prediction) and {table.refused} "
+            "refused as noisy or under load."
         )
     return "\n".join(lines)

@@ -27,11 +27,13 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nas.errors import BudgetError
@@ -52,6 +54,9 @@ __all__ = [
     "OnnxRuntimeBasic",
     "measure_latency",
     "measure_latency_of_input",
+    "measure_runs_of_input",
+    "load_probe_ms",
+    "LatencyStats",
     "onnxruntime_session",
     "onnxruntime_version",
     "time_runs",
@@ -123,6 +128,32 @@ def time_runs(run: Callable[[], object], warmup: int, repeats: int) -> list[floa
 def median_p90(times: Sequence[float]) -> tuple[float, float]:
     """The median and the 90th percentile (numpy's linear interpolation) of ``times``, same unit."""
     return statistics.median(times), float(np.percentile(times, 90))
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Median, 10th and 90th percentile (numpy's linear interpolation) of timed runs, in milliseconds.
+
+    ``spread`` is ``median / p10 - 1``: how far the median sits above the fastest tenth of
+    the runs, as a fraction. A few slow runs (a preemption, a page fault) raise the p90 but
+    not the median, and leave it near 0; it grows when more than half of the runs were
+    slowed but not all of them, which is when the median itself is wrong. (A slowdown of
+    every run, another job holding the cores throughout, leaves it near 0 as well: the
+    lookup table's load probe is there for that.)
+    """
+
+    median: float
+    p10: float
+    p90: float
+
+    @classmethod
+    def of(cls, times: Sequence[float]) -> LatencyStats:
+        p10, p90 = np.percentile(times, [10, 90])
+        return cls(statistics.median(times), float(p10), float(p90))
+
+    @property
+    def spread(self) -> float:
+        return self.median / self.p10 - 1 if self.p10 > 0 else float("inf")
 
 
 @contextlib.contextmanager
@@ -290,5 +321,27 @@ def measure_latency_of_input(model: nn.Module, input_shape: Sequence[int], confi
     ``config.warmup`` untimed then ``config.repeats`` timed runs. The module's training mode
     is restored and it is left on the CPU.
     """
+    return median_p90(measure_runs_of_input(model, input_shape, config))
+
+
+def measure_runs_of_input(model: nn.Module, input_shape: Sequence[int], config: LatencyConfig) -> list[float]:
+    """Milliseconds of each of the ``config.repeats`` timed runs that :func:`measure_latency_of_input` summarises."""
     shape = tuple(int(n) for n in input_shape)
-    return median_p90(RUNTIMES.get(config.runtime).times(model, shape, config))
+    return RUNTIMES.get(config.runtime).times(model, shape, config)
+
+
+#: The load probe's fixed workload: a 3x3 convolution of 16 channels on a 32x32 input (2.4 M
+#: multiply-accumulates, ~0.12 ms on one thread of a 2020s laptop core).
+_PROBE_INPUT, _PROBE_WEIGHT = (1, 16, 32, 32), (16, 16, 3, 3)
+
+
+def load_probe_ms(threads: int) -> float:
+    """Median milliseconds of 15 runs (after 3 warm-up) of a fixed convolution: how busy this machine is now.
+
+    The same work every time, run eagerly by torch on the CPU with ``threads`` intra-op
+    threads, so its time changes only with what else the machine is doing (another job on
+    the cores slows it as it slows every latency measurement). It draws no random numbers.
+    """
+    x, weight = torch.ones(_PROBE_INPUT), torch.full(_PROBE_WEIGHT, 0.01)
+    with _threads(threads), torch.inference_mode():
+        return statistics.median(time_runs(lambda: F.conv2d(x, weight, padding=1), 3, 15))

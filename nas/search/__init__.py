@@ -8,6 +8,8 @@
 * :mod:`nas.search.evaluators`: how one candidate is evaluated (the :class:`Evaluator`
   interface and its registry, ``search.strategy``); training from scratch is the first.
 * :mod:`nas.search.objective`: one trial: architecture -> budgets -> evaluation -> record.
+* :mod:`nas.search.coordination`: how processes sharing one study stay exact: the count
+  rule, the sampler's sequence across resumes, the trials of dead processes.
 * :mod:`nas.search.driver`: the loop (locks, heartbeats, progress, warm start) and
   :func:`~nas.search.driver.run_search`.
 * :mod:`nas.search.workers`: several worker processes on one machine.

@@ -1,12 +1,14 @@
-"""The search loop: open the study and its MLflow parent run, then run trials until the study holds enough.
+"""The search loop: open the study and its MLflow parent run, then run trials until this process's goal is met.
 
-``study.optimize`` cannot be used: asking for a trial must happen under the study lock
-(:func:`nas.locks.study_lock`) so that "count, then ask" is exact across workers. So the
-loop asks, runs the objective with Optuna's own heartbeat thread, and tells.
+``study.optimize`` cannot be used: counting, asking for a trial and choosing its
+architecture must happen under the study lock (:func:`nas.locks.study_lock`) so that the
+count is exact and no two processes take one architecture (:mod:`nas.search.coordination`).
+So the loop asks, proposes, runs the objective with Optuna's own heartbeat thread, and tells.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -16,20 +18,22 @@ import optuna
 import yaml
 from optuna.storages._heartbeat import get_heartbeat_thread
 
-from nas.config import ExperimentConfig, config_to_dict
+from nas.config import ExperimentConfig
 from nas.errors import ConfigError, GalleryError
 from nas.hardware import check_budgets
 from nas.locks import file_lock, study_lock
-from nas.records import State, StudyRecord, StudyWriter, TrialRecord, enqueue_architecture
+from nas.records import State, StudyRecord, StudyWriter, TrialRecord, TrialWriter, enqueue_architecture
 from nas.report import write_report
 from nas.results import best_trial, counted_trials, feasible_complete, pareto_front, recall_text
 from nas.scoring import paragon_scores
 from nas.search.context import Context, Log, prepare
+from nas.search.coordination import Goal, ask_next, fail_dead_local_trials, new_request_id, this_process
 from nas.search.evaluators import EVALUATORS, Paragon, create_evaluator
 from nas.search.objective import Objective
-from nas.search.optuna_setup import StaleTrialCallback, open_study
+from nas.search.optuna_setup import StaleTrialCallback, check_storage, open_study
 from nas.search.progress import Progress
-from nas.tracking import NullTracker, Tracker, flatten, make_tracker
+from nas.secrets import mask_url, masked_config_dict
+from nas.tracking import NullTracker, Tracker, check_tracking_uri, flatten, make_tracker
 from search_spaces import Architecture, build, timm_architecture
 from trainers import TrainingDiverged
 
@@ -75,18 +79,19 @@ def open_tracked_study(
     paragon = study_paragon(ctx, study)
     description = ctx.space.describe()
     gallery_budgets = check_budgets(ctx.gallery, config.gallery.resolution, ctx.data.channels, ctx.budgets[:2], measure_all=True).values
+    recorded = masked_config_dict(config)  # what is recorded and printed never holds a password
     if StudyRecord.load(study).config is None or describe:
-        StudyWriter(study).description(config_to_dict(config), str(config.out_dir.resolve()), description, gallery_budgets)
+        StudyWriter(study).description(recorded, str(config.out_dir.resolve()), description, gallery_budgets)
     parent = tracker.start_study(
         study,
-        params=flatten({**config_to_dict(config), "split": ctx.split.sizes()}),
+        params=flatten({**recorded, "split": ctx.split.sizes()}),
         tags={
             "gallery.sha256": ctx.gallery_sha,
             "gallery.model": config.gallery.model,
             "budgets": "; ".join(b.describe() for b in ctx.budgets),
             "space.num_architectures": description["num_architectures"],
         },
-        texts={"config.yaml": yaml.safe_dump(config_to_dict(config), sort_keys=False), "space.json": json.dumps(description, indent=2)},
+        texts={"config.yaml": yaml.safe_dump(recorded, sort_keys=False), "space.json": json.dumps(description, indent=2)},
     )
     tracker.log(
         parent,
@@ -133,12 +138,12 @@ def warm_start_architectures(config: ExperimentConfig, ctx: Context, study: optu
     return archs
 
 
-def _warm_start(config: ExperimentConfig, ctx: Context, study: optuna.Study, log: Log) -> None:
-    """Enqueue the warm-start architectures not enqueued before, as the next trials."""
+def _warm_start(config: ExperimentConfig, ctx: Context, study: optuna.Study, log: Log, request: str) -> None:
+    """Enqueue the warm-start architectures not enqueued before, as the next trials, counted toward ``request``."""
     done = list(StudyRecord.load(study).warm_started)
     new = [a for a in warm_start_architectures(config, ctx, study) if a.to_string() not in done]
     for arch in new:
-        enqueue_architecture(study, arch.to_string())
+        enqueue_architecture(study, arch.to_string(), request)
         done.append(arch.to_string())
     if new:
         StudyWriter(study).warm_started(done)
@@ -153,8 +158,7 @@ def _warm_start(config: ExperimentConfig, ctx: Context, study: optuna.Study, log
 def _keep_best_weights(study: optuna.Study, keep: int) -> None:
     """Delete the weights of all but the ``keep`` best trials and the Pareto front's.
 
-    Duplicates share their original's file. An export of a trial whose weights are gone
-    retrains it with its seed.
+    An export of a trial whose weights are gone retrains it with its seed.
     """
     ranked = sorted(feasible_complete(study), key=lambda t: -t.values[0])
     keep_paths = {t.weights for t in ranked[:keep] + pareto_front(study)}
@@ -163,39 +167,74 @@ def _keep_best_weights(study: optuna.Study, keep: int) -> None:
             os.remove(trial.weights)
 
 
-def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> None:
-    """Run ``objective`` on an asked trial with heartbeats, then tell the study its outcome.
-
-    The heartbeat thread is Optuna's own, the same one ``optimize`` runs; it is private API
-    (pinned with optuna==5.0.0 in setup.cfg) and this is the one place that uses it.
-    """
-    with get_heartbeat_thread(trial._trial_id, study._storage):
-        try:
-            value = objective(trial)
-        except optuna.TrialPruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            return
-        except TrainingDiverged:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # that trial fails, the study goes on
-            return
-        except BaseException:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
+def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective, arch: Architecture) -> None:
+    """Evaluate ``arch`` on an asked trial, then tell the study its outcome."""
+    try:
+        value = objective(trial, arch)
+    except optuna.TrialPruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return
+    except TrainingDiverged:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)  # that trial fails, the study goes on
+        return
+    except BaseException:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
     study.tell(trial, value)
 
 
-def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | None = None, worker: str = "") -> optuna.Study:
+def _goal(config: ExperimentConfig, total_trials: int | None, request: str | None) -> Goal:
+    """``nas search``: ``search.trials`` of its own request; ``nas worker``: the study's total, or
+    ``total_trials`` of ``request`` for the workers of ``nas search --workers``."""
+    if total_trials is None:
+        return Goal(config.search.trials, request or new_request_id())
+    return Goal(total_trials, request)
+
+
+class _Streak:
+    """Candidates in a row that did not count: over budget or already evaluated."""
+
+    def __init__(self) -> None:
+        self.states: list[str] = []
+
+    def __call__(self, state: str) -> None:
+        self.states = self.states + [state] if state in (State.INFEASIBLE, State.DUPLICATE) else []
+
+    def stop_message(self, config: ExperimentConfig, ctx: Context) -> str:
+        n, kinds = len(self.states), set(self.states)
+        narrow = f"narrow the space's choices (space.options, see 'nas space show {config.space.name}') or loosen the budgets"
+        if kinds == {State.INFEASIBLE}:
+            return f"Stopping: the last {n} candidates were all over budget. Few members of the space fit; {narrow}."
+        size = ctx.space.describe()["num_architectures"]
+        if kinds == {State.DUPLICATE}:
+            return (f"Stopping: the last {n} candidates were all architectures already evaluated (or being evaluated by another "
+                    f"process); the sampler finds little new in this space of {size:,} architectures. Widen the space "
+                    f"(space.options) or stop here.")
+        return (f"Stopping: the last {n} candidates were all over budget or already evaluated; few members of this space of "
+                f"{size:,} architectures fit and are new: {narrow}.")
+
+
+def run_search(
+    config: ExperimentConfig, log: Log = print, total_trials: int | None = None, worker: str = "", request: str | None = None
+) -> optuna.Study:
     """Run (or resume) the study of ``config``.
 
-    Without ``total_trials`` this adds ``config.search.trials`` trials to the study. With
-    it (``nas worker``) the process runs trials until the study as a whole holds
-    ``total_trials``, however many workers share it; "count, then ask" is serialised by
-    :func:`nas.locks.study_lock`, so the total is exact. ``search.timeout`` stops this
-    process from starting new trials after that many seconds.
+    Without ``total_trials`` (``nas search``) this process adds ``config.search.trials``
+    counted trials to the study, however many other processes add theirs meanwhile. With
+    it (``nas worker``) it runs trials until the study as a whole holds ``total_trials``,
+    or, given ``request``, until that many count toward the request (the workers of one
+    ``nas search --workers``). Counting and asking happen under :func:`nas.locks.study_lock`
+    (:mod:`nas.search.coordination`), so the totals are exact. A candidate over budget or
+    already evaluated is recorded but not counted. ``search.timeout`` stops this process
+    from starting new trials after that many seconds.
     """
     prefix = f"[{worker}] " if worker else ""
     log = (lambda text, _log=log: _log(prefix + text)) if worker else log
     EVALUATORS.check(config.search.strategy)  # a misspelled strategy fails before any data is loaded
+    storage_url = config.storage_url  # env:NAME resolved, and a tracking URI typo reported, before any data is loaded
+    check_storage(storage_url)  # a storage URL typo, a damaged database or an unreachable server: before the gallery
+    if config.tracking.enabled:
+        check_tracking_uri(config.tracking_uri)
     with file_lock(config.out_dir / ".gallery.lock"):  # the first worker builds, the others wait and load
         ctx = prepare(config, log)
     tracker: Tracker = NullTracker()  # replaced under the study lock below
@@ -208,52 +247,78 @@ def run_search(config: ExperimentConfig, log: Log = print, total_trials: int | N
         retry(study, trial)
         log(f"Trial {trial.number} stopped sending heartbeats (its worker died): marked failed and queued for a retry.")
 
+    def on_dead_trial(trial: optuna.trial.FrozenTrial, reason: str) -> None:
+        record = TrialRecord.from_trial(trial)
+        if record.mlflow_run_id is not None:
+            tracker.end_trial(record.mlflow_run_id, State.FAILED.value, reason)
+        retry(study, trial)
+        log(f"Trial {trial.number} belonged to process {record.pid} on {record.host}, which is no longer running: "
+            f"marked failed and queued for a retry.")
+
+    goal = _goal(config, total_trials, request)
+    me = this_process()
+    mine = goal.request or new_request_id()  # the request this process's trials are recorded under
     lock = lambda: study_lock(config.storage_url, config.search.study_name, config.out_dir)  # noqa: E731
     with lock():  # first-time creation of the study and tracking tables, one worker at a time
         tracker = make_tracker(config, log)
         study, parent, paragon, gallery_budgets = open_tracked_study(config, ctx, tracker, log, on_stale_trial, describe=total_trials is None)
-        before = counted_trials(study)
-        target = total_trials if total_trials is not None else before + config.search.trials
-        _warm_start(config, ctx, study, log)  # the enqueued trials are among this run's trials
+        fail_dead_local_trials(study, on_dead_trial)
+        before, done_before = counted_trials(study), goal.done(study)
+        _warm_start(config, ctx, study, log, mine)  # the enqueued trials are among this run's trials
     log(
         f"Paragon (gallery model on both sides): query mAP {paragon['query']['mAP']:.4f}, {recall_text(paragon['query'])}; "
         f"val mAP {paragon['val']['mAP']:.4f}"
     )
+    if total_trials is None:
+        aim = f"this search adds {goal.trials} (other processes on the study add their own)"
+    elif goal.request is not None:
+        aim = f"the workers of this search add {goal.trials} together"
+    else:
+        aim = f"running until it holds {goal.trials}"
     log(
-        f"Study {study.study_name!r} at {config.storage_url}: {before} earlier trial(s); running until it holds {target}. "
+        f"Study {study.study_name!r} at {mask_url(storage_url)}: {before} earlier trial(s); {aim}. "
         f"Budgets: {'; '.join(b.describe() for b in ctx.budgets)}. Gallery model: {gallery_budgets['mflops']:.2f} MFLOPs."
     )
     objective = Objective(create_evaluator(ctx, paragon), study, tracker, parent)
-    progress = Progress(max(target - before, 0), config.search.timeout, log)
+    progress = Progress(max(goal.trials - done_before, 0), config.search.timeout, log)
     start = time.monotonic()
     status = "FINISHED"
-    infeasible_in_a_row = 0
+    streak = _Streak()
     try:
         while config.search.timeout is None or time.monotonic() - start < config.search.timeout:
-            if infeasible_in_a_row >= config.search.max_infeasible_in_a_row:
-                log(
-                    f"Stopping: the last {infeasible_in_a_row} candidates were all over budget. Few members of the space fit; "
-                    f"narrow the space's choices (space.options, see 'nas space show {config.space.name}') or loosen the budgets."
-                )
+            if len(streak.states) >= config.search.max_infeasible_in_a_row:
+                log(streak.stop_message(config, ctx))
                 break
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, then retried
-            with lock():
-                # waiting trials (warm starts, retries of a dead worker's trial) are counted already: run them even at the target
-                waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-                if counted_trials(study) >= target and not waiting:
-                    break
-                with warnings.catch_warnings():  # we run Optuna's heartbeat thread ourselves (see _run_one)
-                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-                    trial = study.ask()
-            with objective.interrupt.installed():
-                _run_one(study, trial, objective)
+                optuna.storages.fail_stale_trials(study)  # another machine's dead worker: failed, then retried
+            with contextlib.ExitStack() as trial_scope:
+                with lock():
+                    fail_dead_local_trials(study, on_dead_trial)  # a dead process of this machine: at once
+                    # waiting trials (warm starts, retries of a dead process's trial) are counted already: run them even at the goal
+                    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+                    if goal.reached(study) and not waiting:
+                        break
+                    trial = ask_next(study, config.search.seed)
+                    # Optuna's own heartbeat thread, the one ``optimize`` runs (private API, pinned with optuna==5.0.0)
+                    trial_scope.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+                    try:
+                        TrialWriter(trial).started(me.host, me.pid, me.started, me.scope, mine)
+                        arch, original = objective.propose(trial)  # under the lock: no two processes take one architecture
+                        if original is not None:
+                            objective.reuse(trial, arch, original)
+                            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # no new result for the sampler
+                    except BaseException:
+                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        raise
+                if original is None:
+                    with objective.interrupt.installed():
+                        _run_one(study, trial, objective, arch)
             if objective.interrupt.requested():  # Ctrl-C outside training: the trial finished, stop here
                 raise KeyboardInterrupt
-            finished = TrialRecord.from_trial(next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number))
-            infeasible_in_a_row = infeasible_in_a_row + 1 if finished.state == State.INFEASIBLE else 0
-            progress(study, finished)
+            finished = TrialRecord.from_trial(study._storage.get_trial(trial._trial_id))
+            streak(finished.state)
+            progress(study, finished, goal.counts(finished))
             _keep_best_weights(study, config.search.keep_best)
     except KeyboardInterrupt:
         status = "KILLED"

@@ -1,7 +1,10 @@
 """One trial: architecture -> budgets -> evaluation -> record.
 
-A trial takes its architecture (an enqueued one, else the space's sample), reuses the
-result of an identical earlier trial, builds the candidate with the study's evaluator,
+:meth:`Objective.propose` (called by the driver under the study lock) takes the trial's
+architecture (an enqueued one, else the space's sample) and finds an earlier trial of the
+same architecture (finished, running in another process, or queued for a retry); such a
+trial is recorded by :meth:`Objective.reuse` as a duplicate, not trained and not counted.
+Otherwise :meth:`Objective.__call__` builds the candidate with the study's evaluator,
 checks the hardware budgets on it (an infeasible candidate is recorded with its reason
 and never evaluated), evaluates it with per-epoch reports to the pruner (or the
 promotion rule of multi-objective studies), keeps its weights and writes its record
@@ -15,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,12 +33,7 @@ from nas.tracking import Tracker
 from search_spaces import Architecture
 from trainers import EpochResult, TrainingDiverged
 
-__all__ = ["Objective", "DeferredInterrupt", "worker_name"]
-
-
-def worker_name() -> str:
-    """``host-pid`` of this process, as trials and MLflow runs record it."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+__all__ = ["Objective", "DeferredInterrupt"]
 
 
 class DeferredInterrupt:
@@ -85,12 +82,12 @@ class Objective:
         self.weights_dir = self.ctx.config.out_dir / "checkpoints"
         self.interrupt = DeferredInterrupt()
 
-    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+    def __call__(self, trial: optuna.Trial, arch: Architecture) -> float | tuple[float, ...]:
+        """Evaluate ``arch``, the architecture :meth:`propose` chose for ``trial``."""
         record = TrialWriter(trial)
-        record.worker(worker_name())
-        run_id = self.tracker.start_trial(self.parent_run, trial)
+        run_id = self._start_run(trial, arch)
         try:
-            return self._run(trial, record, run_id)
+            return self._run(trial, arch, record, run_id)
         except optuna.TrialPruned as exc:
             self._end(record, run_id, State.PRUNED, str(exc))
             raise
@@ -104,14 +101,44 @@ class Objective:
             self._end(record, run_id, State.FAILED, f"{type(exc).__name__}: {exc}")
             raise
 
+    def propose(self, trial: optuna.Trial) -> tuple[Architecture, TrialRecord | None]:
+        """The trial's architecture, recorded, and the earlier trial it repeats (``None`` if it is new).
+
+        Call under the study lock, so that two processes never both take one architecture.
+        """
+        record = TrialWriter(trial)
+        fixed = record.warm_start_arch()
+        arch = Architecture.from_string(fixed) if fixed is not None else self.ctx.space.sample(trial)
+        record.architecture(arch.to_string(), arch.arch_id)
+        return arch, self._duplicate_of(arch, trial.number)
+
+    def reuse(self, trial: optuna.Trial, arch: Architecture, original: TrialRecord) -> None:
+        """Record ``trial`` as a duplicate of ``original`` (not trained, not counted) with its MLflow run."""
+        reason = f"same architecture as trial {original.number} ({'running in another process' if original.state == State.RUNNING else original.state})"
+        TrialWriter(trial).duplicate(original, reason)
+        run_id = self._start_run(trial, arch)
+        self.tracker.log(run_id, tags={"asymnas.duplicate_of": original.number})
+        self.tracker.end_trial(run_id, State.DUPLICATE.value, reason, {**original.budgets, **original.metrics})
+
+    def _start_run(self, trial: optuna.Trial, arch: Architecture) -> str:
+        run_id = self.tracker.start_trial(self.parent_run, trial)
+        self.tracker.log(run_id, params={**trial.params, "trial_number": trial.number, "arch": arch.to_string()}, tags={"asymnas.arch_id": arch.arch_id})
+        self.tracker.log_text(run_id, arch.to_json(), "arch.json")
+        return run_id
+
     def _end(self, record: TrialWriter, run_id: str, state: State, reason: str) -> None:
         record.outcome(state, reason)
         self.tracker.end_trial(run_id, state.value, reason)
 
     # ---------------------------------------------------------------- steps
     def _duplicate_of(self, arch: Architecture, number: int) -> TrialRecord | None:
-        for other in trial_records(self.study, states=(optuna.trial.TrialState.COMPLETE,)):
-            if other.number != number and other.arch_id == arch.arch_id and other.duplicate_of is None:
+        """The earliest other trial of ``arch`` with a result (complete, infeasible, pruned), running, or queued for a retry.
+
+        A failed or interrupted trial is no result: its architecture may be proposed again.
+        """
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+        for other in trial_records(self.study, states=states):
+            if other.number != number and other.arch_id == arch.arch_id and other.state != State.DUPLICATE:
                 return other
         return None
 
@@ -122,28 +149,8 @@ class Objective:
             return float(val_map)
         return (float(val_map), *(float(budgets.get(name, 1e9)) for name in costs))
 
-    def _architecture(self, trial: optuna.Trial, record: TrialWriter) -> Architecture:
-        """The enqueued architecture of a warm-start trial, else the space's sample."""
-        fixed = record.warm_start_arch()
-        if fixed is not None:
-            return Architecture.from_string(fixed)
-        return self.ctx.space.sample(trial)
-
-    def _run(self, trial: optuna.Trial, record: TrialWriter, run_id: str) -> float | tuple[float, ...]:
+    def _run(self, trial: optuna.Trial, arch: Architecture, record: TrialWriter, run_id: str) -> float | tuple[float, ...]:
         ctx = self.ctx
-        arch = self._architecture(trial, record)
-        record.architecture(arch.to_string(), arch.arch_id)
-        self.tracker.log(run_id, params={**trial.params, "trial_number": trial.number, "arch": arch.to_string()}, tags={"asymnas.arch_id": arch.arch_id})
-        self.tracker.log_text(run_id, arch.to_json(), "arch.json")
-
-        original = self._duplicate_of(arch, trial.number)
-        if original is not None:
-            record.duplicate(original)
-            self.tracker.log(run_id, tags={"asymnas.duplicate_of": original.number})
-            self.tracker.end_trial(run_id, original.state, f"same architecture as trial {original.number}; result reused",
-                                   {**original.budgets, **original.metrics})
-            return original.values[0] if len(original.values) == 1 else tuple(original.values)
-
         seed = trial_seed(ctx.config.search.seed, trial.number)
         record.seed(seed)
         model = self.evaluator.build(arch, seed)

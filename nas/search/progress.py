@@ -14,15 +14,21 @@ __all__ = ["Progress"]
 
 
 class Progress:
-    """One line per finished trial: k of N (candidates rejected over budget do not count), state, scores, best so far, elapsed and remaining."""
+    """One line per finished trial: k of N, state, scores, best so far, elapsed and remaining.
+
+    Only a trial that counts toward this process's goal advances ``k``; a candidate rejected
+    over budget, a duplicate of an evaluated architecture, and a trial run for another
+    search (a retry of a killed process's trial) are listed without advancing it.
+    """
 
     def __init__(self, total: int, timeout: float | None, log: Log) -> None:
         self.total, self.timeout, self.log = total, timeout, log
         self.start = time.perf_counter()
         self.done = 0
         self.rejected = 0
+        self.duplicates = 0
 
-    def __call__(self, study: optuna.Study, trial: TrialRecord) -> None:
+    def __call__(self, study: optuna.Study, trial: TrialRecord, counted: bool = True) -> None:
         if trial.state == State.INFEASIBLE:
             self.rejected += 1
             self.log(
@@ -30,16 +36,22 @@ class Progress:
                 f"{trial.reason or ''} ({self.rejected} rejected so far)"
             )
             return
-        self.done += 1
+        if trial.state == State.DUPLICATE:
+            self.duplicates += 1
+            self.log(f"[trial {trial.number:>3} | duplicate] {trial.reason or ''}: not trained, not counted ({self.duplicates} so far)")
+            return
         elapsed = time.perf_counter() - self.start
-        remaining = elapsed / self.done * (self.total - self.done)
+        if counted:
+            self.done += 1
+            label = f"{self.done}/{self.total}"
+        else:
+            label = f"retry of {trial.retry_of}" if trial.retry_of is not None else "for another search"
+        remaining = elapsed / max(self.done, 1) * max(self.total - self.done, 0)
         if self.timeout is not None:
             remaining = min(remaining, max(self.timeout - elapsed, 0.0))
         m, b = trial.metrics, trial.budgets
         detail = ""
-        if trial.duplicate_of is not None:
-            detail = f"same architecture as trial {trial.duplicate_of} (result reused)"
-        elif trial.state == State.COMPLETE:
+        if trial.state == State.COMPLETE:
             detail = f"val mAP {m[VAL_MAP]:.4f}, query mAP {m[QUERY_MAP]:.4f} ({m[QUERY_MAP_RATIO]:.3f} of paragon)"
         elif trial.reason is not None:
             detail = trial.reason
@@ -52,6 +64,6 @@ class Progress:
         else:
             best_text = "no feasible trial yet"
         self.log(
-            f"[trial {trial.number:>3} | {self.done}/{self.total}] {trial.state:<10} {detail} [{budgets}] | {best_text} | "
+            f"[trial {trial.number:>3} | {label}] {trial.state:<10} {detail} [{budgets}] | {best_text} | "
             f"elapsed {elapsed / 60:.1f} min, ~{remaining / 60:.1f} min left"
         )

@@ -1,10 +1,11 @@
 """Several worker processes on one machine, sharing one study.
 
-``nas search CONFIG --workers N`` writes the effective configuration, fixes the study's
-trial budget (the trials it already holds plus ``search.trials``) and starts N ``nas
-worker`` processes with the CPU threads split between them. Each worker runs trials
-until the study holds that budget (see :func:`nas.search.driver.run_search`); the study storage
-and its locks coordinate them, there is no scheduler of ours.
+``nas search CONFIG --workers N`` writes the effective configuration and starts N ``nas
+worker`` processes with the CPU threads split between them, all counting toward one new
+request: together they add ``search.trials`` counted trials to the study, as a
+single-process ``nas search`` would, whatever other processes add meanwhile (see
+:mod:`nas.search.coordination`). The study storage and its locks coordinate them; there is
+no scheduler of ours.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import sys
 import optuna
 import yaml
 
-from nas.config import ExperimentConfig, config_to_dict
+from nas.config import ExperimentConfig
 from nas.errors import NasError
-from nas.locks import study_lock
-from nas.results import counted_trials
+from nas.search.coordination import new_request_id
 from nas.search.optuna_setup import open_study
+from nas.secrets import masked_config_dict, url_for_child
 
 __all__ = ["run_local_workers"]
 
@@ -30,19 +31,20 @@ def run_local_workers(config: ExperimentConfig, workers: int) -> optuna.Study:
     if workers < 1:
         raise NasError(f"--workers must be >= 1, but got {workers}.")
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    with study_lock(config.storage_url, config.search.study_name, config.out_dir):
-        target = counted_trials(open_study(config)) + config.search.trials
+    request = new_request_id()
     threads = max(1, (os.cpu_count() or 1) // workers)
-    data = config_to_dict(config)
+    data = masked_config_dict(config)
     data["out"] = str(config.out_dir.resolve())
-    data["search"]["storage"] = config.storage_url
+    env = dict(os.environ)  # a password reaches the workers through their environment, never the file
+    data["search"]["storage"] = url_for_child(config.search.storage, config.storage_url, "NAS_WORKER_STORAGE", env)
     data["search"]["threads"] = threads
-    data["tracking"]["uri"] = config.tracking_uri
+    data["tracking"]["uri"] = url_for_child(config.tracking.uri, config.tracking_uri, "NAS_WORKER_TRACKING_URI", env)
     effective = config.out_dir / "effective-config.yaml"
     effective.write_text(yaml.safe_dump(data, sort_keys=False))
-    print(f"Starting {workers} workers ({threads} thread(s) each) until study {config.search.study_name!r} holds {target} trials.", flush=True)
-    command = [sys.executable, "-m", "nas.cli", "worker", str(effective), "--trials", str(target)]
-    procs = [subprocess.Popen(command) for _ in range(workers)]
+    print(f"Starting {workers} workers ({threads} thread(s) each) to add {config.search.trials} trials to study "
+          f"{config.search.study_name!r}.", flush=True)
+    command = [sys.executable, "-m", "nas.cli", "worker", str(effective), "--trials", str(config.search.trials), "--request", request]
+    procs = [subprocess.Popen(command, env=env) for _ in range(workers)]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:

@@ -37,8 +37,10 @@ def test_empty_mapping_gives_defaults() -> None:
     assert cfg.space.name == "mobilenet"
 
 
-def test_empty_file_gives_defaults(tmp_path: Path) -> None:
-    assert load_config(write_yaml(tmp_path, "")) == ExperimentConfig()
+def test_empty_file_is_a_config_error(tmp_path: Path) -> None:
+    """An empty file is a mistake, not a request for a full default run into the default folder."""
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(write_yaml(tmp_path, ""))
 
 
 def test_config_error_is_a_nas_error_and_a_value_error() -> None:
@@ -317,7 +319,7 @@ def test_missing_file_is_a_clear_config_error(tmp_path: Path) -> None:
 
 
 def test_directory_instead_of_file_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="is a folder"):
         load_config(tmp_path)
 
 

@@ -2,9 +2,9 @@
 
 For each storage (SQLite, and PostgreSQL when the server on 127.0.0.1:5432 answers), a
 ``nas worker CONFIG --trials TOTAL`` process is started on a small Fashion-MNIST setting
-and killed with SIGKILL after a random delay (seeded), ``--kills`` times; after each kill
-the same command is started again at once. Then one last run finishes the study, and the
-study and its MLflow runs are audited:
+and killed with SIGKILL after a random delay (seeded, 3-20 s), ``--kills`` times; after each
+kill the same command is started again at once. Then one last run finishes the study (two
+more trials than it counts), and the study and its MLflow runs are audited:
 
 * **lost**: trials that were complete at some kill and are not complete at the end;
 * **duplicated**: architectures trained to completion by more than one trial (reused
@@ -86,7 +86,7 @@ def _run_storage(name: str, storage: str | None, kills: int, total: int, seed: i
     start = time.monotonic()
     for _ in range(kills):
         proc = _start(file, total)
-        time.sleep(rng.uniform(3.0, 25.0))
+        time.sleep(rng.uniform(3.0, 20.0))
         if proc.poll() is not None:  # the study was already finished: nothing left to kill
             break
         study = _study(url)
@@ -96,6 +96,11 @@ def _run_storage(name: str, storage: str | None, kills: int, total: int, seed: i
         proc.wait()
         moments["in a trial" if in_trial else "between trials"] += 1
         complete_at_kills |= {r.number for r in records if r.state == State.COMPLETE}
+    # finish: the study's total becomes what it counts now plus two more trials, so the last run ends soon
+    study = _study(url)
+    if study is not None:
+        retried = {n for t in study.get_trials(deepcopy=False) for n in t.system_attrs.get("retry_history", [])}
+        total = min(total, sum(1 for r in trial_records(study) if counts_toward(r, retried)) + 2)
     final = _start(file, total)
     code = final.wait()
     seconds = time.monotonic() - start
@@ -118,6 +123,8 @@ def _run_storage(name: str, storage: str | None, kills: int, total: int, seed: i
         matching = by_number.get(r.number, [])
         if len(matching) != 1 or matching[0].data.tags.get("asymnas.state") != r.state or matching[0].info.status != RUN_STATUS.get(r.state):
             mismatched += 1
+            found = [(m.info.run_id[:8], m.data.tags.get("asymnas.state"), m.info.status) for m in matching]
+            print(f"  mismatch: trial {r.number} state {r.state} ({r.optuna_state.name}, reason {r.reason!r}): runs {found}", flush=True)
     running_trials = sum(1 for r in records if r.state in (State.RUNNING, State.WAITING))
     running_runs = sum(1 for run in runs if run.info.status == "RUNNING")
     return {
@@ -144,7 +151,7 @@ def _postgres_database() -> tuple[str | None, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--trials", type=int, default=10, help="the study's total (nas worker --trials)")
+    parser.add_argument("--trials", type=int, default=200, help="the study's total while killing (nas worker --trials); the last run finishes two more")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill delays")
     parser.add_argument("--storages", default="sqlite,postgresql")
     args = parser.parse_args()

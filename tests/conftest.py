@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import os
+import uuid
+from collections.abc import Iterator
 import gzip
 import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg2
 import pytest
 
 
@@ -96,3 +99,36 @@ def tiny_config(digits_dir: Path):
         return config
 
     return make
+
+
+#: The local PostgreSQL server of the tests marked ``postgres`` (trust auth).
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_databases() -> Iterator:
+    """Factory of fresh PostgreSQL databases, ``make(password=None) -> URL``; all are dropped at the end of the test.
+
+    A password is put into the URL as given (trust auth ignores it): for tests that check it is never shown.
+    """
+    created: list[str] = []
+
+    def make(password: str | None = None) -> str:
+        name = f"asymnas_{uuid.uuid4().hex[:12]}"
+        conn = psycopg2.connect(PG_ADMIN)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        conn.close()
+        created.append(name)
+        user = "postgres" if password is None else f"postgres:{password}"
+        return f"postgresql://{user}@127.0.0.1:5432/{name}"
+
+    yield make
+    conn = psycopg2.connect(PG_ADMIN)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for name in created:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    conn.close()

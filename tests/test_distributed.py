@@ -13,12 +13,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
-import psycopg2
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -27,33 +25,7 @@ from nas.results import counted_trials
 
 pytestmark = pytest.mark.postgres
 
-ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
-
-
-@pytest.fixture
-def pg_databases() -> Iterator:
-    """Factory of fresh PostgreSQL databases; all are dropped at the end of the test."""
-    created: list[str] = []
-
-    def make() -> str:
-        name = f"asymnas_{uuid.uuid4().hex[:12]}"
-        conn = psycopg2.connect(ADMIN)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        conn.close()
-        created.append(name)
-        return f"postgresql://postgres@127.0.0.1:5432/{name}"
-
-    yield make
-    conn = psycopg2.connect(ADMIN)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        for name in created:
-            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-    conn.close()
 
 
 def _free_port() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from nas.secrets import mask_url, masked_config_dict, resolve_url
 from nas.tracking import MlflowTracker
 
 SECRET = "s3cret"
-ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.mark.parametrize(
@@ -91,28 +89,9 @@ def test_an_unreachable_store_is_named_without_its_password() -> None:
 
 
 @pytest.fixture
-def pg_urls() -> Iterator:
-    """Factory of fresh PostgreSQL databases, as URLs with a dummy password (trust auth ignores it); dropped at the end."""
-    created: list[str] = []
-
-    def make() -> str:
-        name = f"asymnas_{uuid.uuid4().hex[:12]}"
-        conn = psycopg2.connect(ADMIN)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        conn.close()
-        created.append(name)
-        return f"postgresql://postgres:{SECRET}@127.0.0.1:5432/{name}"
-
-    yield make
-    conn = psycopg2.connect(ADMIN)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        for name in created:
-            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-    conn.close()
+def pg_urls(pg_databases) -> Iterator:
+    """Fresh PostgreSQL databases as URLs with a dummy password (trust auth ignores it); dropped at the end."""
+    yield lambda: pg_databases(SECRET)
 
 
 def _rows_holding(url: str, text: str) -> list[str]:

@@ -59,6 +59,18 @@ def start_search_until_training(file: Path, db: Path, name: str) -> subprocess.P
     return proc
 
 
+def kill_search_in_training(file: Path, db: Path, name: str) -> int:
+    """Start ``nas search FILE``, SIGKILL it while a trial of study ``name`` is training; returns its pid."""
+    proc = start_search_until_training(file, db, name)
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.pid
+
+
 def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_config) -> None:
     raw = tiny_config(
         tmp_path / "run",
@@ -72,13 +84,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_config) -> None:
     file = tmp_path / "exp.yaml"
     file.write_text(yaml.safe_dump(raw))
     config = config_from_dict(raw)
-    proc = start_search_until_training(file, config.out_dir / "optuna.db", "killed")
-    try:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_search_in_training(file, config.out_dir / "optuna.db", "killed")
 
     killed = [t for t in open_study(config).trials if t.state == optuna.trial.TrialState.RUNNING]
     assert len(killed) == 1  # left behind by the dead process

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from nas.search.coordination import ProcessIdentity, ask_next, process_gone, thi
 from nas.search.driver import run_search
 from nas.search.optuna_setup import SAMPLERS, make_sampler
 from search_spaces import create_space
-from tests.test_resilience import start_search_until_training
+from tests.test_resilience import kill_search_in_training
 
 FAIL, COMPLETE, RUNNING, WAITING = (optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE,
                                     optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
@@ -189,13 +188,7 @@ def test_sigkill_then_immediate_resume_fails_the_trial_and_runs_its_retry(tmp_pa
     file = tmp_path / "exp.yaml"
     file.write_text(yaml.safe_dump(raw))
     config = config_from_dict(raw)
-    proc = start_search_until_training(file, config.out_dir / "optuna.db", "killed")
-    try:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    pid = kill_search_in_training(file, config.out_dir / "optuna.db", "killed")
     # at once (the grace period of the heartbeat rule is 60 s), asking for no new trials
     resumed = {**raw, "train": {**raw["train"], "epochs": 1}, "search": {**raw["search"], "trials": 0}}
     logs: list[str] = []
@@ -203,9 +196,9 @@ def test_sigkill_then_immediate_resume_fails_the_trial_and_runs_its_retry(tmp_pa
     records = {r.number: r for r in trial_records(study)}
     dead = records[0]
     assert dead.optuna_state == FAIL and dead.state == State.FAILED
-    assert dead.pid == proc.pid and dead.host == this_process().host
-    assert f"pid {proc.pid}" in (dead.reason or "") and "no longer running" in (dead.reason or "")
-    assert any(f"Trial 0 belonged to process {proc.pid}" in line for line in logs), logs
+    assert dead.pid == pid and dead.host == this_process().host
+    assert f"pid {pid}" in (dead.reason or "") and "no longer running" in (dead.reason or "")
+    assert any(f"Trial 0 belonged to process {pid}" in line for line in logs), logs
     retries = [r for r in records.values() if r.number != 0]
     assert len(retries) == 1 and retries[0].state == State.COMPLETE and retries[0].params == dead.params
     assert study.trials[retries[0].number].system_attrs.get("failed_trial") == 0

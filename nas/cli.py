@@ -37,6 +37,7 @@ def _int_in(low: int, high: int | None = None):
 
 def _add_config_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML file, e.g. experiments/quickstart.yaml")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal anyway)")
     parser.add_argument("--out", help="output folder (study, caches, weights); default runs/<study name>")
     parser.add_argument("--study-name", help="Optuna study name (search.study_name)")
     parser.add_argument("--storage", help="Optuna storage URL, or env:NAME to read it from that variable; default sqlite:///<out>/optuna.db")
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     gtrain.add_argument("config", help="experiment YAML file")
     gtrain.add_argument("--out", help="output folder; the model goes to <out>/gallery/gallery.safetensors")
     gtrain.add_argument("--force", action="store_true", help="train again even if the checkpoint exists")
+    gtrain.add_argument("--quiet", action="store_true", help="no progress bars")
 
     for name, help_text in (
         ("export", "export a trial's query network (arch, weights, TorchScript, ONNX, card)"),
@@ -347,8 +349,8 @@ def _run(args: argparse.Namespace) -> int:
 
         config = load_config(args.config, {"out": args.out})
         retrieval = load_retrieval_data(config.data)
-        _, path = ensure_gallery(config, retrieval.data, retrieval.split, retrain=args.force)
-        print(f"Gallery model: {path}")
+        _, sha, path = ensure_gallery(config, retrieval.data, retrieval.split, retrain=args.force)
+        print(f"Gallery model: {path or config.gallery.model} (weights sha256 {sha[:12]})")
         return 0
     if args.command == "export":
         from nas.export import export_trial
@@ -460,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in logs
     _quiet_libraries()
+    if getattr(args, "quiet", False):
+        os.environ["NAS_QUIET"] = "1"  # nas.progress_bars: this process and the loader workers it starts
     from nas.errors import NasError
 
     try:

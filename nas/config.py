@@ -14,180 +14,21 @@ from typing import Any
 
 import yaml
 
-from nas.data.registry import DATASETS
-from nas.data.splits import PROTOCOLS
+from nas.data_config import AugmentConfig, DataConfig, GalleryConfig, GalleryTrainConfig, PreprocessingConfig
 from nas.errors import ConfigError
 from nas.hardware.budgets import BUDGETS
 from nas.hardware.runtimes import RUNTIMES
 from nas.search.optuna_setup import PRUNERS, SAMPLERS
 from nas.secrets import resolve_url
-from nas.typed_config import build_dataclass, set_dotted
+from nas.typed_config import build_dataclass, check_config, set_dotted
 
 __all__ = [
-    "DataConfig", "GalleryTrainConfig", "GalleryConfig", "SpaceConfig", "LatencyConfig", "BudgetConfig", "TrainConfig",
+    "DataConfig", "GalleryTrainConfig", "GalleryConfig", "PreprocessingConfig", "AugmentConfig", "SpaceConfig", "LatencyConfig", "BudgetConfig", "TrainConfig",
     "SearchConfig", "TrackingConfig", "ExperimentConfig", "COST_OBJECTIVES", "load_config", "config_from_dict", "config_to_dict",
 ]
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which images, and how they are split into train / val / query / gallery.
-
-    ``protocol`` (labelled data sets; null means ``same_classes``):
-
-    * ``same_classes``: ``train``, ``val``, ``query`` and ``gallery`` are fractions of every
-      class (the split is stratified); val is searched against the gallery part.
-    * ``class_disjoint``: a seeded ``test_classes`` fraction of the classes (at least 2) is
-      held out for query and gallery; a seeded ``val_classes`` fraction of the remaining
-      classes (at least 2) forms val (searched against itself, each image's own entry
-      excluded); the rest is train.
-      ``train`` is unused; with ``query_is_gallery`` false each held-out class is split
-      query : gallery in the ratio ``query`` : ``gallery``.
-
-    ``query_is_gallery`` (null: false for ``same_classes``, true for ``class_disjoint``, the
-    metric-learning convention) makes query and gallery the same images, each query's own
-    gallery entry excluded by index when scoring.
-
-    The data sets are those of :data:`nas.data.DATASETS`; each entry declares the facts
-    checked here. The benchmarks (``cub200``, ``sop``, ``inshop``, ``roxford5k``,
-    ``rparis6k``) take their split from their own files, so ``protocol`` and
-    ``query_is_gallery`` may only restate it;
-    ``val_classes`` of their training classes form val (``val`` of the training images for
-    the unlabelled revisited Oxford/Paris sets).
-
-    ``max_per_class`` caps how many images of each class are used at all. ``val`` images
-    are held out from training and drive the search objective; ``query`` images are only
-    used for the final, reported scores. ``image_size`` is the size image folders and
-    benchmark images are stored at in memory (Fashion-MNIST keeps its 28x28); ``channels``
-    null means the data set's own (1 for Fashion-MNIST, 3 otherwise).
-    """
-
-    dataset: str = "fashion_mnist"
-    path: str | None = None
-    image_size: int = 32
-    channels: int | None = None
-    max_per_class: int | None = None
-    train: float = 0.6
-    val: float = 0.05
-    query: float = 0.1
-    gallery: float = 0.25
-    seed: int = 0
-    protocol: str | None = None
-    query_is_gallery: bool | None = None
-    test_classes: float = 0.5
-    val_classes: float = 0.1
-
-    def __post_init__(self) -> None:
-        entry = DATASETS.get(self.dataset)
-        if self.protocol is not None:
-            PROTOCOLS.check(self.protocol)
-        for name in ("test_classes", "val_classes"):
-            value = getattr(self, name)
-            _check(0.0 < value < 1.0, f"data.{name} must be a fraction in (0, 1), but got {value}.")
-        if entry.fixed_split:
-            protocol, same = entry.protocol, entry.query_is_gallery
-            _check(
-                self.protocol is None or self.protocol == protocol,
-                f"data.protocol must be null for dataset {self.dataset!r}: its files fix the split "
-                f"({protocol}), but got {self.protocol!r}.",
-            )
-            _check(
-                self.query_is_gallery is None or self.query_is_gallery == same,
-                f"data.query_is_gallery must be null for dataset {self.dataset!r}: its query and gallery are "
-                f"{'the same' if same else 'different'} images, but got {self.query_is_gallery}.",
-            )
-        _check(
-            entry.has_classes or self.max_per_class is None,
-            f"data.max_per_class must be null for dataset {self.dataset!r} (it has no classes), but got {self.max_per_class}.",
-        )
-        _check(self.image_size >= 8, f"data.image_size must be >= 8, but got {self.image_size}.")
-        _check(self.seed >= 0, f"data.seed must be >= 0, but got {self.seed}.")  # numpy's generators refuse it, after loading
-        _check(self.channels in (None, 1, 3), f"data.channels must be 1, 3 or null, but got {self.channels}.")
-        _check(
-            self.max_per_class is None or self.max_per_class >= 4,
-            f"data.max_per_class must be >= 4 or null, but got {self.max_per_class}.",
-        )
-        for name in ("train", "val", "query", "gallery"):
-            value = getattr(self, name)
-            _check(0.0 < value < 1.0, f"data.{name} must be a fraction in (0, 1), but got {value}.")
-        total = self.train + self.val + self.query + self.gallery
-        _check(total <= 1.0 + 1e-9, f"data.train + val + query + gallery must be <= 1, but got {total:.3f}.")
-
-    @property
-    def resolved_channels(self) -> int:
-        """``channels``, or the data set's own (1 for Fashion-MNIST, 3 for image folders)."""
-        if self.channels is not None:
-            return self.channels
-        return DATASETS.get(self.dataset).channels
-
-    @property
-    def resolved_protocol(self) -> str:
-        """``same_classes`` or ``class_disjoint``; a benchmark's own (``revisited`` for Oxford/Paris)."""
-        entry = DATASETS.get(self.dataset)
-        if entry.fixed_split:
-            return entry.protocol
-        return self.protocol or "same_classes"
-
-    @property
-    def resolved_query_is_gallery(self) -> bool:
-        """Whether query and gallery are the same images (then each query's own entry is excluded)."""
-        entry = DATASETS.get(self.dataset)
-        if entry.fixed_split:
-            return entry.query_is_gallery
-        if self.query_is_gallery is not None:
-            return self.query_is_gallery
-        return self.resolved_protocol == "class_disjoint"
-
-    @property
-    def resolved_path(self) -> str | None:
-        """``path``, or the data set's default (Fashion-MNIST's Debian package folder)."""
-        if self.path is not None:
-            return self.path
-        return DATASETS.get(self.dataset).default_path
-
-
-@dataclass(frozen=True)
-class GalleryTrainConfig:
-    """How ``nas gallery train`` trains a gallery model when the user has no checkpoint."""
-
-    epochs: int = 4
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    scale: float = 16.0
-
-    def __post_init__(self) -> None:
-        _check(self.epochs >= 1, f"gallery.train.epochs must be >= 1, but got {self.epochs}.")
-        _check(self.batch_size >= 2, f"gallery.train.batch_size must be >= 2, but got {self.batch_size}.")
-        _check(self.lr > 0, f"gallery.train.lr must be > 0, but got {self.lr}.")
-        _check(self.scale > 0, f"gallery.train.scale must be > 0, but got {self.scale}.")
-
-
-@dataclass(frozen=True)
-class GalleryConfig:
-    """The fixed gallery model: a timm architecture, optionally projected to ``embed_dim``.
-
-    ``checkpoint`` is a file written by ``nas gallery train`` (safetensors + JSON header).
-    When it is null the search looks for ``<out>/gallery/gallery.safetensors`` and trains
-    one there if it is missing.
-    """
-
-    model: str = "resnet18"
-    checkpoint: str | None = None
-    embed_dim: int | None = 128
-    resolution: int = 32
-    batch_size: int = 256
-    train: GalleryTrainConfig = field(default_factory=GalleryTrainConfig)
-
-    def __post_init__(self) -> None:
-        _check(self.embed_dim is None or self.embed_dim >= 2, f"gallery.embed_dim must be >= 2, but got {self.embed_dim}.")
-        _check(self.resolution >= 8, f"gallery.resolution must be >= 8, but got {self.resolution}.")
-        _check(self.batch_size >= 1, f"gallery.batch_size must be >= 1, but got {self.batch_size}.")  # else a crash after training
+_check = check_config
 
 
 @dataclass(frozen=True)
@@ -280,6 +121,7 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: str = "cosine"
     device: str = "auto"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         self._check_loss()

@@ -1,10 +1,13 @@
-"""The fixed gallery model, its checkpoint, its training and its embedding cache.
+"""The fixed gallery model, where its weights come from, its training and its embedding cache.
 
 The gallery model is any timm architecture (``num_classes=0``: its pooled features),
-optionally projected to ``embed_dim`` and L2-normalised. Its embeddings of the training
-images (the query network's training targets), of the val / query images (the paragon)
-and of the gallery images (the index) are computed once and cached on disk under a
-content hash of (model name, weights, data, split, resolution, preprocessing).
+optionally projected to ``embed_dim`` and L2-normalised, with the :class:`Preprocessing`
+its inputs need. Its weights come from (:func:`open_gallery`, ``gallery.*``): a checkpoint
+of ``nas gallery train``, a timm-compatible weights file, timm's own pretrained weights,
+or a training on the train split. Its embeddings of the training images (the query
+network's training targets), of the val / query images (the paragon) and of the gallery
+images (the index) are computed once, streamed through the data loader, and cached on
+disk under a content hash of (model name, weights, data, split, resolution, preprocessing).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import difflib
 import hashlib
 import json
 import os
+import pickle
 import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +33,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nas.config import GalleryConfig
-from nas.data import PREPROCESSING, ImageSet, Split, preprocess
+from nas.data import LEGACY_PREPROCESSING, Augmentation, ImageSet, Preprocessing, Split, StreamingImages
 from nas.errors import ConfigError, GalleryError
+from nas.progress_bars import progress
 from nas.scoring import embed
 from search_spaces import EmbeddingHead, L2Normalise
 
@@ -42,6 +48,9 @@ __all__ = [
     "train_gallery",
     "gallery_embeddings",
     "file_sha256",
+    "state_sha256",
+    "load_gallery_weights",
+    "open_gallery",
 ]
 
 CHECKPOINT_FORMAT = "asymnas-gallery-v1"
@@ -57,14 +66,24 @@ class GalleryNet(nn.Module):
     ``proj.bias`` as before.
 
     ``classifier`` (a cosine classifier over the embedding) exists when the model was
-    trained by :func:`train_gallery`; retrieval never uses it.
+    trained by :func:`train_gallery`; retrieval never uses it. ``preprocessing``: how its
+    input images are normalised and resized (the query candidates share it).
     """
 
-    def __init__(self, model_name: str, in_chans: int, embed_dim: int | None, num_classes: int = 0) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        in_chans: int,
+        embed_dim: int | None,
+        num_classes: int = 0,
+        preprocessing: Preprocessing = LEGACY_PREPROCESSING,
+        backbone: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.model_name = model_name
-        self.backbone = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_chans)
-        features = int(self.backbone.num_features)
+        self.preprocessing = preprocessing.for_channels(in_chans)
+        self.backbone = backbone if backbone is not None else timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_chans)
+        features = pooled_width(self.backbone)
         self.proj: nn.Module = EmbeddingHead(features, embed_dim) if embed_dim else L2Normalise()
         self.embed_dim = embed_dim or features
         self.in_chans = in_chans
@@ -89,12 +108,29 @@ class GalleryNet(nn.Module):
         return scale * embedding @ F.normalize(self.classifier, dim=1).t()
 
 
-def create_gallery_net(config: GalleryConfig, in_chans: int, num_classes: int = 0) -> GalleryNet:
-    if not timm.is_model(config.model):
-        close = difflib.get_close_matches(config.model, timm.list_models(), n=3)
+def pooled_width(backbone: nn.Module) -> int:
+    """The width of ``backbone.forward_head(x, pre_logits=True)``: timm's ``head_hidden_size`` for models
+    with a head conv after pooling (MobileNetV3: 1024 or 1280), else ``num_features``."""
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+
+
+def _check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" Close names: {', '.join(close)}." if close else ""
-        raise ConfigError(f"gallery.model {config.model!r} is not a timm architecture.{hint} See timm.list_models().")
-    return GalleryNet(config.model, in_chans, config.embed_dim, num_classes)
+        raise ConfigError(f"gallery.model {name!r} is not a timm architecture.{hint} See timm.list_models().")
+
+
+def configured_preprocessing(config: GalleryConfig) -> Preprocessing | None:
+    """``gallery.preprocessing`` as a :class:`Preprocessing`, or None when it is not set."""
+    p = config.preprocessing
+    return None if p is None else Preprocessing(tuple(p.mean), tuple(p.std), p.interpolation, p.crop_pct)
+
+
+def create_gallery_net(config: GalleryConfig, in_chans: int, num_classes: int = 0) -> GalleryNet:
+    """A randomly initialised gallery model to train (:func:`train_gallery`)."""
+    _check_model_name(config.model)
+    return GalleryNet(config.model, in_chans, config.embed_dim, num_classes, configured_preprocessing(config) or LEGACY_PREPROCESSING)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -117,6 +153,7 @@ def save_gallery(model: GalleryNet, path: str | Path, resolution: int, classes: 
         "num_classes": str(0 if model.classifier is None else model.classifier.shape[0]),
         "resolution": str(resolution),
         "classes": json.dumps(list(classes)),
+        "preprocessing": json.dumps(model.preprocessing.to_dict()),
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(".tmp")
@@ -152,7 +189,9 @@ def load_gallery(config: GalleryConfig, path: str | Path, in_chans: int) -> Gall
         raise GalleryError(f"Gallery checkpoint {path} has embed_dim {embed_dim}, but gallery.embed_dim is {config.embed_dim}.")
     if int(metadata["in_chans"]) != in_chans:
         raise GalleryError(f"Gallery checkpoint {path} takes {metadata['in_chans']}-channel images, but the data has {in_chans} channels.")
-    model = GalleryNet(config.model, in_chans, embed_dim, int(metadata["num_classes"]))
+    recorded = Preprocessing.from_dict(json.loads(metadata["preprocessing"])) if "preprocessing" in metadata else LEGACY_PREPROCESSING
+    preprocessing = configured_preprocessing(config) or recorded
+    model = GalleryNet(config.model, in_chans, embed_dim, int(metadata["num_classes"]), preprocessing)
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad_shapes = [k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or bad_shapes:
@@ -171,6 +210,7 @@ def train_gallery(
     device: torch.device,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    workers: int | None = None,
 ) -> GalleryNet:
     """Train a gallery model on the train split (normalised-softmax cross-entropy) and save it.
 
@@ -186,25 +226,21 @@ def train_gallery(
     num_classes = len(data.classes)
     model = create_gallery_net(config, data.channels, num_classes).to(device)
     tc = config.train
-    x = preprocess(data.images[split.train], config.resolution)
+    # random horizontal flip only: garments, digits and photos keep their class
+    transform = model.preprocessing.train_transform(config.resolution, Augmentation(crop_scale=(1.0, 1.0), hflip=0.5))
+    images = StreamingImages(data.images, split.train, transform, tc.batch_size, seed, workers)
     y = torch.from_numpy(data.labels[split.train])
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    steps = tc.epochs * ((len(x) + tc.batch_size - 1) // tc.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.lr, total_steps=steps, pct_start=0.15)
-    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = max(len(images) // tc.batch_size, 1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.lr, total_steps=tc.epochs * steps_per_epoch, pct_start=0.15)
     for epoch in range(1, tc.epochs + 1):
         start = time.perf_counter()
         model.train()
-        order = torch.randperm(len(x), generator=generator)
         total, correct, loss_sum = 0, 0, 0.0
-        for i in range(0, len(x), tc.batch_size):
-            idx = order[i : i + tc.batch_size]
+        for xb, idx in progress(images.batches(epoch), len(images), f"gallery epoch {epoch}/{tc.epochs}", scale=tc.batch_size):
             if len(idx) < 2:
                 continue
-            xb, yb = x[idx].to(device), y[idx].to(device)
-            # random horizontal flip: garments and digits keep their class
-            flip = torch.rand(len(xb), device=device) < 0.5
-            xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+            xb, yb = xb.to(device), y[idx].to(device)
             logits = model.logits(model(xb), tc.scale)
             loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
@@ -237,8 +273,8 @@ class GalleryEmbeddings:
         return digest.hexdigest()
 
 
-def _cache_key(model_name: str, weights_sha: str, data: ImageSet, split: Split, resolution: int) -> str:
-    parts = [CACHE_FORMAT, model_name, weights_sha, data.fingerprint(), split.fingerprint(), str(resolution), PREPROCESSING]
+def _cache_key(model: GalleryNet, weights_sha: str, data: ImageSet, split: Split, resolution: int) -> str:
+    parts = [CACHE_FORMAT, model.model_name, weights_sha, data.fingerprint(), split.fingerprint(), str(resolution), model.preprocessing.describe()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -280,13 +316,15 @@ def gallery_embeddings(
     batch_size: int = 256,
     device: torch.device | None = None,
     log: Callable[[str], None] = print,
+    workers: int | None = None,
 ) -> tuple[GalleryEmbeddings, bool]:
-    """Load the embeddings from the cache, or compute and cache them.
+    """Load the embeddings from the cache, or compute (streaming the images, with the model's
+    preprocessing at ``resolution``) and cache them.
 
     Returns the embeddings and whether they came from the cache. A cache file that is
     unreadable, stale or fails its checksum is reported through ``log`` and rebuilt.
     """
-    key = _cache_key(model.model_name, weights_sha, data, split, resolution)
+    key = _cache_key(model, weights_sha, data, split, resolution)
     path = Path(cache_dir) / f"gallery-{key[:20]}.npz"
     if path.exists():
         try:
@@ -294,11 +332,145 @@ def gallery_embeddings(
         except _StaleCache as reason:
             log(f"Gallery cache {path} is {reason}; rebuilding it.")
     start = time.perf_counter()
-    parts = {
-        name: embed(model, data.images[getattr(split, name)], resolution, batch_size, device)
-        for name in ("train", "val", "query", "gallery")
-    }
+    parts: dict[str, np.ndarray] = {}
+    for name in ("train", "val", "query", "gallery"):
+        rows = getattr(split, name)
+        if name == "gallery" and split.query_is_gallery:  # the same images: embedded once
+            parts[name] = parts["query"]
+            continue
+        parts[name] = embed(
+            model, data.images, resolution, model.preprocessing, indices=rows, batch_size=batch_size, device=device,
+            workers=workers, desc=f"gallery model: {name} images",
+        )
     emb = GalleryEmbeddings(key=key, **parts)
     _write_cache(path, emb)
     log(f"Gallery embeddings computed in {time.perf_counter() - start:.1f}s and cached at {path}.")
     return emb, False
+
+
+# --------------------------------------------------------------------------- weights from elsewhere
+
+
+def state_sha256(model: nn.Module) -> str:
+    """SHA-256 of ``model``'s state dict (names, shapes and bytes in order): the identity of
+    weights that did not come from one of our checkpoint files."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a ``.pth``/``.pt``/``.bin`` file (``weights_only``), unwrapped
+    from a ``state_dict`` / ``model`` / ``state_dict_ema`` entry and a ``module.`` prefix."""
+    if not path.is_file():
+        raise GalleryError(f"Gallery weights file {path} does not exist. Fix gallery.weights, or convert the weights first (README: a pretrained gallery model).")
+    try:
+        if path.suffix == ".safetensors":
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, IndexError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise GalleryError(
+            f"Gallery weights file {path} is unreadable ({type(exc).__name__}: {first}). It must be a state dict saved as "
+            f".safetensors, or as .pth holding only tensors: torch.save(model.state_dict(), ...), not the model object."
+        ) from None
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GalleryError(f"Gallery weights file {path} does not hold a state dict (a mapping of names to tensors).")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _orthogonal_projection(features: int, embed_dim: int, seed: int) -> EmbeddingHead:
+    """A fixed projection ``features -> embed_dim`` with orthonormal rows (or columns), seeded."""
+    head = EmbeddingHead(features, embed_dim)
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(max(features, embed_dim), min(features, embed_dim), generator=generator))
+    with torch.no_grad():
+        head.weight.copy_(q.t() if embed_dim <= features else q)
+        head.bias.zero_()
+    return head.requires_grad_(False)
+
+
+def load_gallery_weights(config: GalleryConfig, in_chans: int, seed: int = 0) -> GalleryNet:
+    """The gallery model from ``gallery.weights`` (a timm-compatible state dict) or timm's pretrained
+    weights (``gallery.pretrained``), no training: pooled features, or with ``embed_dim`` a fixed
+    seeded orthogonal projection of them; preprocessing from timm's data config for the model
+    unless ``gallery.preprocessing`` is set."""
+    _check_model_name(config.model)
+    if config.weights is not None:
+        path = Path(config.weights)
+        state = _read_state_dict(path)
+        backbone = timm.create_model(config.model, pretrained=False, num_classes=0, in_chans=in_chans)
+        classifier = str(backbone.pretrained_cfg.get("classifier") or "classifier")
+        state = {k: v for k, v in state.items() if not (k == classifier or k.startswith(classifier + "."))}
+        first = str(backbone.pretrained_cfg.get("first_conv") or "") + ".weight"
+        if first in state and state[first].ndim == 4 and state[first].shape[1] == 3 and in_chans == 1:
+            state[first] = state[first].sum(dim=1, keepdim=True)  # RGB filters summed for grey input (timm does the same)
+        expected = backbone.state_dict()
+        missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]  # a counter, not a weight
+        unexpected = [k for k in state if k not in expected]
+        bad = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+        if missing or unexpected or bad:
+            parts = [f"{what} {keys[:4]} ({len(keys)} in all)" for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", bad)) if keys]
+            raise GalleryError(
+                f"Gallery weights file {path} does not fit timm's {config.model!r}: {'; '.join(parts)}. "
+                f"Check gallery.model names the architecture the weights were trained for."
+            )
+        backbone.load_state_dict(state, strict=False)  # every key checked above
+    else:
+        try:
+            backbone = timm.create_model(config.model, pretrained=True, num_classes=0, in_chans=in_chans)
+        except Exception as exc:  # noqa: BLE001 - timm's download raises whatever the hub client raises
+            raise GalleryError(
+                f"Could not get timm's pretrained weights for {config.model!r} ({type(exc).__name__}: {exc}). Without a network, "
+                f"download them elsewhere and set gallery.weights to the file (and gallery.pretrained to false)."
+            ) from None
+    preprocessing = configured_preprocessing(config) or Preprocessing.from_timm(backbone, in_chans)
+    model = GalleryNet(config.model, in_chans, None, 0, preprocessing, backbone=backbone)
+    if config.embed_dim:
+        model.proj = _orthogonal_projection(pooled_width(backbone), config.embed_dim, seed)
+        model.embed_dim = config.embed_dim
+    return model.eval()
+
+
+def open_gallery(
+    config: GalleryConfig,
+    data: ImageSet,
+    split: Split,
+    out_dir: Path,
+    device: torch.device,
+    *,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    retrain: bool = False,
+    may_train: bool = True,
+    workers: int | None = None,
+) -> tuple[GalleryNet, str, Path | None] | None:
+    """The configured gallery model, the SHA-256 identifying its weights, and its checkpoint file
+    (None for weights not written by us). Without checkpoint, weights or pretrained, the model
+    under ``out_dir/gallery`` is loaded, or trained there when ``may_train`` (else None)."""
+    source = config.source
+    if source == "checkpoint":
+        path = Path(config.checkpoint or "")
+        return load_gallery(config, path, data.channels), file_sha256(path), path
+    if source in ("weights", "pretrained"):
+        what = config.weights if source == "weights" else "timm's pretrained weights"
+        log(f"Gallery model: {config.model} from {what}")
+        model = load_gallery_weights(config, data.channels, seed)
+        return model, state_sha256(model), None
+    path = out_dir / "gallery" / "gallery.safetensors"
+    if path.is_file() and not retrain:
+        log(f"Gallery model: loading {path}")
+        return load_gallery(config, path, data.channels), file_sha256(path), path
+    if not may_train:
+        return None
+    log(f"Gallery model: no checkpoint configured; training {config.model} on {len(split.train)} images -> {path}")
+    model = train_gallery(config, data, split, path, device, seed=seed, log=log, workers=workers)
+    return model, file_sha256(path), path

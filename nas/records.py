@@ -307,6 +307,7 @@ class StudyRecord:
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     warm_started: tuple[str, ...] = ()
     mlflow_parent_run_id: str | None = None
+    preprocessing: dict[str, Any] | None = None  # nas.data.Preprocessing.to_dict(); None: studies before it was recorded
 
     @classmethod
     def load(cls, study: optuna.Study) -> StudyRecord:
@@ -323,6 +324,7 @@ class StudyRecord:
             baselines=dict(a.get("baselines", {})),
             warm_started=tuple(a.get("warm_started", [])),
             mlflow_parent_run_id=a.get("mlflow_parent_run_id"),
+            preprocessing=a.get("preprocessing"),
         )
 
     @property
@@ -341,7 +343,11 @@ class StudyWriter:
     def __init__(self, study: optuna.Study) -> None:
         self.study = study
 
-    def description(self, config: Mapping[str, Any], out_dir: str, space: Mapping[str, Any], gallery_budgets: Mapping[str, float]) -> None:
+    def description(
+        self, config: Mapping[str, Any], out_dir: str, space: Mapping[str, Any], gallery_budgets: Mapping[str, float],
+        preprocessing: Mapping[str, Any],
+    ) -> None:
+        self.study.set_user_attr("preprocessing", dict(preprocessing))
         self.study.set_user_attr("config", dict(config))
         self.study.set_user_attr("out_dir", out_dir)
         self.study.set_user_attr("space", dict(space))

@@ -1,21 +1,25 @@
 """Embedding images with a model, and scoring a split part by retrieval.
 
 :func:`embed` runs any embedding network (a candidate query network, the gallery model,
-an exported model) over uint8 images; :func:`score_part` scores the val or query part of
+an exported model) over images streamed from an image source with the evaluation
+transform (:mod:`nas.data.loading`); :func:`score_part` scores the val or query part of
 a :class:`~nas.data.RetrievalData` as its split says; :func:`paragon_scores` is the
 gallery model's own (symmetric) score, the reference every candidate is compared with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from nas.data import RetrievalData, iter_batches
+from nas.data import ImageSource, Preprocessing, RetrievalData, eval_batches
+from nas.data.sources import as_source
 from nas.metrics import retrieval_metrics, revisited_protocol_metrics
+from nas.progress_bars import progress
 
 if TYPE_CHECKING:
     from nas.gallery import GalleryEmbeddings
@@ -24,13 +28,36 @@ __all__ = ["embed", "score_part", "paragon_scores"]
 
 
 @torch.inference_mode()
-def embed(model: nn.Module, images: np.ndarray, resolution: int, batch_size: int = 256, device: torch.device | None = None) -> np.ndarray:
-    """L2-normalised embeddings of ``images`` (uint8 NHWC) at ``resolution``, as float32."""
+def embed(
+    model: nn.Module,
+    images: ImageSource | np.ndarray,
+    resolution: int,
+    preprocessing: Preprocessing,
+    *,
+    indices: Sequence[int] | np.ndarray | None = None,
+    batch_size: int = 128,
+    device: torch.device | None = None,
+    workers: int | None = None,
+    desc: str | None = None,
+) -> np.ndarray:
+    """Embeddings ``(N, D)`` float32 of images ``indices`` (all by default) of ``images`` (a source, or
+    a uint8 array ``(N, H, W, C)``), at ``resolution`` with ``preprocessing``'s evaluation transform.
+
+    ``workers``: loader processes (``None``: automatic, see :func:`nas.data.resolve_workers`).
+    ``desc``: show a progress bar with this label (see :mod:`nas.progress_bars`).
+    """
+    source = as_source(images)
+    rows = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
     device = device or torch.device("cpu")
     was_training = model.training
     model.eval()
-    out = [model(batch.to(device)).float().cpu() for batch in iter_batches(images, resolution, batch_size)]
+    batches = eval_batches(source, rows, preprocessing.for_channels(source.channels).eval_transform(resolution), batch_size, workers)
+    if desc is not None:
+        batches = progress(batches, len(rows), desc, scale=batch_size)
+    out = [model(batch.to(device)).float().cpu() for batch in batches]
     model.train(was_training)
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(out).numpy().astype(np.float32)
 
 

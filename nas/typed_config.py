@@ -3,7 +3,7 @@
 :func:`build_dataclass` fills a dataclass from a mapping: a key the class does not have
 is a :class:`~nas.errors.ConfigError` naming the nearest valid key, each value is
 converted by its field's annotation (``int``, ``float``, ``bool``, ``str``, a mapping, a
-nested dataclass, ``X | None``), and the class's own ``__post_init__`` checks the values.
+nested dataclass, a list, ``X | None``), and the class's own ``__post_init__`` checks the values.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ from typing import Any
 
 from nas.errors import ConfigError
 
-__all__ = ["build_dataclass", "set_dotted"]
+__all__ = ["build_dataclass", "set_dotted", "check_config"]
+
+
+def check_config(condition: bool, message: str) -> None:
+    """A :class:`~nas.errors.ConfigError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)
 
 
 def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
@@ -42,6 +48,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if value is None:
         raise ConfigError(f"'{where}' must not be null.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{where}' must be a list, but got {value!r}.")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"'{where}' must be a mapping, but got {value!r}.")

@@ -17,12 +17,15 @@ from nas.data import (
     DatasetEntry,
     ImageSet,
     RetrievalData,
+    LEGACY_PREPROCESSING,
+    Augmentation,
+    Preprocessing,
     Split,
-    iter_batches,
+    StreamingImages,
+    eval_batches,
     load_fashion_mnist,
     load_image_folder,
     load_retrieval_data,
-    preprocess,
     read_idx,
     stratified_split,
 )
@@ -138,13 +141,13 @@ def test_load_fashion_mnist_pools_train_and_test(tmp_path: Path, gz: bool) -> No
     images, labels = write_fashion_mnist_folder(tmp_path, n_train=1000, gz=gz)
     data = load_fashion_mnist(tmp_path)
     assert isinstance(data, ImageSet)
-    assert data.images.shape == (1797, 8, 8, 1)
-    assert data.images.dtype == np.uint8
+    assert data.images.in_memory and data.images.array.shape == (1797, 8, 8, 1)
+    assert data.images.array.dtype == np.uint8
     assert data.labels.shape == (1797,)
     assert data.labels.dtype == np.int64
     assert data.channels == 1
     # train files first, then t10k
-    np.testing.assert_array_equal(data.images[..., 0], images)
+    np.testing.assert_array_equal(data.images.array[..., 0], images)
     np.testing.assert_array_equal(data.labels, labels)
     assert data.classes[0] == "t-shirt/top" and len(data.classes) == 10
 
@@ -198,8 +201,8 @@ def test_load_fashion_mnist_mismatched_counts_is_data_error(tmp_path: Path) -> N
 def test_load_retrieval_data_fashion_mnist_with_three_channels(tmp_path: Path) -> None:
     write_fashion_mnist_folder(tmp_path, n_train=500)
     data = load_retrieval_data(DataConfig(dataset="fashion_mnist", path=str(tmp_path), channels=3)).data
-    assert data.images.shape == (1797, 8, 8, 3)
-    np.testing.assert_array_equal(data.images[..., 0], data.images[..., 2])
+    assert data.images.array.shape == (1797, 8, 8, 3)
+    np.testing.assert_array_equal(data.images.array[..., 0], data.images.array[..., 2])
 
 
 def test_unknown_dataset_name_is_config_error() -> None:
@@ -244,7 +247,7 @@ def test_a_registered_data_set_is_accepted_and_loads(tiny_digits: str) -> None:
     assert got.split.fingerprint() == split.fingerprint()
     # the data.* fields apply to it like to any labelled data set
     rgb = load_retrieval_data(DataConfig(dataset=tiny_digits, channels=3, protocol="class_disjoint"))
-    assert rgb.data.images.shape == (200, 8, 8, 3)
+    assert rgb.data.images.array.shape == (200, 8, 8, 3)
     assert rgb.split.query_is_gallery and rgb.split.val_against == "val"
     assert not set(rgb.data.labels[rgb.split.train]) & set(rgb.data.labels[rgb.split.query])
 
@@ -309,8 +312,10 @@ def _write_image_folder(root: Path, per_class: int = 3, size: int = 12) -> None:
 def test_load_image_folder_png_and_jpeg(tmp_path: Path, channels: int) -> None:
     _write_image_folder(tmp_path / "set", per_class=3)
     data = load_image_folder(tmp_path / "set", image_size=10, channels=channels)
-    assert data.images.shape == (9, 10, 10, channels)
-    assert data.images.dtype == np.uint8
+    assert not data.images.in_memory and len(data.images) == 9  # listed, not decoded
+    assert data.images.stack(10).shape == (9, 10, 10, channels)
+    assert data.images.open(0).mode == ("L" if channels == 1 else "RGB")
+    assert min(data.images.open(0).size) == 10  # the shorter side is capped at image_size
     assert data.classes == ("cats", "dogs", "eels")
     np.testing.assert_array_equal(data.labels, [0, 0, 0, 1, 1, 1, 2, 2, 2])
     assert data.labels.dtype == np.int64
@@ -321,10 +326,10 @@ def test_load_image_folder_grayscale_pixels_survive(tmp_path: Path) -> None:
     folder.mkdir(parents=True)
     Image.fromarray(np.full((16, 16), 77, np.uint8), "L").save(folder / "a.png")
     data = load_image_folder(tmp_path / "set", image_size=8, channels=3)
-    assert data.images.shape == (1, 8, 8, 3)
-    assert (data.images == 77).all()
+    assert data.images.stack(8).shape == (1, 8, 8, 3)
+    assert (data.images.stack(8) == 77).all()
     gray = load_image_folder(tmp_path / "set", image_size=8, channels=1)
-    assert (gray.images == 77).all()
+    assert (gray.images.stack(8) == 77).all()
 
 
 def test_load_image_folder_ignores_other_files_and_hidden_dirs(tmp_path: Path) -> None:
@@ -357,9 +362,12 @@ def test_load_image_folder_corrupt_file_is_named(tmp_path: Path, payload: bytes 
         suffix = ".jpg"
     bad = tmp_path / "set" / "dogs" / f"broken{suffix}"
     bad.write_bytes(payload)  # type: ignore[arg-type]
-    with pytest.raises(DataError) as info:
-        load_image_folder(tmp_path / "set", image_size=8)
-    assert str(bad) in str(info.value)
+    data = load_image_folder(tmp_path / "set", image_size=8)  # listing decodes nothing
+    transform = LEGACY_PREPROCESSING.for_channels(3).eval_transform(8)
+    for workers in (0, 2):  # raised in the main process, naming the file, also from a loader worker
+        with pytest.raises(DataError) as info:
+            list(eval_batches(data.images, np.arange(len(data.images)), transform, 4, workers=workers))
+        assert str(bad) in str(info.value) and "Traceback" not in str(info.value)
 
 
 def test_load_image_folder_png_with_corrupt_chunk_length_is_named(tmp_path: Path) -> None:
@@ -372,8 +380,9 @@ def test_load_image_folder_png_with_corrupt_chunk_length_is_named(tmp_path: Path
     raw[at] ^= 0xFF
     bad = folder / "bad.png"
     bad.write_bytes(bytes(raw))
+    data = load_image_folder(tmp_path / "set", image_size=8)
     with pytest.raises(DataError) as info:
-        load_image_folder(tmp_path / "set", image_size=8)
+        data.images.stack(8)
     assert str(bad) in str(info.value)
 
 
@@ -401,7 +410,7 @@ def test_load_retrieval_data_image_folder_to_gray(tmp_path: Path) -> None:
     _write_image_folder(tmp_path / "set", per_class=10)
     fractions = dict(train=0.3, val=0.2, query=0.2, gallery=0.3)
     got = load_retrieval_data(DataConfig(dataset="image_folder", path=str(tmp_path / "set"), image_size=8, channels=1, **fractions))
-    assert got.data.images.shape == (30, 8, 8, 1)
+    assert got.data.channels == 1 and got.data.images.stack(8).shape == (30, 8, 8, 1)
     assert got.split.sizes() == {"train": 9, "val": 6, "query": 6, "gallery": 9}
 
 
@@ -503,17 +512,17 @@ def test_split_too_small_after_max_per_class_is_data_error() -> None:
         _split(labels, max_per_class=10)  # val: floor(0.05 * 10) == 0
 
 
-# --------------------------------------------------------------------------- preprocessing
+# --------------------------------------------------------------------------- preprocessing and the streaming path
 
 
 @pytest.mark.parametrize(("size", "resolution"), [(8, 16), (8, 8), (28, 20), (12, 31)])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_preprocess_shape_dtype_and_range(size: int, resolution: int, channels: int) -> None:
+def test_eval_transform_shape_dtype_and_range(size: int, resolution: int, channels: int) -> None:
     rng = np.random.default_rng(size + resolution)
     images = rng.integers(0, 256, size=(5, size, size, channels), dtype=np.uint8)
     images[0] = 0
     images[1] = 255
-    x = preprocess(images, resolution)
+    (x,) = eval_batches(ImageSet("t", images, np.zeros(5, np.int64), ()).images, range(5), LEGACY_PREPROCESSING.for_channels(channels).eval_transform(resolution), 8)
     assert x.shape == (5, channels, resolution, resolution)
     assert x.dtype == torch.float32
     assert float(x.min()) >= -1.0 - 1e-5 and float(x.max()) <= 1.0 + 1e-5
@@ -521,22 +530,69 @@ def test_preprocess_shape_dtype_and_range(size: int, resolution: int, channels: 
     assert torch.allclose(x[1], torch.full_like(x[1], 1.0))
 
 
-def test_preprocess_same_resolution_is_exact_affine_map() -> None:
+def test_eval_transform_at_the_image_size_is_the_exact_affine_map() -> None:
     images, _ = digits_uint8()
-    x = preprocess(images[:10, ..., None], 8)
+    source = ImageSet("t", images[:10, ..., None], np.zeros(10, np.int64), ()).images
+    (x,) = eval_batches(source, range(10), LEGACY_PREPROCESSING.eval_transform(8), 16)
     expected = torch.from_numpy(images[:10].astype(np.float32))[:, None] / 255.0 * 2.0 - 1.0
     assert torch.allclose(x, expected, atol=1e-6)
 
 
-def test_preprocess_does_not_modify_input() -> None:
-    images, _ = digits_uint8()
-    batch = images[:4, ..., None].copy()
-    preprocess(batch, 16)
-    np.testing.assert_array_equal(batch, images[:4, ..., None])
+def test_eval_transform_centre_crops_and_normalises_per_channel() -> None:
+    # a 20 x 10 image whose left and right quarters are black: crop_pct 0.5 keeps the centre 5 x 5 of
+    # the shorter side, all white; ImageNet mean/std map white to (1 - mean) / std per channel
+    array = np.zeros((10, 20, 3), np.uint8)
+    array[:, 5:15] = 255
+    prep = Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 0.5)
+    x = prep.eval_transform(4)(Image.fromarray(array))
+    assert x.shape == (3, 4, 4)
+    expected = (1 - torch.tensor(prep.mean)) / torch.tensor(prep.std)
+    assert torch.allclose(x.mean(dim=(1, 2)), expected, atol=1e-4)
+    assert prep.for_channels(1).mean == pytest.approx((np.mean(prep.mean),))
 
 
-def test_iter_batches_covers_all_in_order() -> None:
+def test_eval_batches_cover_all_in_order_with_and_without_workers() -> None:
     images, _ = digits_uint8()
-    batches = list(iter_batches(images[:23, ..., None], 8, 10))
+    source = ImageSet("t", images[:23, ..., None], np.zeros(23, np.int64), ()).images
+    transform = LEGACY_PREPROCESSING.eval_transform(8)
+    batches = list(eval_batches(source, np.arange(23), transform, 10))
     assert [len(b) for b in batches] == [10, 10, 3]
-    assert torch.equal(torch.cat(batches), preprocess(images[:23, ..., None], 8))
+    with_workers = torch.cat(list(eval_batches(source, np.arange(23), transform, 10, workers=2)))
+    assert torch.equal(torch.cat(batches), with_workers)
+    assert torch.equal(torch.cat(batches)[5], transform(source.open(5)))
+
+
+def test_streaming_training_batches_are_seeded_shuffled_augmented_and_worker_independent() -> None:
+    images, _ = digits_uint8()
+    source = ImageSet("t", images[:40, ..., None], np.zeros(40, np.int64), ()).images
+    transform = LEGACY_PREPROCESSING.train_transform(8, Augmentation(crop_scale=(0.3, 1.0), hflip=0.5))
+
+    def epoch(seed: int, e: int, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return list(StreamingImages(source, np.arange(40), transform, 16, seed, workers).batches(e))
+
+    first = epoch(0, 1, 0)
+    assert [len(x) for x, _ in first] == [16, 16]  # the incomplete last batch is dropped
+    positions = torch.cat([p for _, p in first])
+    assert len(set(positions.tolist())) == 32 and positions.tolist() != sorted(positions.tolist())
+    for (x0, p0), (x2, p2) in zip(first, epoch(0, 1, 2)):
+        assert torch.equal(p0, p2) and torch.equal(x0, x2)  # same crops and flips with 2 workers
+    other = epoch(0, 2, 0)
+    assert not torch.equal(torch.cat([p for _, p in other]), positions)  # each epoch reshuffles
+    plain = LEGACY_PREPROCESSING.eval_transform(8)
+    x, p = first[0]
+    assert not all(torch.equal(x[k], plain(source.open(int(p[k])))) for k in range(len(p)))  # augmented
+
+
+def test_class_disjoint_can_hold_out_the_last_classes() -> None:
+    """``held_out="last"``: the query = gallery classes are the last ones by label (CUB's second half)."""
+    from nas.data import class_disjoint_split
+
+    labels = np.repeat(np.arange(10), 6)
+    split = class_disjoint_split(labels, 0.5, 0.2, 0.1, 0.25, seed=3, held_out="last")
+    assert sorted(set(labels[split.query])) == [5, 6, 7, 8, 9] and split.query_is_gallery
+    assert set(labels[split.val]) < {0, 1, 2, 3, 4} and len(set(labels[split.val])) == 2
+    assert set(labels[split.train]) == {0, 1, 2, 3, 4} - set(labels[split.val])
+    seeded = class_disjoint_split(labels, 0.5, 0.2, 0.1, 0.25, seed=3)
+    assert sorted(set(labels[seeded.query])) != [5, 6, 7, 8, 9]  # the default draws them
+    with pytest.raises(ValueError, match="held_out"):
+        class_disjoint_split(labels, 0.5, 0.2, 0.1, 0.25, seed=3, held_out="first")

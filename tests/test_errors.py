@@ -27,7 +27,7 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests._fixtures import digits_image_set, digits_uint8
 from nas.cli import main
-from nas.data import RetrievalData, Split
+from nas.data import LEGACY_PREPROCESSING, RetrievalData, Split
 from nas.data.checks import check_scorable
 from nas.errors import DataError
 from nas.export.loading import WEIGHTS_FILE, write_arch
@@ -109,7 +109,7 @@ def write_export(folder: Path) -> Path:
     """An export folder (arch.json, weights.safetensors) of the mobilenet space's smallest member, untrained."""
     arch = create_space("mobilenet", embed_dim=16, in_chans=1, resolutions=[16], widths=[0.35]).extreme(smallest=True)
     folder.mkdir(parents=True)
-    write_arch(arch, folder)
+    write_arch(arch, folder, LEGACY_PREPROCESSING)
     save_file(build(arch).state_dict(), str(folder / WEIGHTS_FILE))
     return folder
 
@@ -301,22 +301,22 @@ def test_postgres_unreachable_or_missing_role_or_database(
 
 
 def test_huge_training_image_is_named_before_decoding(tmp_path: Path, capsys) -> None:
-    data = write_digit_folder(tmp_path / "data", [1, 2])
+    data = write_digit_folder(tmp_path / "data", [1, 2], per_class=40)
     huge = write_huge_png(data / "digit1" / "huge.png")
     assert huge.stat().st_size < 1_000_000
     err = _error(capsys, ["search", str(folder_config(tmp_path, data))])
-    assert f"Cannot read image {huge}: it is larger than the limit of 89,478,485 pixels (nas.data.images.MAX_IMAGE_PIXELS" in err
+    assert f"Cannot read image {huge}: it is larger than the limit of 89,478,485 pixels (nas.data.sources.MAX_IMAGE_PIXELS" in err
     assert "196000000 pixels" in err and "Remove or replace the file" in err
     assert not (tmp_path / "run" / "gallery").exists()
 
 
 def test_the_pixel_limit_is_a_stated_setting(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
-    import nas.data.images
+    import nas.data.sources
 
-    monkeypatch.setattr(nas.data.images, "MAX_IMAGE_PIXELS", 100)
-    data = write_digit_folder(tmp_path / "data", [1, 2])
+    monkeypatch.setattr(nas.data.sources, "MAX_IMAGE_PIXELS", 100)
+    data = write_digit_folder(tmp_path / "data", [1, 2], per_class=40)
     err = _error(capsys, ["gallery", "train", str(folder_config(tmp_path, data))])
-    assert "16 x 16 = 256 pixels, more than the limit of 100 pixels (nas.data.images.MAX_IMAGE_PIXELS" in err
+    assert "16 x 16 = 256 pixels, more than the limit of 100 pixels (nas.data.sources.MAX_IMAGE_PIXELS" in err
 
 
 def test_embed_skips_and_lists_a_huge_image(tmp_path: Path, capsys) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nas import load_query_model
+from nas.export.loading import load_preprocessing
 from nas.config import config_from_dict
 from nas.data import load_retrieval_data
 from nas.errors import NasError
@@ -63,8 +64,10 @@ def test_loaded_model_gives_the_trial_embeddings(exported) -> None:
 
     reference = build(model.arch)
     reference.load_state_dict(load_file(best.weights))
-    images = data.images[split.query[:64]]
-    np.testing.assert_allclose(embed(model, images, model.arch.resolution), embed(reference, images, model.arch.resolution), atol=1e-6)
+    prep, rows = load_preprocessing(out), split.query[:64]
+    np.testing.assert_allclose(
+        embed(model, data.images, model.arch.resolution, prep, indices=rows), embed(reference, data.images, model.arch.resolution, prep, indices=rows), atol=1e-6
+    )
 
 
 def test_onnx_has_a_dynamic_batch(exported) -> None:

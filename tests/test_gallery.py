@@ -98,11 +98,11 @@ def test_create_gallery_net_unknown_timm_name_is_config_error() -> None:
 def test_embed_is_normalised_batched_and_restores_mode(model: GalleryNet, data) -> None:
     model.train()
     try:
-        a = embed(model, data.images[:30], RES, batch_size=7)
+        a = embed(model, data.images, RES, model.preprocessing, indices=np.arange(len(data.labels))[:30], batch_size=7)
         assert model.training
     finally:
         model.eval()
-    b = embed(model, data.images[:30], RES, batch_size=64)
+    b = embed(model, data.images, RES, model.preprocessing, indices=np.arange(len(data.labels))[:30], batch_size=64)
     assert a.dtype == np.float32 and a.shape == (30, EMBED)
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(a, b, atol=1e-5)
@@ -116,7 +116,7 @@ def test_save_load_round_trip_gives_identical_embeddings(model: GalleryNet, chec
     assert isinstance(loaded, GalleryNet)
     assert not loaded.training
     assert loaded.model_name == MODEL and loaded.embed_dim == EMBED
-    np.testing.assert_array_equal(embed(loaded, data.images, RES), embed(model, data.images, RES))
+    np.testing.assert_array_equal(embed(loaded, data.images, RES, loaded.preprocessing), embed(model, data.images, RES, model.preprocessing))
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -207,7 +207,7 @@ def test_train_gallery_writes_a_loadable_checkpoint(data, split, tmp_path: Path)
     assert len(logs) == 2 and "epoch 1/2" in logs[0]
     loaded = load_gallery(config, path, in_chans=1)
     assert loaded.classifier is not None and loaded.classifier.shape == (10, 8)
-    np.testing.assert_array_equal(embed(loaded, data.images[:20], RES), embed(net, data.images[:20], RES))
+    np.testing.assert_array_equal(embed(loaded, data.images, RES, loaded.preprocessing, indices=np.arange(len(data.labels))[:20]), embed(net, data.images, RES, net.preprocessing, indices=np.arange(len(data.labels))[:20]))
 
 
 # --------------------------------------------------------------------------- embedding cache
@@ -231,7 +231,7 @@ def test_cache_second_call_comes_from_cache(model, data, split, tmp_path: Path) 
         part = getattr(first, name)
         assert part.dtype == np.float32
         assert part.shape == (len(getattr(split, name)), EMBED)
-        np.testing.assert_allclose(part, embed(model, data.images[getattr(split, name)], RES), atol=1e-6)
+        np.testing.assert_allclose(part, embed(model, data.images, RES, model.preprocessing, indices=np.arange(len(data.labels))[getattr(split, name)]), atol=1e-6)
     second, cached = _call(model, data, split, tmp_path, logs)
     assert cached is True
     assert second.key == first.key

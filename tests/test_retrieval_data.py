@@ -81,7 +81,7 @@ def test_cub_counts_labels_and_split(tmp_path: Path) -> None:
     assert isinstance(got, RetrievalData)
     data, split = got.data, got.split
     assert data.name == "cub200"
-    assert data.images.shape == (24, SIZE, SIZE, 3) and data.images.dtype == np.uint8
+    assert data.images.stack(SIZE).shape == (24, SIZE, SIZE, 3) and True
     assert len(data.classes) == 200 and data.classes[0] == "001.Bird_number_1" and data.classes[199] == "200.Bird_number_200"
     assert sorted(set(data.labels.tolist())) == [c - 1 for c in CUB_CLASSES]
     # classes 1-100 train (two of the four carved out as val: the minimum), 101-200 query = gallery
@@ -95,7 +95,7 @@ def test_cub_counts_labels_and_split(tmp_path: Path) -> None:
     for i, rel in enumerate(got.files):
         c, k = int(rel[:3]), int(rel.split("_")[-2])
         assert data.labels[i] == c - 1
-        np.testing.assert_allclose(_mean_color(data.images[i]), _color(c, k), atol=4)
+        np.testing.assert_allclose(_mean_color(data.images.stack(SIZE)[i]), _color(c, k), atol=4)
 
 
 def test_cub_path_may_be_the_folder_itself_and_loading_is_seeded(tmp_path: Path) -> None:
@@ -110,7 +110,7 @@ def test_cub_path_may_be_the_folder_itself_and_loading_is_seeded(tmp_path: Path)
 def test_cub_max_per_class_and_gray(tmp_path: Path) -> None:
     write_cub(tmp_path)
     got = load_cub200(tmp_path, SIZE, channels=1, max_per_class=2)
-    assert got.data.images.shape == (16, SIZE, SIZE, 1)
+    assert got.data.images.stack(SIZE).shape == (16, SIZE, SIZE, 1)
     assert np.bincount(got.data.labels).max() == 2
     assert got.split.sizes() == {"train": 4, "val": 4, "query": 8, "gallery": 8}
 
@@ -192,7 +192,7 @@ def test_sop_counts_labels_and_split(tmp_path: Path) -> None:
     write_sop(tmp_path)
     got = load_sop(tmp_path, SIZE)
     data, split = got.data, got.split
-    assert data.images.shape == (21, SIZE, SIZE, 3)
+    assert data.images.stack(SIZE).shape == (21, SIZE, SIZE, 3)
     assert data.classes == tuple(str(c) for c in range(1, 8))
     assert split.sizes() == {"train": 6, "val": 6, "query": 9, "gallery": 9}
     assert set(data.labels[split.query]) == {4, 5, 6}
@@ -201,7 +201,7 @@ def test_sop_counts_labels_and_split(tmp_path: Path) -> None:
     np.testing.assert_array_equal(split.query, split.gallery)
     for i, rel in enumerate(got.files):
         c, k = int(rel.split("/")[1].split("_")[0]) - 111085122000, int(rel.split("_")[-1][0])
-        np.testing.assert_allclose(_mean_color(data.images[i]), _color(c, k), atol=4)
+        np.testing.assert_allclose(_mean_color(data.images.stack(SIZE)[i]), _color(c, k), atol=4)
     capped = load_sop(tmp_path / "Stanford_Online_Products", SIZE, max_per_class=2)
     assert len(capped.data.images) == 14 and np.bincount(capped.data.labels).max() == 2
 
@@ -268,7 +268,7 @@ def test_inshop_counts_labels_and_split(tmp_path: Path, under_img_folder: bool) 
     root = write_inshop(tmp_path / "inshop", under_img_folder)
     got = load_inshop(root, SIZE)
     data, split = got.data, got.split
-    assert data.images.shape == (18, SIZE, SIZE, 3)
+    assert data.images.stack(SIZE).shape == (18, SIZE, SIZE, 3)
     assert data.classes == tuple(f"id_0000000{i}" for i in range(1, 8))
     assert len(split.train) + len(split.val) == 10 and (len(split.query), len(split.gallery)) == (4, 4)
     assert not got.query_is_gallery and split.val_against == "val"
@@ -278,7 +278,7 @@ def test_inshop_counts_labels_and_split(tmp_path: Path, under_img_folder: bool) 
     assert not set(data.labels[split.val]) & set(data.labels[split.train])
     for i, rel in enumerate(got.files):
         n, k = int(rel.split("/")[3][-1]) - 1, int(rel.split("/")[4][:2]) - 1
-        np.testing.assert_allclose(_mean_color(data.images[i]), _color(n, k), atol=4)
+        np.testing.assert_allclose(_mean_color(data.images.stack(SIZE)[i]), _color(n, k), atol=4)
 
 
 def test_inshop_errors(tmp_path: Path) -> None:
@@ -342,7 +342,7 @@ def test_revisited_oxford_layout(tmp_path: Path, as_numpy: bool, protocol: int) 
     write_revisited(tmp_path, as_numpy=as_numpy, protocol=protocol)
     got = load_roxford5k(tmp_path, SIZE)
     data, split, truth = got.data, got.split, got.ground_truth
-    assert data.images.shape == (14, SIZE, SIZE, 3)
+    assert data.images.stack(SIZE).shape == (14, SIZE, SIZE, 3)
     assert data.classes == () and (data.labels == -1).all()
     np.testing.assert_array_equal(split.gallery, np.arange(12))
     np.testing.assert_array_equal(split.query, [12, 13])
@@ -350,9 +350,9 @@ def test_revisited_oxford_layout(tmp_path: Path, as_numpy: bool, protocol: int) 
     assert sorted(np.concatenate([split.train, split.val]).tolist()) == [7, 8, 9, 10, 11]
     assert len(split.val) == 2 and split.val_against == "self" and not got.query_is_gallery
     # queries are cropped to their bbx before resizing: only the white rectangle remains
-    assert data.images[12:].min() > 200
+    assert data.images.stack(SIZE)[12:].min() > 200
     for i in range(12):
-        np.testing.assert_allclose(_mean_color(data.images[i]), _color(i, 0), atol=4)
+        np.testing.assert_allclose(_mean_color(data.images.stack(SIZE)[i]), _color(i, 0), atol=4)
     assert got.files[:12] == tuple(f"{n}.jpg" for n in IMLIST) and got.files[12:] == tuple(f"{n}.jpg" for n in QIMLIST)
     assert len(truth) == 2
     np.testing.assert_allclose(truth.bbx, BBX)
@@ -367,7 +367,7 @@ def test_revisited_oxford_layout(tmp_path: Path, as_numpy: bool, protocol: int) 
 def test_revisited_paris_and_the_datasets_folder(tmp_path: Path) -> None:
     write_revisited(tmp_path / "datasets", name="rparis6k")
     got = load_rparis6k(tmp_path / "datasets", SIZE, channels=1)
-    assert got.data.images.shape == (14, SIZE, SIZE, 1) and got.data.name == "rparis6k"
+    assert got.data.images.stack(SIZE).shape == (14, SIZE, SIZE, 1) and got.data.name == "rparis6k"
     same = load_revisited(tmp_path / "datasets" / "rparis6k", "rparis6k", SIZE, channels=1)
     assert same.data.fingerprint() == got.data.fingerprint()
 
@@ -470,7 +470,7 @@ def test_load_entry_points_for_a_benchmark(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.path"):
         load_retrieval_data(DataConfig(dataset="sop"))
     gray = load_retrieval_data(DataConfig(dataset="cub200", path=str(tmp_path), image_size=SIZE, channels=1)).data
-    assert gray.images.shape == (24, SIZE, SIZE, 1)
+    assert gray.images.stack(SIZE).shape == (24, SIZE, SIZE, 1)
 
 
 @pytest.mark.parametrize("name", ["cub200", "sop", "inshop", "roxford5k"])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import trainers
-from nas.data import preprocess, stratified_split
+from nas.data import LEGACY_PREPROCESSING, ArrayImages, eval_batches, stratified_split
 from nas.metrics import retrieval_metrics
 from search_spaces import build, create_space
 from nas.config import config_from_dict, config_to_dict
@@ -339,6 +339,12 @@ def test_train_config_loss_errors_name_the_key(train: dict, fragment: str) -> No
 # --------------------------------------------------------------------------- training on real data
 
 
+def _pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W, 1)`` images as the network's input at ``RES``: the evaluation transform of the streaming path."""
+    (x,) = eval_batches(ArrayImages(images), np.arange(len(images)), LEGACY_PREPROCESSING.eval_transform(RES), len(images))
+    return x
+
+
 class _Problem:
     """sklearn digits upsampled to 16x16; targets from a fixed 'gallery network': a class
     centre plus a random projection of the pixels, L2-normalised."""
@@ -358,7 +364,7 @@ class _Problem:
         pixel_part /= np.linalg.norm(pixel_part, axis=1, keepdims=True)
         targets = 2.0 * centers[labels] / np.linalg.norm(centers[labels], axis=1, keepdims=True) + pixel_part
         self.targets = (targets / np.linalg.norm(targets, axis=1, keepdims=True)).astype(np.float32)
-        self.x_train = preprocess(self.images[self.split.train], RES)
+        self.x_train = _pixels(self.images[self.split.train])
         self.t_train = torch.from_numpy(self.targets[self.split.train])
         self.y_train = torch.from_numpy(labels[self.split.train])
 
@@ -373,7 +379,7 @@ class _Problem:
     def asymmetric_map(self, model: torch.nn.Module) -> float:
         model.eval()
         with torch.no_grad():
-            query = model(preprocess(self.images[self.split.query], RES)).numpy()
+            query = model(_pixels(self.images[self.split.query])).numpy()
         s = self.split
         return retrieval_metrics(query, self.labels[s.query], self.targets[s.gallery], self.labels[s.gallery])["mAP"]
 
@@ -546,8 +552,8 @@ def _symmetric_map(problem: _Problem, model: torch.nn.Module) -> float:
     """The query net on both sides (its own space, no gallery model)."""
     s = problem.split
     with torch.no_grad():
-        query = model(preprocess(problem.images[s.query], RES)).numpy()
-        gallery = model(preprocess(problem.images[s.gallery], RES)).numpy()
+        query = model(_pixels(problem.images[s.query])).numpy()
+        gallery = model(_pixels(problem.images[s.gallery])).numpy()
     return retrieval_metrics(query, problem.labels[s.query], gallery, problem.labels[s.gallery])["mAP"]
 
 

@@ -15,7 +15,7 @@ from trainers._losses import (
     list_losses,
     register_loss,
 )
-from trainers._train import EpochResult, TrainingDiverged, train_compatible
+from trainers._train import EpochResult, TensorImages, TrainingDiverged, TrainingImages, train_compatible
 
 __all__ = [
     "BackwardCompatibleLoss",
@@ -26,7 +26,9 @@ __all__ = [
     "GalleryTargets",
     "RegressionLoss",
     "RelationalLoss",
+    "TensorImages",
     "TrainingDiverged",
+    "TrainingImages",
     "WeightedSum",
     "create_loss",
     "create_loss_from_config",

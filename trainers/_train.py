@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from trainers._base import CompatibilityLoss, GalleryTargets
 
-__all__ = ["train_compatible", "TrainingDiverged", "EpochResult"]
+__all__ = ["train_compatible", "TrainingDiverged", "EpochResult", "TrainingImages", "TensorImages"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -24,6 +26,34 @@ class EpochResult:
     epoch: int
     train_loss: float
     seconds: float
+
+
+class TrainingImages(Protocol):
+    """What :func:`trainers.train_compatible` trains on: ``len(images)`` images and, per epoch, shuffled
+    batches ``(x, positions)`` of exactly ``batch_size`` (the last incomplete batch dropped; with fewer
+    images than ``batch_size``, one batch of all of them)."""
+
+    batch_size: int
+
+    def __len__(self) -> int: ...
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class TensorImages:
+    """Preprocessed images ``(N, C, H, W)`` already in memory, shuffled per epoch from ``seed``; no augmentation."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.images, self.batch_size, self.seed = images, batch_size, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.from_numpy(np.random.default_rng([self.seed, epoch]).permutation(len(self.images)))
+        for b in range(max(len(self.images) // self.batch_size, 1) if len(self.images) else 0):
+            positions = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.images[positions], positions
 
 
 def _optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
@@ -46,7 +76,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int) ->
 
 def train_compatible(
     model: nn.Module,
-    images: torch.Tensor,
+    images: TrainingImages | torch.Tensor,
     targets: GalleryTargets,
     loss_fn: CompatibilityLoss,
     *,
@@ -62,10 +92,12 @@ def train_compatible(
     on_epoch: Callable[[EpochResult], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[EpochResult]:
-    """Train ``model`` so that ``model(images[i])`` lands on ``targets.targets[i]``.
+    """Train ``model`` so that ``model(image i)`` lands on ``targets.targets[i]``.
 
-    ``images`` are preprocessed at the model's input resolution, ``(N, C, H, W)``;
-    ``targets`` is what the gallery model says about the same ``N`` images (their
+    ``images``: the ``N`` training images at the model's input resolution, streamed
+    (a :class:`nas.data.StreamingImages`: decoded and augmented on the fly, shuffled per
+    epoch) or a preprocessed tensor ``(N, C, H, W)`` in memory (shuffled per epoch from
+    ``seed``, batches of ``batch_size``); ``targets`` is what the gallery model says about the same ``N`` images (their
     embeddings ``(N, D)`` and labels ``(N,)``, and the gallery's classifier and its logit
     scale when it has one; see :class:`GalleryTargets`). Before training, the loss is bound
     to all of it: ``loss_fn.bind(targets)``; a loss that needs what is missing raises
@@ -78,27 +110,28 @@ def train_compatible(
     embeddings, labels = targets.targets, targets.labels
     if len(images) != len(embeddings) or len(images) != len(labels):
         raise ValueError(f"images, targets and labels must have the same length, but got {len(images)}, {len(embeddings)}, {len(labels)}.")
+    if isinstance(images, torch.Tensor):
+        images = TensorImages(images, batch_size, seed)
+    elif images.batch_size != batch_size:
+        raise ValueError(f"images deliver batches of {images.batch_size}, but batch_size is {batch_size}: build them with the same batch size.")
     device = torch.device(device)
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     loss_fn.bind(targets)
     model.to(device)
     loss_fn.to(device)
     opt = _optimizer(model, optimizer, lr, weight_decay, momentum)
-    steps_per_epoch = max(len(images) // batch_size, 1)
+    steps_per_epoch = max(len(images) // images.batch_size, 1)
     sched = _scheduler(opt, schedule, epochs * steps_per_epoch)
     history: list[EpochResult] = []
     try:
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
             model.train()
-            order = torch.randperm(len(images), generator=generator)
             total = 0.0
-            for step in range(steps_per_epoch):
+            for step, (xb, idx) in enumerate(images.batches(epoch)):
                 if should_stop is not None and should_stop():
                     raise KeyboardInterrupt(f"interrupted at epoch {epoch}, step {step + 1}")
-                idx = order[step * batch_size : (step + 1) * batch_size]
-                xb, tb, yb = images[idx].to(device), embeddings[idx].to(device), labels[idx].to(device)
+                xb, tb, yb = xb.to(device), embeddings[idx].to(device), labels[idx].to(device)
                 loss = loss_fn(model(xb), tb, yb)
                 value = float(loss.detach())
                 if not math.isfinite(value):

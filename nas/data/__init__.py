@@ -1,7 +1,12 @@
 """Data sets behind one registry, their splits, and preprocessing.
 
-* :mod:`nas.data.images`: :class:`ImageSet`, :class:`Split`, reading image files,
-  :func:`preprocess` and :func:`iter_batches`;
+* :mod:`nas.data.images`: :class:`ImageSet` and :class:`Split`;
+* :mod:`nas.data.sources`: where pixels come from, one image at a time
+  (:class:`ArrayImages` in memory, :class:`FileImages` on disk);
+* :mod:`nas.data.transforms`: :class:`Preprocessing` (the gallery model's data config) and
+  :class:`Augmentation`;
+* :mod:`nas.data.loading`: the streaming path, :func:`eval_batches` and
+  :class:`StreamingImages` (``DataLoader`` workers decode, augment and resize on the fly);
 * :mod:`nas.data.splits`: the labelled data sets' splits, one per ``data.protocol``
   (:data:`PROTOCOLS`);
 * :mod:`nas.data.registry`: :data:`DATASETS`, :class:`RetrievalData` and
@@ -24,7 +29,10 @@ from nas.data.fashion_mnist import load_fashion_mnist, read_idx
 from nas.data.image_folder import load_image_folder
 from nas.data.benchmarks import load_cub200, load_inshop, load_sop
 from nas.data.revisited import RevisitedGroundTruth, load_revisited, load_roxford5k, load_rparis6k
-from nas.data.images import IMAGE_SUFFIXES, PREPROCESSING, VAL_AGAINST, ImageSet, Split, iter_batches, preprocess
+from nas.data.images import VAL_AGAINST, ImageSet, Split
+from nas.data.loading import StreamingImages, eval_batches, resolve_workers
+from nas.data.sources import IMAGE_SUFFIXES, ArrayImages, FileImages, ImageReadError, ImageSource
+from nas.data.transforms import LEGACY_PREPROCESSING, Augmentation, Preprocessing
 from nas.data.registry import DATASETS, DatasetEntry, RetrievalData, load_retrieval_data, split_dataset
 from nas.data.splits import PROTOCOLS, class_disjoint_split, stratified_split
 
@@ -40,9 +48,16 @@ __all__ = [
     "split_dataset",
     "stratified_split",
     "class_disjoint_split",
-    "preprocess",
-    "iter_batches",
-    "PREPROCESSING",
+    "ImageSource",
+    "ArrayImages",
+    "FileImages",
+    "ImageReadError",
+    "Preprocessing",
+    "Augmentation",
+    "LEGACY_PREPROCESSING",
+    "StreamingImages",
+    "eval_batches",
+    "resolve_workers",
     "IMAGE_SUFFIXES",
     "VAL_AGAINST",
     "read_idx",

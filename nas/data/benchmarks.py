@@ -1,7 +1,7 @@
 """The metric-learning retrieval benchmarks in the layouts their authors distribute.
 
 Each loader reads the official files and returns a :class:`~nas.data.registry.RetrievalData`:
-the images (``uint8 (N, H, W, C)``, resized to ``image_size`` like
+the images (files decoded on demand, :class:`~nas.data.sources.FileImages`, like
 :func:`nas.data.image_folder.load_image_folder`), their labels and class names, and the
 split the benchmark defines (a :class:`~nas.data.images.Split` whose ``val`` is a seeded
 part of the training classes, so the search objective is held out from training and
@@ -92,7 +92,7 @@ def _assemble(
     labels: np.ndarray,
     classes: tuple[str, ...],
     parts: dict[str, np.ndarray],
-    image_size: int,
+    image_size: int | None,
     channels: int,
     listed_in: str,
     query_is_gallery: bool,
@@ -116,7 +116,7 @@ def _assemble(
 
 def load_cub200(
     path: str | Path,
-    image_size: int,
+    image_size: int | None,
     channels: int = 3,
     max_per_class: int | None = None,
     val_classes: float = 0.1,
@@ -177,7 +177,7 @@ def load_cub200(
 
 def load_sop(
     path: str | Path,
-    image_size: int,
+    image_size: int | None,
     channels: int = 3,
     max_per_class: int | None = None,
     val_classes: float = 0.1,
@@ -230,7 +230,7 @@ def load_sop(
 
 def load_inshop(
     path: str | Path,
-    image_size: int,
+    image_size: int | None,
     channels: int = 3,
     max_per_class: int | None = None,
     val_classes: float = 0.1,

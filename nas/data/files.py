@@ -9,9 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from nas.data.images import IMAGE_ERRORS, read_image
+from nas.data.sources import FileImages
 from nas.errors import DataError
 
 __all__ = ["dataset_root", "need_file", "read_rows", "parse_int", "read_listed_images"]
@@ -61,24 +59,18 @@ def read_listed_images(
     title: str,
     root: Path,
     files: Sequence[str],
-    image_size: int,
+    image_size: int | None,
     channels: int,
     listed_in: str,
     crops: Sequence[Sequence[float] | None] | None = None,
-) -> np.ndarray:
-    """``root/file`` for each file, optionally cropped to ``(x1, y1, x2, y2)`` first, as uint8 ``(N, S, S, C)``.
-
-    JPEGs that are not cropped are decoded at a reduced scale no smaller than ``image_size``
-    (PIL's ``draft``) before the bilinear resize, which makes large benchmarks load fast.
+) -> FileImages:
+    """``root/file`` for each file, optionally cropped to ``(x1, y1, x2, y2)`` first, as a
+    :class:`~nas.data.sources.FileImages` (decoded on demand; ``image_size``: the longest
+    shorter side an image is decoded at, null for its own size). A missing file is an
+    error now, naming it and the list it is in; an unreadable one when it is first decoded.
     """
-    out = np.empty((len(files), image_size, image_size, channels), dtype=np.uint8)
-    for i, name in enumerate(files):
-        file = root / name
-        box = None if crops is None else crops[i]
-        try:
-            out[i] = read_image(file, image_size, channels, box=box, draft=True)
-        except FileNotFoundError:
-            raise DataError(f"{title}: image {file} (listed in {listed_in}) is missing. Extract all of the dataset's images there.") from None
-        except IMAGE_ERRORS as exc:
-            raise DataError(f"{title}: cannot read image {file} (listed in {listed_in}): {exc}. Replace the file.") from None
-    return out
+    for name in files:
+        if not (root / name).is_file():
+            raise DataError(f"{title}: image {root / name} (listed in {listed_in}) is missing. Extract all of the dataset's images there.")
+    boxes = {i: box for i, box in enumerate(crops or ()) if box is not None}
+    return FileImages(root, files, channels, boxes=boxes, max_side=image_size, listed_in=listed_in, title=title)

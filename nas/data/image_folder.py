@@ -1,7 +1,8 @@
 """A folder of images with one sub-folder per class: the ``image_folder`` data set.
 
-Any image format PIL reads (:data:`nas.data.images.IMAGE_SUFFIXES`), resized to
-``data.image_size``; split by ``data.protocol`` (:mod:`nas.data.splits`).
+Any image format PIL reads (:data:`nas.data.sources.IMAGE_SUFFIXES`), listed once and
+decoded on demand (:class:`~nas.data.sources.FileImages`); split by ``data.protocol``
+(:mod:`nas.data.splits`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nas.data.images import IMAGE_ERRORS, IMAGE_SUFFIXES, ImageSet, read_image
+from nas.data.images import ImageSet
+from nas.data.sources import IMAGE_SUFFIXES, FileImages
 from nas.data.registry import DATASETS, DatasetEntry
 from nas.errors import DataError
 
@@ -21,11 +23,13 @@ if TYPE_CHECKING:
 __all__ = ["load_image_folder"]
 
 
-def load_image_folder(path: str | Path, image_size: int, channels: int = 3) -> ImageSet:
-    """Load ``path/<class>/<image>`` files, resized to ``image_size`` squared.
+def load_image_folder(path: str | Path, image_size: int | None = None, channels: int = 3) -> ImageSet:
+    """List the ``path/<class>/<image>`` files (sorted) as an :class:`ImageSet` of
+    :class:`~nas.data.sources.FileImages`; ``image_size``: the longest shorter side an image is
+    decoded at (null: its own size).
 
-    An unreadable image is an error naming the file: a retrieval benchmark with silently
-    missing images gives wrong scores.
+    Nothing is decoded here: an unreadable image is an error naming the file when a loader
+    first reads it (the gallery embedding reads every image once).
     """
     root = Path(path)
     if not root.is_dir():
@@ -34,20 +38,17 @@ def load_image_folder(path: str | Path, image_size: int, channels: int = 3) -> I
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"Image folder {root} has no class sub-folders. Expected {root}/<class name>/<image files>.")
-    images, labels = [], []
+    files: list[str] = []
+    labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
+        found = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not found:
             raise DataError(f"Class folder {class_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
-        for file in files:
-            try:
-                images.append(read_image(file, image_size, channels))
-            except IMAGE_ERRORS as exc:
-                raise DataError(f"Cannot read image {file}: {exc}. Remove or replace the file.") from None
-            labels.append(label)
+        files.extend(str(p.relative_to(root)) for p in found)
+        labels.extend([label] * len(found))
     return ImageSet(
         name=f"image_folder:{root.name}",
-        images=np.stack(images),
+        images=FileImages(root, files, channels, max_side=image_size),
         labels=np.asarray(labels, dtype=np.int64),
         classes=tuple(p.name for p in class_dirs),
     )

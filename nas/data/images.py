@@ -1,95 +1,56 @@
-"""Images in memory, the index split into them, reading image files and preprocessing.
+"""A data set's images and labels (:class:`ImageSet`) and its split into parts (:class:`Split`).
 
-Images are kept in memory as ``uint8`` arrays of shape ``(N, H, W, C)``; each model
-resizes them to its own input resolution with :func:`preprocess`. A :class:`Split` holds
-the index arrays of the train / val / query / gallery parts (see :mod:`nas.data.splits`
-for the labelled data sets' splits; a benchmark's own files define its split).
+An :class:`ImageSet` holds an :class:`~nas.data.sources.ImageSource`: images are decoded
+one at a time when a loader needs them (:mod:`nas.data.loading`), never all at once. A
+:class:`Split` holds the index arrays of the train / val / query / gallery parts (see
+:mod:`nas.data.splits` for the labelled data sets' splits; a benchmark's own files define
+its split).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import warnings
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from nas.data.sources import ImageSource, as_source
 from nas.errors import DataError
 
-if TYPE_CHECKING:
-    from PIL.Image import Image as PILImage
-
-__all__ = [
-    "ImageSet",
-    "Split",
-    "VAL_AGAINST",
-    "PREPROCESSING",
-    "IMAGE_SUFFIXES",
-    "IMAGE_ERRORS",
-    "MAX_IMAGE_PIXELS",
-    "ImageTooLarge",
-    "open_image",
-    "read_image",
-    "to_channels",
-    "preprocess",
-    "iter_batches",
-]
-
-#: How images become network input; written into model cards.
-PREPROCESSING = "uint8 -> float in [0,1] -> bilinear resize (antialiased) to the model's resolution -> (x - 0.5) / 0.5"
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-#: The largest image read, in pixels (width x height): 89,478,485, PIL's own default
-#: (``PIL.Image.MAX_IMAGE_PIXELS``, about 9459 x 9459). A larger file is refused from its header,
-#: before it is decoded: a 14000 x 14000 PNG of one colour is about 200 KB on disk but 588 MB as RGB
-#: pixels (a decompression bomb). Set this module attribute to allow larger images; PIL itself
-#: refuses anything over twice ``PIL.Image.MAX_IMAGE_PIXELS``, so raise that one too beyond it.
-MAX_IMAGE_PIXELS = 89_478_485
-
-
-class ImageTooLarge(ValueError):
-    """An image file over :data:`MAX_IMAGE_PIXELS` pixels (one of :data:`IMAGE_ERRORS`)."""
-
-
-#: What reading an image file raises for a missing, unreadable, corrupt or too large file (PIL's
-#: ``UnidentifiedImageError`` is an ``OSError``; its PNG plugin raises ``SyntaxError``;
-#: :class:`ImageTooLarge` is a ``ValueError``).
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError)
+__all__ = ["ImageSet", "Split", "VAL_AGAINST"]
 
 
 @dataclass(frozen=True, eq=False)
 class ImageSet:
-    """Labelled images: ``images`` uint8 ``(N, H, W, C)``, ``labels`` int64 ``(N,)``."""
+    """Labelled images: ``images`` an :class:`~nas.data.sources.ImageSource` (a uint8 array
+    ``(N, H, W, C)`` is accepted and wrapped), ``labels`` int64 ``(N,)`` (-1: no label)."""
 
     name: str
-    images: np.ndarray
+    images: ImageSource
     labels: np.ndarray
     classes: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.dtype != np.uint8:
-            raise DataError(f"{self.name}: images must be a uint8 array (N, H, W, C), but got {self.images.dtype} {self.images.shape}.")
+        object.__setattr__(self, "images", as_source(self.images))
         if len(self.images) != len(self.labels):
             raise DataError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels.")
 
     @property
     def channels(self) -> int:
-        return int(self.images.shape[3])
+        return self.images.channels
 
     def fingerprint(self) -> str:
-        """SHA-256 of the pixels and labels: the data part of the gallery cache key."""
+        """SHA-256 of the images (see :meth:`ImageSource.fingerprint`) and labels: the data part of the gallery cache key."""
         digest = hashlib.sha256()
-        digest.update(str(self.images.shape).encode())
-        digest.update(np.ascontiguousarray(self.images).tobytes())
+        digest.update(self.images.fingerprint().encode())
         digest.update(self.labels.astype(np.int64).tobytes())
         return digest.hexdigest()
+
+    def with_channels(self, channels: int) -> ImageSet:
+        """The same set with ``channels`` channels (grey repeated to RGB, or RGB to ITU-R 601 luma)."""
+        if channels == self.channels:
+            return self
+        return ImageSet(self.name, self.images.with_channels(channels), self.labels, self.classes)
 
 
 #: What the val part is searched against (see :class:`Split`).
@@ -138,82 +99,3 @@ class Split:
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "query": len(self.query), "gallery": len(self.gallery)}
-
-
-# --------------------------------------------------------------------------- image files
-
-
-@contextlib.contextmanager
-def open_image(file: str | Path) -> Iterator[PILImage]:
-    """``PIL.Image.open(file)`` refused, before decoding, when over :data:`MAX_IMAGE_PIXELS`
-    (:class:`ImageTooLarge`); raises one of :data:`IMAGE_ERRORS` for the caller to name the file."""
-    from PIL import Image  # deferred: only the image loaders need PIL
-
-    limit = MAX_IMAGE_PIXELS
-    guard = f"the limit of {limit:,} pixels (nas.data.images.MAX_IMAGE_PIXELS, a guard against decompression bombs)"
-    try:
-        with warnings.catch_warnings():  # PIL warns between its limit and twice it; ours decides below
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(file)
-    except Image.DecompressionBombError as exc:  # over twice PIL's own limit: refused by PIL from the header
-        raise ImageTooLarge(f"it is larger than {guard}; PIL: {exc} Downscale it") from None
-    with img:
-        width, height = img.size
-        if width * height > limit:
-            raise ImageTooLarge(f"it has {width} x {height} = {width * height:,} pixels, more than {guard}; downscale it")
-        yield img
-
-
-def read_image(
-    file: str | Path, image_size: int, channels: int, box: Sequence[float] | None = None, draft: bool = False
-) -> np.ndarray:
-    """One image file as uint8 ``(image_size, image_size, channels)``.
-
-    The image is converted to grey (``channels == 1``) or RGB, cropped to ``box``
-    ``(x1, y1, x2, y2)`` when one is given (PIL rounds the box, as the revisited Oxford/Paris
-    code's crop does), then resized bilinearly. With ``draft`` an uncropped JPEG is decoded
-    at a reduced scale no smaller than ``image_size`` first (PIL's ``draft``), which makes
-    large benchmarks load fast. Raises one of :data:`IMAGE_ERRORS` for the caller to name
-    the file in its own message.
-    """
-    from PIL import Image  # deferred as before: only the image loaders need PIL
-
-    mode = "L" if channels == 1 else "RGB"
-    with open_image(file) as img:
-        if draft and box is None:
-            img.draft(mode, (image_size, image_size))
-        img = img.convert(mode)
-        if box is not None:
-            img = img.crop(tuple(float(v) for v in box))
-        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        return np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels)
-
-
-def to_channels(data: ImageSet, channels: int) -> ImageSet:
-    """``data`` with ``channels`` channels: grey repeated to RGB, or RGB to grey (ITU-R 601 luma)."""
-    if data.channels == 1 and channels == 3:
-        return ImageSet(data.name, np.repeat(data.images, 3, axis=3), data.labels, data.classes)
-    if data.channels == 3 and channels == 1:
-        gray = (data.images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).round()
-        return ImageSet(data.name, gray.clip(0, 255).astype(np.uint8)[..., None], data.labels, data.classes)
-    return data
-
-
-# --------------------------------------------------------------------------- preprocessing
-
-
-def preprocess(images: np.ndarray, resolution: int) -> torch.Tensor:
-    """``uint8 (N, H, W, C)`` -> normalised float ``(N, C, resolution, resolution)``; see :data:`PREPROCESSING`."""
-    images = np.ascontiguousarray(images)
-    if not images.flags.writeable:  # torch.from_numpy wants a writable buffer
-        images = images.copy()
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-1] != resolution or x.shape[-2] != resolution:
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
-    return x.sub_(0.5).div_(0.5)
-
-
-def iter_batches(images: np.ndarray, resolution: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """Preprocessed batches of ``images`` in order."""
-    for start in range(0, len(images), batch_size):
-        yield preprocess(images[start : start + batch_size], resolution)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nas.data.checks import check_scorable
-from nas.data.images import ImageSet, Split, to_channels
+from nas.data.images import ImageSet, Split
 from nas.data.splits import PROTOCOLS
 from nas.errors import ConfigError, DataError
 from nas.registry import Registry
@@ -105,7 +105,7 @@ class DatasetEntry:
         """A labelled data set: ``read(config)`` gives its images, ``data.protocol`` splits them."""
 
         def load(config: DataConfig) -> RetrievalData:
-            data = to_channels(read(config), config.resolved_channels)
+            data = read(config).with_channels(config.resolved_channels)
             return RetrievalData(data, split_dataset(data, config))
 
         return cls(load, channels=channels, default_path=default_path)
@@ -143,11 +143,13 @@ def split_dataset(data: ImageSet, config: DataConfig) -> Split:
 def load_retrieval_data(config: DataConfig) -> RetrievalData:
     """The data set ``config.dataset`` with its split (a benchmark's own, or ``data.protocol``'s)
     and ``config.resolved_channels`` channels; data that retrieval cannot score (one class in a
-    scored part, no query with a positive) is a :class:`DataError` (:func:`nas.data.checks.check_scorable`)."""
+    scored part, no query with a positive) is a :class:`DataError` (:func:`nas.data.checks.check_scorable`), as is an
+    image file whose header cannot be read (:meth:`~nas.data.sources.ImageSource.check_headers`)."""
     entry = DATASETS.get(config.dataset)
     if config.resolved_path is None:
         raise ConfigError(f"data.path must be set for dataset {config.dataset!r}.")
     retrieval = entry.load(config)
     check_scorable(retrieval)
-    data = to_channels(retrieval.data, config.resolved_channels)
+    retrieval.data.images.check_headers()  # a bad file fails here, before any training (pixels are read later)
+    data = retrieval.data.with_channels(config.resolved_channels)
     return retrieval if data is retrieval.data else dataclasses.replace(retrieval, data=data)

@@ -20,6 +20,7 @@ import numpy as np
 
 from nas.data.files import dataset_root, need_file, read_listed_images
 from nas.data.images import ImageSet, Split
+from nas.data.sources import FileImages
 from nas.data.registry import DATASETS, DatasetEntry, RetrievalData
 from nas.errors import DataError
 from nas.metrics import revisited_ground_truth
@@ -85,7 +86,7 @@ def _gnd_indices(value: Any, n: int, file: Path, title: str, where: str) -> np.n
 def load_revisited(
     path: str | Path,
     name: str,
-    image_size: int,
+    image_size: int | None,
     channels: int = 3,
     val: float = 0.05,
     seed: int = 0,
@@ -141,7 +142,8 @@ def load_revisited(
     jpg = root / "jpg"
     database = read_listed_images(title, jpg, [f + ".jpg" for f in imlist], image_size, channels, str(gnd_file) + " imlist")
     queries = read_listed_images(title, jpg, [f + ".jpg" for f in qimlist], image_size, channels, str(gnd_file) + " qimlist", crops=bbx)
-    images = np.concatenate([database, queries])
+    boxes = {n + q: box for q, box in queries.boxes.items()}
+    images = FileImages(jpg, database.files + queries.files, channels, boxes=boxes, max_side=image_size, listed_in=str(gnd_file), title=title)
     split = Split(
         train=train_idx,
         val=val_idx,
@@ -154,12 +156,12 @@ def load_revisited(
     return RetrievalData(data, split, truth, files=tuple(f + ".jpg" for f in imlist + qimlist))
 
 
-def load_roxford5k(path: str | Path, image_size: int, channels: int = 3, val: float = 0.05, seed: int = 0) -> RetrievalData:
+def load_roxford5k(path: str | Path, image_size: int | None = None, channels: int = 3, val: float = 0.05, seed: int = 0) -> RetrievalData:
     """Revisited Oxford 5k: see :func:`load_revisited`."""
     return load_revisited(path, "roxford5k", image_size, channels, val, seed)
 
 
-def load_rparis6k(path: str | Path, image_size: int, channels: int = 3, val: float = 0.05, seed: int = 0) -> RetrievalData:
+def load_rparis6k(path: str | Path, image_size: int | None = None, channels: int = 3, val: float = 0.05, seed: int = 0) -> RetrievalData:
     """Revisited Paris 6k: see :func:`load_revisited`."""
     return load_revisited(path, "rparis6k", image_size, channels, val, seed)
 

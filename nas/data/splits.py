@@ -70,11 +70,13 @@ def class_disjoint_split(
     seed: int,
     max_per_class: int | None = None,
     query_is_gallery: bool = True,
+    held_out: str = "seeded",
 ) -> Split:
     """Split by class: train, val and the evaluation (query / gallery) classes are disjoint.
 
     A seeded ``test_classes`` fraction of the classes (at least two) holds the query and
-    gallery images; a seeded ``val_classes`` fraction of the remaining classes (at least
+    gallery images (with ``held_out="last"``: the last classes by label, i.e. by name for an
+    image folder, as the CUB and Cars benchmarks hold out their second half); a seeded ``val_classes`` fraction of the remaining classes (at least
     two: with one class every neighbour is a positive) is val, searched against itself with
     each image's own entry excluded; the other classes (at least one) are train. With
     ``query_is_gallery`` every evaluation image is both a query and a gallery image (the
@@ -90,8 +92,14 @@ def class_disjoint_split(
         )
     n_test = min(max(2, int(round(test_classes * len(classes)))), len(classes) - 3)
     n_val = min(max(2, int(round(val_classes * (len(classes) - n_test)))), len(classes) - n_test - 1)
-    order = rng.permutation(classes)
-    test_set, val_set = order[:n_test], order[n_test : n_test + n_val]
+    if held_out == "last":
+        test_set = classes[len(classes) - n_test :]
+        val_set = rng.permutation(classes[: len(classes) - n_test])[:n_val]
+    elif held_out == "seeded":
+        order = rng.permutation(classes)
+        test_set, val_set = order[:n_test], order[n_test : n_test + n_val]
+    else:
+        raise ValueError(f"held_out must be 'seeded' or 'last', but got {held_out!r}.")
     members: dict[int, np.ndarray] = {}
     for cls in classes:
         idx = np.flatnonzero(labels == cls)
@@ -142,5 +150,5 @@ def _class_disjoint(labels: np.ndarray, config: DataConfig) -> Split:
     """:func:`class_disjoint_split` by ``config``'s class fractions, ratio, seed and cap."""
     return class_disjoint_split(
         labels, config.test_classes, config.val_classes, config.query, config.gallery, config.seed,
-        config.max_per_class, config.resolved_query_is_gallery,
+        config.max_per_class, config.resolved_query_is_gallery, config.held_out_classes,
     )

@@ -33,7 +33,7 @@ import optuna
 from safetensors.torch import load_file
 
 from nas.config import ExperimentConfig, config_from_dict
-from nas.data import load_retrieval_data
+from nas.data import LEGACY_PREPROCESSING, Preprocessing, load_retrieval_data
 from nas.errors import ConfigError, NasError
 from nas.export.card import model_card
 from nas.export.formats import EXPORTERS, ExportContext, Exporter, resolve_formats
@@ -171,7 +171,8 @@ def export_trial(
     out.mkdir(parents=True, exist_ok=True)
 
     retrieval = load_retrieval_data(config.data)
-    context = ExportContext(retrieval)
+    preprocessing = Preprocessing.from_dict(record.preprocessing) if record.preprocessing else LEGACY_PREPROCESSING
+    context = ExportContext(retrieval, preprocessing)
     for exporter in exporters:
         exporter.write(model, out, context)
     written = sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors", ".pt", ".onnx"))
@@ -182,9 +183,10 @@ def export_trial(
     verification = verify_export(
         model, exporters, out, retrieval, gallery,
         trial=trial.number, trial_map=trial_map, retrained=retrained, threads=config.budgets.latency.threads,
+        preprocessing=preprocessing, workers=config.data.workers,
     )  # fmt: skip
     (out / "verification.json").write_text(json.dumps(verification, indent=2))
-    (out / "MODEL_CARD.md").write_text(model_card(record, trial, arch, config, verification, metrics))
+    (out / "MODEL_CARD.md").write_text(model_card(record, trial, arch, config, verification, metrics, preprocessing))
     cos = ", ".join(f"{k} {v:.6f}" for k, v in verification["min_cosine"].items())
     log(f"Verification {'passed' if verification['passed'] else 'FAILED'}: min cosine to the trained module on {verification['query_images']} query images: {cos} (threshold {MIN_COSINE})")
     if "query_mAP" in verification:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import TYPE_CHECKING, Any
 
-from nas.data import PREPROCESSING
+from nas.data import Preprocessing
 from nas.export.verify import MAX_MAP_DIFF
 from nas.records import StudyRecord, TrialRecord
 from search_spaces import Architecture
@@ -27,8 +27,10 @@ def model_card(
     config: ExperimentConfig,
     verification: dict[str, Any],
     metrics: dict[str, float],
+    preprocessing: Preprocessing,
 ) -> str:
-    """The card's Markdown text. ``metrics`` are those of the exported weights (the trial's, or a retrain's)."""
+    """The card's Markdown text. ``metrics`` are those of the exported weights (the trial's, or a retrain's);
+    ``preprocessing`` is the study's (the gallery model's), which the export records and ``nas embed`` applies."""
     b = trial.budgets
     paragon = study.paragon_query
     lat = config.budgets.latency
@@ -42,7 +44,7 @@ def model_card(
         "",
         "## Architecture",
         f"- `{arch.to_string()}` (id `{arch.arch_id}`)",
-        f"- input: {arch.in_chans} x {arch.resolution} x {arch.resolution}; preprocessing: {PREPROCESSING}",
+        f"- input: {arch.in_chans} x {arch.resolution} x {arch.resolution}; preprocessing (the gallery model's, `arch.json`): {preprocessing.describe()}",
         f"- output: {arch.embed_dim}-d L2-normalised embedding, searchable against the gallery model's index",
         "",
         "## Budgets",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from nas.data import preprocess
+from nas.data import Preprocessing, eval_batches
 from nas.errors import NasError
 from nas.export.loading import WEIGHTS_FILE, load_query_model, write_arch
 from nas.hardware.runtimes import onnxruntime_session
@@ -45,9 +45,11 @@ CALIBRATION_IMAGES = 256
 
 @dataclass(frozen=True)
 class ExportContext:
-    """What a format may need besides the trained module: the run's data (int8 calibration images)."""
+    """What a format may need besides the trained module: the run's data (int8 calibration images)
+    and the study's preprocessing (recorded in ``arch.json``)."""
 
     retrieval: RetrievalData
+    preprocessing: Preprocessing
 
 
 class Exporter(abc.ABC):
@@ -78,8 +80,8 @@ class Exporter(abc.ABC):
     def write(self, model: QueryNet, out_dir: Path, context: ExportContext) -> Path:
         """Write ``out_dir / filename`` from the (CPU, eval-mode) ``model``; returns its path."""
 
-    def embed(self, path: Path, batches: Sequence[torch.Tensor]) -> np.ndarray:
-        """Embeddings (N, D) of the preprocessed ``batches`` computed by the written file ``path``."""
+    def embed(self, path: Path, batches: Iterable[torch.Tensor]) -> np.ndarray:
+        """Embeddings (N, D) of the preprocessed ``batches`` (iterated once) computed by the written file ``path``."""
         raise NotImplementedError(f"export format {self.name!r} cannot be run for verification")
 
 
@@ -110,12 +112,12 @@ class StateDictExporter(Exporter):
     verified_as = "reloaded"
 
     def write(self, model: QueryNet, out_dir: Path, context: ExportContext) -> Path:
-        write_arch(model.arch, out_dir)
+        write_arch(model.arch, out_dir, context.preprocessing)
         path = out_dir / self.filename
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         return path
 
-    def embed(self, path: Path, batches: Sequence[torch.Tensor]) -> np.ndarray:
+    def embed(self, path: Path, batches: Iterable[torch.Tensor]) -> np.ndarray:
         model = load_query_model(path.parent)
         with torch.inference_mode():
             return torch.cat([model(b) for b in batches]).numpy()
@@ -136,7 +138,7 @@ class TorchScriptExporter(Exporter):
             torch.jit.save(torch.jit.trace(model, _example(model.arch)), str(path))
         return path
 
-    def embed(self, path: Path, batches: Sequence[torch.Tensor]) -> np.ndarray:
+    def embed(self, path: Path, batches: Iterable[torch.Tensor]) -> np.ndarray:
         scripted = torch.jit.load(str(path))
         with torch.inference_mode():
             return torch.cat([scripted(b) for b in batches]).numpy()
@@ -167,7 +169,7 @@ class OnnxExporter(Exporter):
             )
         return path
 
-    def embed(self, path: Path, batches: Sequence[torch.Tensor]) -> np.ndarray:
+    def embed(self, path: Path, batches: Iterable[torch.Tensor]) -> np.ndarray:
         session = onnxruntime_session(path)
         return np.concatenate([session.run(["embeddings"], {"images": b.numpy()})[0] for b in batches])
 
@@ -190,7 +192,8 @@ class OnnxInt8Exporter(OnnxExporter):
 
         data, split = context.retrieval.data, context.retrieval.split
         chosen = split.train[np.random.default_rng(0).permutation(len(split.train))[:CALIBRATION_IMAGES]]
-        calibration = preprocess(data.images[chosen], model.arch.resolution)
+        transform = context.preprocessing.for_channels(data.channels).eval_transform(model.arch.resolution)
+        calibration = torch.cat(list(eval_batches(data.images, chosen, transform, 32)))
 
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:

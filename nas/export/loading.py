@@ -15,12 +15,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from nas.data import IMAGE_SUFFIXES, PREPROCESSING, preprocess
-from nas.data.images import IMAGE_ERRORS, open_image
+from nas.data import IMAGE_SUFFIXES, LEGACY_PREPROCESSING, Preprocessing
+from nas.data.sources import IMAGE_ERRORS, open_image
 from nas.errors import DataError, NasError
 from search_spaces import Architecture, QueryNet, build
 
-__all__ = ["ARCH_FILE", "WEIGHTS_FILE", "write_arch", "load_query_model", "embed_folder"]
+__all__ = ["ARCH_FILE", "WEIGHTS_FILE", "write_arch", "load_query_model", "load_preprocessing", "embed_folder"]
 
 #: The architecture file of an export folder (JSON; rebuildable without pickle).
 ARCH_FILE = "arch.json"
@@ -28,14 +28,17 @@ ARCH_FILE = "arch.json"
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def write_arch(arch: Architecture, folder: Path) -> Path:
+def write_arch(arch: Architecture, folder: Path, preprocessing: Preprocessing) -> Path:
     """Write ``folder/arch.json``: the architecture, the input shape and preprocessing, the output."""
     path = folder / ARCH_FILE
     path.write_text(
         json.dumps(
             {
                 "architecture": arch.to_dict(),
-                "input": {"shape": ["batch", arch.in_chans, arch.resolution, arch.resolution], "preprocessing": PREPROCESSING},
+                "input": {
+                    "shape": ["batch", arch.in_chans, arch.resolution, arch.resolution],
+                    "preprocessing": {**preprocessing.to_dict(), "description": preprocessing.describe()},
+                },
                 "output": {"embedding_dim": arch.embed_dim, "normalised": "L2"},
             },
             indent=2,
@@ -68,17 +71,30 @@ def load_query_model(folder: str | Path) -> QueryNet:
     return model.eval()
 
 
-def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int = 256) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-    """Embed every image under ``images_dir`` with an exported model.
+def load_preprocessing(folder: str | Path) -> Preprocessing:
+    """The preprocessing recorded in an export's ``arch.json`` (exports that recorded only a
+    description used :data:`nas.data.LEGACY_PREPROCESSING`)."""
+    arch_file = Path(folder) / ARCH_FILE
+    try:
+        recorded = json.loads(arch_file.read_text())["input"]["preprocessing"]
+        return Preprocessing.from_dict(recorded) if isinstance(recorded, dict) else LEGACY_PREPROCESSING
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise NasError(f"{arch_file} does not record valid preprocessing: {exc}") from None
+
+
+def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int = 64) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Embed every image under ``images_dir`` with an exported model, with the preprocessing its
+    ``arch.json`` records (the gallery model's normalisation, resize and centre crop).
 
     Returns the embeddings (float32, one row per readable image), their ids (paths
     relative to ``images_dir``), and the ``(path, reason)`` of every image that was
     skipped because it could not be read (corrupt, not an image, or over
-    :data:`nas.data.images.MAX_IMAGE_PIXELS`). A folder where no image can be read is a
-    :class:`~nas.errors.DataError` listing them.
+    :data:`nas.data.sources.MAX_IMAGE_PIXELS`). A folder where no image can be read is a
+    :class:`~nas.errors.DataError` listing them. Images are decoded one batch at a time.
     """
     model = load_query_model(export_dir)
     arch = model.arch
+    transform = load_preprocessing(export_dir).for_channels(arch.in_chans).eval_transform(arch.resolution)
     root = Path(images_dir)
     if not root.is_dir():
         raise NasError(f"{root} is not a folder of images.")
@@ -88,24 +104,33 @@ def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int
     mode = "L" if arch.in_chans == 1 else "RGB"
     ids: list[str] = []
     skipped: list[tuple[str, str]] = []
-    tensors: list[torch.Tensor] = []
+    batch: list[torch.Tensor] = []
+    out: list[np.ndarray] = []
+
+    def flush() -> None:
+        if batch:
+            with torch.inference_mode():
+                out.append(model(torch.stack(batch)).numpy().astype(np.float32))
+            batch.clear()
+
     for file in files:
         try:
             with open_image(file) as img:
-                array = np.asarray(img.convert(mode), dtype=np.uint8)
+                img.draft(mode, (transform.decode_side, transform.decode_side))
+                rgb = img.convert(mode)
         except IMAGE_ERRORS as exc:
             skipped.append((str(file.relative_to(root)), f"{type(exc).__name__}: {exc}"))
             continue
-        tensors.append(preprocess(array.reshape(array.shape[0], array.shape[1], arch.in_chans)[None], arch.resolution))
+        batch.append(transform(rgb))
         ids.append(str(file.relative_to(root)))
-    if not tensors:
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    if not out:
         listed = "; ".join(f"{path} ({reason})" for path, reason in skipped[:3])
         more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         raise DataError(
             f"None of the {len(files)} image file(s) under {root} could be read, so nothing was written: {listed}{more}. "
             f"Check that the folder holds real image files ({', '.join(IMAGE_SUFFIXES)})."
         )
-    x = torch.cat(tensors)
-    with torch.inference_mode():
-        emb = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy().astype(np.float32)
-    return emb, ids, skipped
+    return np.concatenate(out), ids, skipped

@@ -11,16 +11,16 @@ float, its cosine to the module and its ONNX Runtime latency beside the float mo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from nas.data import iter_batches
+from nas.data import Preprocessing, eval_batches
 from nas.export.formats import EXPORTERS, Exporter
-from nas.gallery import GalleryEmbeddings, file_sha256, gallery_embeddings, load_gallery
+from nas.gallery import GalleryEmbeddings, gallery_embeddings, open_gallery
 from nas.hardware.runtimes import median_p90, onnxruntime_session, time_runs
 from nas.scoring import embed, score_part
 from search_spaces import Architecture, QueryNet
@@ -51,13 +51,18 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def gallery_index(config: ExperimentConfig, run_dir: Path, retrieval: RetrievalData, log: Log) -> GalleryEmbeddings | None:
-    """The gallery model's embeddings of the run (cached under ``run_dir/cache``); None when its checkpoint is gone."""
-    path = Path(config.gallery.checkpoint) if config.gallery.checkpoint else run_dir / "gallery" / "gallery.safetensors"
-    if not path.is_file():
-        return None
+    """The gallery model's embeddings of the run (cached under ``run_dir/cache``); None when the model it
+    trained is gone (a configured checkpoint, weights file or pretrained model is required)."""
     data, split = retrieval.data, retrieval.split
-    gallery = load_gallery(config.gallery, path, data.channels)
-    emb, _ = gallery_embeddings(gallery, file_sha256(path), data, split, config.gallery.resolution, run_dir / "cache", log=log)
+    if config.gallery.source == "checkpoint" and not Path(config.gallery.checkpoint or "").is_file():
+        return None
+    opened = open_gallery(config.gallery, data, split, run_dir, torch.device("cpu"), seed=config.data.seed, log=log, may_train=False)
+    if opened is None:
+        return None
+    gallery, sha, _ = opened
+    emb, _ = gallery_embeddings(
+        gallery, sha, data, split, config.gallery.resolution, run_dir / "cache", config.gallery.batch_size, log=log, workers=config.data.workers
+    )
     return emb
 
 
@@ -73,7 +78,7 @@ def onnxruntime_latency_ms(path: Path, arch: Architecture, threads: int) -> dict
 def _measure_quantised(
     exporter: Exporter,
     out: Path,
-    batches: Sequence[torch.Tensor],
+    batches: Iterable[torch.Tensor],
     trained: np.ndarray,
     float_map: float,
     retrieval: RetrievalData,
@@ -106,21 +111,28 @@ def verify_export(
     trial_map: float,
     retrained: bool,
     threads: int,
+    preprocessing: Preprocessing,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """The verification record of the export in ``out`` (what ``verification.json`` holds).
 
     ``model`` is the trained module, ``exporters`` the formats written, ``trial`` and
     ``trial_map`` the trial's number and query mAP, ``threads`` the ONNX Runtime threads
-    of the latency measurement. ``passed`` is whether every check held; the caller acts on it.
+    of the latency measurement, ``preprocessing`` the study's. ``passed`` is whether every check
+    held; the caller acts on it. The query images are streamed again for every format.
     """
     arch = model.arch
-    images = retrieval.data.images[retrieval.split.query]
-    batches = list(iter_batches(images, arch.resolution, 256))
-    trained = embed(model, images, arch.resolution)
-    outputs = {e.verified_as: e.embed(out / e.filename, batches) for e in exporters if e.verified_as is not None}
+    data, rows = retrieval.data, retrieval.split.query
+    transform = preprocessing.for_channels(data.channels).eval_transform(arch.resolution)
+
+    def batches() -> Iterator[torch.Tensor]:
+        return eval_batches(data.images, rows, transform, 64, workers)
+
+    trained = embed(model, data.images, arch.resolution, preprocessing, indices=rows, workers=workers)
+    outputs = {e.verified_as: e.embed(out / e.filename, batches()) for e in exporters if e.verified_as is not None}
     verification: dict[str, Any] = {
         "trial": trial,
-        "query_images": int(len(images)),
+        "query_images": int(len(rows)),
         "threshold_min_cosine": MIN_COSINE,
         "retrained": retrained,
         "min_cosine": {name: float(cosines(emb, trained).min()) for name, emb in outputs.items()},
@@ -134,7 +146,7 @@ def verify_export(
         for exporter in exporters:
             if exporter.measured_as is not None:
                 verification[exporter.measured_as] = _measure_quantised(
-                    exporter, out, batches, trained, scored["mAP"], retrieval, gallery, arch, threads
+                    exporter, out, batches(), trained, scored["mAP"], retrieval, gallery, arch, threads
                 )
     verification["passed"] = all(checks)
     return verification

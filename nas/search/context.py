@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from nas.config import ExperimentConfig
-from nas.data import ImageSet, RetrievalData, Split, load_retrieval_data
+from nas.data import Augmentation, ImageSet, Preprocessing, RetrievalData, Split, load_retrieval_data
 from nas.errors import BudgetError, ConfigError
-from nas.gallery import GalleryEmbeddings, GalleryNet, file_sha256, gallery_embeddings, load_gallery, train_gallery
+from nas.gallery import GalleryEmbeddings, GalleryNet, gallery_embeddings, open_gallery
 from nas.hardware import Budget, check_budgets, make_budgets
 from search_spaces import SearchSpace, build, create_space
 from trainers import CompatibilityLoss, GalleryTargets, create_loss_from_config
@@ -58,22 +58,33 @@ class Context:
         return self.retrieval.data
 
     @property
+    def preprocessing(self) -> Preprocessing:
+        """The gallery model's preprocessing: every candidate normalises its input the same way."""
+        return self.gallery.preprocessing
+
+    @property
+    def augmentation(self) -> Augmentation:
+        a = self.config.train.augment
+        return Augmentation(tuple(a.crop_scale), tuple(a.crop_ratio), a.hflip)
+
+    @property
+    def workers(self) -> int | None:
+        return self.config.data.workers
+
+    @property
     def split(self) -> Split:
         return self.retrieval.split
 
 
-def ensure_gallery(config: ExperimentConfig, data: ImageSet, split: Split, log: Log = print, retrain: bool = False) -> tuple[GalleryNet, Path]:
-    """Load the configured gallery checkpoint, or train one under ``<out>/gallery`` if there is none."""
-    if config.gallery.checkpoint is not None:
-        path = Path(config.gallery.checkpoint)
-        return load_gallery(config.gallery, path, data.channels), path
-    path = config.out_dir / "gallery" / "gallery.safetensors"
-    if path.is_file() and not retrain:
-        log(f"Gallery model: loading {path}")
-        return load_gallery(config.gallery, path, data.channels), path
-    log(f"Gallery model: no checkpoint configured; training {config.gallery.model} on {len(split.train)} images -> {path}")
-    model = train_gallery(config.gallery, data, split, path, resolve_device(config.train.device), seed=config.data.seed, log=log)
-    return model, path
+def ensure_gallery(config: ExperimentConfig, data: ImageSet, split: Split, log: Log = print, retrain: bool = False) -> tuple[GalleryNet, str, Path | None]:
+    """The configured gallery model (see :func:`nas.gallery.open_gallery`), trained under ``<out>/gallery`` if
+    none is configured and none is there: the model, the SHA-256 of its weights and its checkpoint file (if any)."""
+    device = resolve_device(config.train.device)
+    opened = open_gallery(
+        config.gallery, data, split, config.out_dir, device, seed=config.data.seed, log=log, retrain=retrain, workers=config.data.workers
+    )
+    assert opened is not None  # may_train: a model is always returned
+    return opened
 
 
 def check_reachable(space: SearchSpace, budgets: list[Budget]) -> dict[str, float]:
@@ -130,13 +141,14 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
         )
     budgets = make_budgets(config.budgets)
     smallest = check_reachable(space, budgets)  # before any gallery training: fail fast
-    gallery, path = ensure_gallery(config, data, split, log)
+    gallery, sha, _ = ensure_gallery(config, data, split, log)
+    log(f"Preprocessing (gallery and query side): {gallery.preprocessing.describe()}")
     if config.gallery.embed_dim is None:  # the space must project to the backbone's own width
         space = _create_space(config, gallery.embed_dim, data.channels)
     device = resolve_device(config.train.device)
-    sha = file_sha256(path)
     emb, cached = gallery_embeddings(
-        gallery, sha, data, split, config.gallery.resolution, config.out_dir / "cache", config.gallery.batch_size, device, log
+        gallery, sha, data, split, config.gallery.resolution, config.out_dir / "cache", config.gallery.batch_size, device, log,
+        config.data.workers,
     )
     if cached:
         log("Gallery embeddings: loaded from cache (content hash verified)")

@@ -81,17 +81,22 @@ def open_tracked_study(
     gallery_budgets = check_budgets(ctx.gallery, config.gallery.resolution, ctx.data.channels, ctx.budgets[:2], measure_all=True).values
     recorded = masked_config_dict(config)  # what is recorded and printed never holds a password
     if StudyRecord.load(study).config is None or describe:
-        StudyWriter(study).description(recorded, str(config.out_dir.resolve()), description, gallery_budgets)
+        StudyWriter(study).description(recorded, str(config.out_dir.resolve()), description, gallery_budgets, ctx.preprocessing.to_dict())
     parent = tracker.start_study(
         study,
         params=flatten({**recorded, "split": ctx.split.sizes()}),
         tags={
             "gallery.sha256": ctx.gallery_sha,
             "gallery.model": config.gallery.model,
+            "preprocessing": ctx.preprocessing.describe(),
             "budgets": "; ".join(b.describe() for b in ctx.budgets),
             "space.num_architectures": description["num_architectures"],
         },
-        texts={"config.yaml": yaml.safe_dump(recorded, sort_keys=False), "space.json": json.dumps(description, indent=2)},
+        texts={
+            "config.yaml": yaml.safe_dump(recorded, sort_keys=False),
+            "space.json": json.dumps(description, indent=2),
+            "preprocessing.json": json.dumps(ctx.preprocessing.to_dict(), indent=2),
+        },
     )
     tracker.log(
         parent,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nas.data import preprocess
+from nas.data import StreamingImages
 from nas.metrics import compatibility_ratios
 from nas.registry import Registry
 from nas.scoring import embed, score_part
@@ -85,7 +85,9 @@ class Evaluator(abc.ABC):
         """Asymmetric scores of ``model`` on ``part`` (``val`` or ``query``) against the gallery index."""
         ctx = self.ctx
         model.to(ctx.device)
-        emb = embed(model, ctx.data.images[getattr(ctx.split, part)], model.arch.resolution, 256, ctx.device)
+        emb = embed(
+            model, ctx.data.images, model.arch.resolution, ctx.preprocessing, indices=getattr(ctx.split, part), device=ctx.device, workers=ctx.workers
+        )
         return score_part(ctx.retrieval, part, emb, ctx.embeddings)
 
     def final_metrics(self, val: dict[str, float], query: dict[str, float], train_seconds: float) -> dict[str, float]:
@@ -132,7 +134,8 @@ class TrainFromScratch(Evaluator):
         self, model: QueryNet, seed: int, on_epoch: EpochCallback | None = None, should_stop: Callable[[], bool] | None = None
     ) -> Evaluation:
         ctx, tc = self.ctx, self.ctx.config.train
-        images = preprocess(ctx.data.images[ctx.split.train], model.arch.resolution)
+        transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(model.arch.resolution, ctx.augmentation)
+        images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, seed, ctx.workers, desc="training")
         start = time.perf_counter()
         last_val: dict[str, float] = {}
 

@@ -46,7 +46,9 @@ class DataConfig:
     (:mod:`nas.data.loading`); ``image_size``, when set, caps the shorter side an image file
     is decoded at (a JPEG is then decoded at a reduced scale: fast for large photos; null:
     its own size; the in-memory Fashion-MNIST keeps its 28x28). ``workers``: loader worker
-    processes that decode image files (null: ``min(4, CPUs)``; in-memory data uses none).
+    processes that decode image files (null: the cores PyTorch's threads leave free, at most 4:
+    none on a 2-core machine, where decoding in the training process is fastest; set it on a
+    GPU machine; in-memory data uses none).
     ``channels`` null means the data set's own (1 for Fashion-MNIST, 3 otherwise).
     """
 

@@ -9,8 +9,8 @@ share one pool; a rerun generates nothing that is already there.
 
 Then, per size, runs ``python -m nas.cli search EXP.yaml`` in its own process on a fresh
 output folder: ``data.dataset: image_folder`` decoded at the images' own size
-(``data.image_size: null``), ``data.workers`` loader processes (null: the automatic
-``min(4, CPUs)``), a gallery model from ``gallery.weights`` (a randomly initialised
+(``data.image_size: null``), ``data.workers`` loader processes (null: automatic, see
+``nas.data.resolve_workers``), a gallery model from ``gallery.weights`` (a randomly initialised
 ``mobilenetv2_050`` state dict saved first, ``embed_dim: 64``, gallery resolution 64), the
 ``mobilenet`` space at 32 px and width 0.35, one trial of one epoch, no budget limits, no
 latency table, tracking off. So every run embeds all N images with the gallery model, trains

@@ -61,6 +61,11 @@ def _ranked_relevance(
     return relevant
 
 
+#: Elements of one ``queries x gallery`` ranking array scored at once (2**21: 16 MiB as float64;
+#: the scoring holds a handful of them).
+RANKING_ELEMENTS = 1 << 21
+
+
 def retrieval_metrics(
     query: np.ndarray,
     query_labels: np.ndarray,
@@ -68,13 +73,18 @@ def retrieval_metrics(
     gallery_labels: np.ndarray,
     ks: tuple[int, ...] = (1, 5, 10),
     exclude: np.ndarray | None = None,
-    chunk: int = 1024,
+    chunk: int | None = None,
 ) -> dict[str, float]:
     """Search every query against the whole gallery (exact inner product) and score the rankings.
 
     Embeddings are expected L2-normalised (inner product = cosine). Returns ``mAP``,
     ``mAP@R``, ``R@K`` for each K, ``queries`` (scored) and ``skipped`` (no positive).
+    Queries are ranked ``chunk`` at a time (default: as many as keep one
+    ``chunk x gallery`` array at :data:`RANKING_ELEMENTS` elements, at most 1024), so the
+    memory this takes does not grow with the number of queries.
     """
+    if chunk is None:
+        chunk = max(1, min(1024, RANKING_ELEMENTS // max(len(gallery), 1)))
     query_labels = np.asarray(query_labels)
     gallery_labels = np.asarray(gallery_labels)
     if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:

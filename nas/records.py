@@ -53,9 +53,13 @@ class State(str, enum.Enum):
     (or being evaluated) by an earlier trial, not trained again; ``pruned``: stopped by the
     pruner or the promotion rule; ``interrupted``: Ctrl-C; ``failed``: an error (or a dead
     worker). Infeasible and duplicate trials do not count toward ``search.trials``.
+    ``inherited``: scored on val with weights inherited from a supernet, not trained
+    (``search.strategy: one_shot``); a result for the sampler, not one to export (the
+    fine-tuned trials of the best of them are).
     """
 
     COMPLETE = "complete"
+    INHERITED = "inherited"
     INFEASIBLE = "infeasible"
     DUPLICATE = "duplicate"
     PRUNED = "pruned"
@@ -125,6 +129,7 @@ class TrialRecord:
     mlflow_run_id: str | None = None
     val_curve: dict[str, float] = field(default_factory=dict)
     warm_start_arch: str | None = None
+    fine_tune_of: int | None = None
     host: str | None = None
     pid: int | None = None
     process_started: int | None = None
@@ -160,6 +165,7 @@ class TrialRecord:
             mlflow_run_id=a.get("mlflow_run_id"),
             val_curve=dict(a.get("val_curve", {})),
             warm_start_arch=a.get("warm_start_arch"),
+            fine_tune_of=a.get("fine_tune_of"),
             host=a.get("host"),
             pid=a.get("pid"),
             process_started=a.get("process_started"),
@@ -201,6 +207,10 @@ class TrialWriter:
     def warm_start_arch(self) -> str | None:
         """The architecture string a queued trial (warm start) was enqueued with, if any."""
         return self.trial.user_attrs.get("warm_start_arch")
+
+    def fine_tune_of(self) -> int | None:
+        """The inherited-weight trial a queued fine-tuning trial fine-tunes, if it is one."""
+        return self.trial.user_attrs.get("fine_tune_of")
 
     #: What a trial records about its own run; a retry inherits its original's user attributes, and these are cleared.
     _RUN_KEYS = ("state", "reason", "duplicate_of", "metrics", "weights", "val_curve", "budgets", "budget_seconds", "seed", "mlflow_run_id")
@@ -264,9 +274,11 @@ class TrialWriter:
         self.trial.set_user_attr("duplicate_of", original.number)
 
 
-def enqueue_architecture(study: optuna.Study, arch: str, request: str | None = None) -> None:
-    """Queue a trial that evaluates the architecture string ``arch`` instead of sampling one, counted toward ``request``."""
-    study.enqueue_trial({}, user_attrs={"warm_start_arch": arch, "request": request}, skip_if_exists=False)
+def enqueue_architecture(study: optuna.Study, arch: str, request: str | None = None, fine_tune_of: int | None = None) -> None:
+    """Queue a trial that evaluates the architecture string ``arch`` instead of sampling one, counted toward ``request``;
+    ``fine_tune_of``: the inherited-weight trial (one-shot strategy) whose network the trial fine-tunes."""
+    attrs = {"warm_start_arch": arch, "request": request, **({"fine_tune_of": fine_tune_of} if fine_tune_of is not None else {})}
+    study.enqueue_trial({}, user_attrs=attrs, skip_if_exists=False)
 
 
 def fail_trial(study: optuna.Study, number: int, reason: str) -> FrozenTrial | None:

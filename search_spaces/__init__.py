@@ -5,11 +5,13 @@ from __future__ import annotations
 from search_spaces._base import Architecture, SearchSpace
 from search_spaces._blocks import BlockSpec, decode_block, encode_block
 from search_spaces._efficientnet import EfficientNetSpace
+from search_spaces._gallery_space import GallerySpace, RootError, mbconv_architecture
 from search_spaces._head import EmbeddingHead, L2Normalise
 from search_spaces._macs import count_macs
 from search_spaces._mobilenet import MobileNetSpace
 from search_spaces._net import QueryNet, TimmQueryNet, build
 from search_spaces._resnet import ResNetSpace
+from search_spaces._supernet import Supernet, SupernetError, recalibrate_bn, slice_tensor
 from search_spaces._timm_builder import timm_model_exists
 from search_spaces._timm_models import FAMILIES as TIMM_FAMILIES
 from search_spaces._timm_models import timm_architecture
@@ -21,10 +23,14 @@ __all__ = [
     "BlockSpec",
     "EfficientNetSpace",
     "EmbeddingHead",
+    "GallerySpace",
     "L2Normalise",
     "MobileNetSpace",
     "QueryNet",
     "ResNetSpace",
+    "RootError",
+    "Supernet",
+    "SupernetError",
     "SearchSpace",
     "TIMM_FAMILIES",
     "TimmQueryNet",
@@ -35,7 +41,10 @@ __all__ = [
     "decode_block",
     "encode_block",
     "list_spaces",
+    "mbconv_architecture",
+    "recalibrate_bn",
     "register_space",
+    "slice_tensor",
     "space_options",
     "timm_architecture",
     "timm_model_exists",

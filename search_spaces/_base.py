@@ -30,6 +30,12 @@ class Architecture:
     ``mobilenetv3_small_075``): then it is that model as timm builds it, at ``resolution``,
     with ``width`` scaling its channels where the family allows (see the ``timm_zoo``
     space); ``stages`` is empty and ``stem_chs``/``head_chs`` are 0.
+
+    ``padding`` ``same`` and ``bn_eps`` 0.001 are the TensorFlow conventions of timm's
+    ``tf_*`` models (asymmetric "same" padding of stride-2 convolutions, batch-norm epsilon
+    1e-3), so that a subnet of such a gallery model (the ``gallery`` space) computes what
+    it computes; the defaults (symmetric padding, 1e-5) are PyTorch's. They appear in the
+    text form only when not the default, so earlier architecture ids are unchanged.
     """
 
     space: str
@@ -42,8 +48,14 @@ class Architecture:
     in_chans: int
     act: str = "hard_swish"
     timm_model: str = ""
+    padding: str = ""
+    bn_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        if self.padding not in ("", "same"):
+            raise ValueError(f"Architecture padding must be '' (symmetric) or 'same' (TensorFlow), but got {self.padding!r}.")
+        if not 0 < self.bn_eps < 1:
+            raise ValueError(f"Architecture bn_eps must be in (0, 1), but got {self.bn_eps}.")
         if self.resolution < 8:
             raise ValueError(f"Architecture resolution must be >= 8, but got {self.resolution}.")
         if not 0 < self.width <= 4:
@@ -94,10 +106,15 @@ class Architecture:
                 f"embed={self.embed_dim} in={self.in_chans}"
             )
         stages = "/".join("+".join(stage) for stage in self.stages)
-        return (
+        text = (
             f"space={self.space} res={self.resolution} width={format_number(self.width)} stem={self.stem_chs} "
             f"stages={stages} head={self.head_chs} embed={self.embed_dim} in={self.in_chans} act={self.act}"
         )
+        if self.padding:
+            text += f" pad={self.padding}"
+        if self.bn_eps != 1e-5:
+            text += f" bn_eps={format_number(self.bn_eps)}"
+        return text
 
     @classmethod
     def from_string(cls, text: str) -> Architecture:
@@ -125,6 +142,8 @@ class Architecture:
                 embed_dim=int(fields["embed"]),
                 in_chans=int(fields["in"]),
                 act=fields.get("act", "hard_swish"),
+                padding=fields.get("pad", ""),
+                bn_eps=float(fields.get("bn_eps", 1e-5)),
             )
         except ValueError as exc:
             raise ValueError(f"Invalid architecture string {text!r}: {exc}") from None

@@ -7,7 +7,7 @@ from torch import nn
 
 from search_spaces._base import Architecture
 from search_spaces._head import EmbeddingHead
-from search_spaces._timm_builder import activation, build_stages, create_timm_model, init_weights, scale_channels
+from search_spaces._timm_builder import activation, build_stages, create_timm_model, init_weights, scale_channels, stem_conv
 from search_spaces._timm_models import timm_kwargs
 
 __all__ = ["QueryNet", "TimmQueryNet", "build"]
@@ -26,14 +26,14 @@ class QueryNet(nn.Module):
         self.arch = arch
         act = activation(arch.act)
         stem_chs = scale_channels(arch.stem_chs, arch.width)
-        self.conv_stem = nn.Conv2d(arch.in_chans, stem_chs, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_chs)
+        self.conv_stem = stem_conv(arch.in_chans, stem_chs, arch.padding)
+        self.bn1 = nn.BatchNorm2d(stem_chs, eps=arch.bn_eps)
         self.act1 = act(inplace=True)
-        self.blocks, chs = build_stages(arch.stages, stem_chs, arch.width, arch.act)
+        self.blocks, chs = build_stages(arch.stages, stem_chs, arch.width, arch.act, arch.padding, arch.bn_eps)
         if arch.head_chs:
             self.num_features = scale_channels(arch.head_chs, arch.width)
             self.conv_head: nn.Module = nn.Conv2d(chs, self.num_features, 1, bias=False)
-            self.bn2: nn.Module = nn.BatchNorm2d(self.num_features)
+            self.bn2: nn.Module = nn.BatchNorm2d(self.num_features, eps=arch.bn_eps)
             self.act2: nn.Module = act(inplace=True)
         else:  # ResNet layout: pool the last stage directly
             self.num_features = chs

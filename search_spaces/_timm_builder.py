@@ -15,7 +15,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from timm.layers import get_act_layer
+from timm.layers import create_conv2d, get_act_layer
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models._efficientnet_builder import (
     EfficientNetBuilder,
@@ -27,7 +27,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, downsample_conv
 
 from search_spaces._blocks import RESNET_BLOCK_TYPES, decode_block
 
-__all__ = ["build_stages", "scale_channels", "init_weights", "activation", "create_timm_model", "timm_model_exists"]
+__all__ = ["build_stages", "scale_channels", "init_weights", "activation", "create_timm_model", "timm_model_exists", "stem_conv"]
 
 #: Activations whose nets use EfficientNet's squeeze-excitation (sigmoid gate, SiLU inside,
 #: reduction from the block's input channels); all others use MobileNetV3's (hard-sigmoid
@@ -48,8 +48,13 @@ def scale_channels(channels: int, width: float) -> int:
     return int(round_channels(channels, multiplier=width))
 
 
-def build_stages(stages: Sequence[Sequence[str]], in_chs: int, width: float, act: str) -> tuple[nn.Sequential, int]:
+def build_stages(
+    stages: Sequence[Sequence[str]], in_chs: int, width: float, act: str, padding: str = "", bn_eps: float = 1e-5
+) -> tuple[nn.Sequential, int]:
     """Build the stages of block strings ``stages`` with width multiplier ``width``.
+
+    ``padding`` is timm's ``pad_type`` (``''`` symmetric, ``'same'`` TensorFlow's) and
+    ``bn_eps`` the batch-norm epsilon (see :class:`search_spaces.Architecture`).
 
     Returns one ``nn.Sequential`` of stages (each an ``nn.Sequential`` of blocks) and the
     number of output channels. ResNet block strings (``bb``/``bt``) are built from timm's
@@ -66,14 +71,22 @@ def build_stages(stages: Sequence[Sequence[str]], in_chs: int, width: float, act
         se_from_exp = True
     builder = EfficientNetBuilder(
         output_stride=32,
+        pad_type=padding,
         round_chs_fn=partial(round_channels, multiplier=width),
         se_from_exp=se_from_exp,
         act_layer=activation(act),
-        norm_layer=nn.BatchNorm2d,
+        norm_layer=partial(nn.BatchNorm2d, eps=bn_eps) if bn_eps != 1e-5 else nn.BatchNorm2d,
         se_layer=se_layer,
     )
     blocks = nn.Sequential(*builder(in_chs, block_args))
     return blocks, int(builder.in_chs)
+
+
+def stem_conv(in_chs: int, out_chs: int, padding: str = "") -> nn.Module:
+    """The 3x3 stride-2 stem convolution: symmetric padding 1, or TensorFlow "same" padding (timm's ``Conv2dSame``)."""
+    if padding:
+        return create_conv2d(in_chs, out_chs, 3, stride=2, padding=padding, bias=False)
+    return nn.Conv2d(in_chs, out_chs, 3, stride=2, padding=1, bias=False)
 
 
 def _build_resnet_stages(stages: Sequence[Sequence[str]], in_chs: int, width: float, act: str) -> tuple[nn.Sequential, int]:

@@ -98,10 +98,14 @@ def select_trial(study: optuna.Study, which: str = "best") -> TrialRecord:
 # --------------------------------------------------------------------------- the trained module
 
 
-def _retrain(config: ExperimentConfig, arch: Architecture, seed: int, paragon: Paragon, log: Log) -> tuple[QueryNet, dict[str, float]]:
-    """Build and train ``arch`` with ``seed`` as the search did (the study's evaluator); its module and metrics."""
+def _retrain(config: ExperimentConfig, arch: Architecture, seed: int, paragon: Paragon, log: Log,
+             fine_tune_of: int | None = None) -> tuple[QueryNet, dict[str, float]]:
+    """Build and train ``arch`` with ``seed`` as the search did (the study's evaluator, and for a one-shot
+    study's fine-tuned trial its trained supernet); its module and metrics."""
     ctx = prepare(config, log=log)
     evaluator = create_evaluator(ctx, paragon)
+    evaluator.prepare(log, train=False)
+    evaluator = evaluator.for_trial(fine_tune_of)
     model = evaluator.build(arch, seed)
     return model, evaluator.evaluate(model, seed).metrics
 
@@ -116,7 +120,7 @@ def _trial_model(study: StudyRecord, trial: TrialRecord, config: ExperimentConfi
         return model.eval(), trial.metrics, False
     seed = trial.seed_for(config.search.seed)
     log(f"The weights of trial {trial.number} were not kept (the search keeps the best search.keep_best); retraining it with seed {seed}.")
-    model, metrics = _retrain(config, arch, seed, study.paragon, log)
+    model, metrics = _retrain(config, arch, seed, study.paragon, log, trial.fine_tune_of)
     log(f"Retrained: query mAP {metrics[QUERY_MAP]:.4f} (the trial had {trial.metrics[QUERY_MAP]:.4f}).")
     return model.cpu().eval(), metrics, True  # exported and verified on the CPU, wherever it was trained
 

@@ -285,6 +285,8 @@ def run_search(
         f"Budgets: {'; '.join(b.describe() for b in ctx.budgets)}. Gallery model: {gallery_budgets['mflops']:.2f} MFLOPs."
     )
     objective = Objective(create_evaluator(ctx, paragon), study, tracker, parent)
+    with file_lock(config.out_dir / ".supernet.lock"), objective.interrupt.installed():  # one worker trains a supernet, the others load it
+        objective.evaluator.prepare(log, tracker, parent, study.study_name, should_stop=objective.interrupt.requested)
     progress = Progress(max(goal.trials - done_before, 0), config.search.timeout, log)
     start = time.monotonic()
     status = "FINISHED"
@@ -303,7 +305,13 @@ def run_search(
                     # waiting trials (warm starts, retries of a dead process's trial) are counted already: run them even at the goal
                     waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
                     if goal.reached(study) and not waiting:
-                        break
+                        follow_ups = objective.evaluator.follow_up(study)  # one-shot: fine-tune the best inherited candidates
+                        if not follow_ups:
+                            break
+                        for arch_text, of in follow_ups:
+                            enqueue_architecture(study, arch_text, mine, fine_tune_of=of)
+                        log(f"Fine-tuning the {len(follow_ups)} best candidate(s) scored with inherited weights: trial(s) "
+                            f"{', '.join(str(of) for _, of in follow_ups)}.")
                     trial = ask_next(study, config.search.seed)
                     # Optuna's own heartbeat thread, the one ``optimize`` runs (private API, pinned with optuna==5.0.0)
                     trial_scope.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))

@@ -16,6 +16,10 @@ were not kept) and ``nas baseline`` use the same evaluator.
 
 ``train_from_scratch`` is the first strategy: random weights from the trial's seed,
 trained toward the gallery embeddings with the configured compatibility loss.
+``one_shot`` is the second: every candidate is a member of one trained supernet
+(:mod:`nas.supernet`), scored on val with its inherited weights in seconds; the best few
+are then fine-tuned from those weights (:class:`FineTuneInherited`, the trials
+:meth:`Evaluator.follow_up` asks for) and scored on query.
 """
 
 from __future__ import annotations
@@ -24,18 +28,27 @@ import abc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import optuna
 import torch
 
 from nas.data import StreamingImages
 from nas.metrics import compatibility_ratios
 from nas.registry import Registry
 from nas.scoring import embed, score_part
-from nas.search.context import Context
-from search_spaces import Architecture, QueryNet, build
+from nas.records import State, trial_records
+from nas.search.context import Context, Log
+from search_spaces import Architecture, QueryNet, Supernet, build
 from trainers import EpochResult, train_compatible
 
-__all__ = ["Evaluation", "Evaluator", "TrainFromScratch", "EVALUATORS", "create_evaluator", "build_seeded", "Paragon", "EpochCallback"]
+if TYPE_CHECKING:
+    from nas.tracking import Tracker
+
+__all__ = [
+    "Evaluation", "Evaluator", "TrainFromScratch", "OneShot", "FineTuneInherited", "EVALUATORS", "create_evaluator", "build_seeded",
+    "Paragon", "EpochCallback",
+]
 
 #: The gallery model's own scores per part (``{"query": {...}, "val": {...}}``).
 Paragon = dict[str, dict[str, float]]
@@ -79,6 +92,19 @@ class Evaluator(abc.ABC):
         ``should_stop`` is polled between training steps; when it returns true the
         evaluator raises ``KeyboardInterrupt`` (a deferred Ctrl-C).
         """
+
+    # ------------------------------------------------------------------ strategy hooks (defaults: none needed)
+    def prepare(self, log: Log = print, tracker: Tracker | None = None, parent: str | None = None, study_name: str = "",
+                should_stop: Callable[[], bool] | None = None, train: bool = True) -> None:
+        """What the strategy needs before the first candidate (the one-shot strategy: its trained supernet)."""
+
+    def for_trial(self, fine_tune_of: int | None) -> Evaluator:
+        """The evaluator of a trial; ``fine_tune_of``: the trial is a follow-up fine-tuning of that trial's network."""
+        return self
+
+    def follow_up(self, study: optuna.Study) -> list[tuple[str, int]]:
+        """Trials to add once the search reached its goal: ``(architecture string, fine_tune_of)`` pairs."""
+        return []
 
     # ------------------------------------------------------------------ shared by evaluators
     def score(self, model: QueryNet, part: str) -> dict[str, float]:
@@ -164,3 +190,129 @@ class TrainFromScratch(Evaluator):
         )
         train_seconds = time.perf_counter() - start
         return Evaluation(model, self.final_metrics(last_val, self.score(model, "query"), train_seconds))
+
+
+@EVALUATORS.register("one_shot")
+class OneShot(Evaluator):
+    """A member of the trained supernet with inherited weights, recalibrated and scored on val; no training.
+
+    :meth:`prepare` loads the supernet of the study's setting or trains it (an MLflow child
+    run of the study, role ``supernet``). :meth:`follow_up` asks for the fine-tuning of the
+    ``supernet.fine_tune_best`` best inherited trials.
+    """
+
+    name = "one_shot"
+
+    def __init__(self, ctx: Context, paragon: Paragon) -> None:
+        super().__init__(ctx, paragon)
+        self.supernet: Supernet | None = None
+
+    def prepare(self, log: Log = print, tracker: Tracker | None = None, parent: str | None = None, study_name: str = "",
+                should_stop: Callable[[], bool] | None = None, train: bool = True) -> None:
+        from nas.supernet import open_supernet, supernet_key
+
+        if self.supernet is not None:
+            return
+        run_id = None
+        if tracker is not None and parent is not None and train:
+            run_id = tracker.start_baseline(parent, study_name, supernet_key(self.ctx), role="supernet")
+
+        def on_epoch(row: dict[str, float]) -> None:
+            if run_id is not None:
+                tracker.log(run_id, metrics={k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+        try:
+            self.supernet, info = open_supernet(self.ctx, log, train=train, on_epoch=on_epoch, should_stop=should_stop)
+        except KeyboardInterrupt:
+            if run_id is not None:
+                tracker.end_trial(run_id, State.INTERRUPTED.value, "interrupted (Ctrl-C); the next run resumes from the last epoch's checkpoint")
+            raise
+        except Exception as exc:
+            if run_id is not None:
+                tracker.end_trial(run_id, State.FAILED.value, f"{type(exc).__name__}: {exc}")
+            raise
+        if run_id is not None:
+            tracker.log(run_id, params={"key": info.key, "rooted": info.rooted, "largest": info.largest, "epochs": info.epochs},
+                        tags={"asymnas.supernet.rooted": str(info.rooted).lower()})
+            tracker.end_trial(run_id, State.COMPLETE.value, None, {"supernet_seconds": info.seconds})
+
+    def _supernet(self) -> Supernet:
+        if self.supernet is None:
+            raise RuntimeError("OneShot.prepare() must run before candidates are built.")
+        return self.supernet
+
+    def build(self, arch: Architecture, seed: int) -> QueryNet:
+        return self._supernet().extract(arch)
+
+    def evaluate(
+        self, model: QueryNet, seed: int, on_epoch: EpochCallback | None = None, should_stop: Callable[[], bool] | None = None
+    ) -> Evaluation:
+        from nas.supernet import recalibrated
+
+        start = time.perf_counter()
+        recalibrated(self.ctx, model)
+        val = self.score(model, "val")
+        metrics = {
+            **{f"val_{k}": v for k, v in val.items() if k not in ("queries", "skipped")},
+            "val_mAP_ratio": val["mAP"] / self.paragon["val"]["mAP"],
+            "train_seconds": 0.0,
+            "inherited_seconds": time.perf_counter() - start,
+        }
+        return Evaluation(model, metrics, inherited=True)
+
+    def for_trial(self, fine_tune_of: int | None) -> Evaluator:
+        return self if fine_tune_of is None else FineTuneInherited(self)
+
+    def follow_up(self, study: optuna.Study) -> list[tuple[str, int]]:
+        records = trial_records(study)
+        taken = {r.fine_tune_of for r in records if r.fine_tune_of is not None}
+        inherited = sorted(
+            (r for r in records if r.state == State.INHERITED and r.feasible and r.values), key=lambda r: (-r.values[0], r.number)
+        )
+        best = inherited[: self.ctx.config.supernet.fine_tune_best]
+        return [(r.arch, r.number) for r in best if r.number not in taken and r.arch]
+
+
+class FineTuneInherited(Evaluator):
+    """A supernet member's inherited weights, recalibrated, then trained ``supernet.fine_tune_epochs`` epochs
+    toward the gallery embeddings (like a trial of ``train_from_scratch``, from those weights) and scored on val and query.
+
+    ``inherited_val_mAP``: the val mAP of the inherited weights before fine-tuning.
+    """
+
+    name = "one_shot_fine_tune"
+
+    def __init__(self, parent: OneShot) -> None:
+        super().__init__(parent.ctx, parent.paragon)
+        self.parent = parent
+
+    def build(self, arch: Architecture, seed: int) -> QueryNet:
+        return self.parent.build(arch, seed)
+
+    def evaluate(
+        self, model: QueryNet, seed: int, on_epoch: EpochCallback | None = None, should_stop: Callable[[], bool] | None = None
+    ) -> Evaluation:
+        from nas.supernet import recalibrated
+
+        ctx, tc, sc = self.ctx, self.ctx.config.train, self.ctx.config.supernet
+        recalibrated(ctx, model)
+        inherited = self.score(model, "val")["mAP"]
+        transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(model.arch.resolution, ctx.augmentation)
+        images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, seed, ctx.workers, desc="fine-tuning")
+        start = time.perf_counter()
+        last_val: dict[str, float] = {}
+
+        def after_epoch(result: EpochResult) -> None:
+            nonlocal last_val
+            last_val = self.score(model, "val")
+            if on_epoch is not None:
+                on_epoch(result, last_val)
+
+        train_compatible(
+            model, images, ctx.targets, ctx.loss, epochs=sc.fine_tune_epochs or tc.epochs, batch_size=tc.batch_size, optimizer=tc.optimizer,
+            lr=sc.fine_tune_lr or tc.lr, weight_decay=tc.weight_decay, momentum=tc.momentum, schedule=tc.schedule, device=ctx.device,
+            seed=seed, on_epoch=after_epoch, should_stop=should_stop,
+        )
+        metrics = self.final_metrics(last_val, self.score(model, "query"), time.perf_counter() - start)
+        metrics["inherited_val_mAP"] = inherited
+        return Evaluation(model, metrics)

@@ -110,7 +110,7 @@ class Objective:
         fixed = record.warm_start_arch()
         arch = Architecture.from_string(fixed) if fixed is not None else self.ctx.space.sample(trial)
         record.architecture(arch.to_string(), arch.arch_id)
-        return arch, self._duplicate_of(arch, trial.number)
+        return arch, self._duplicate_of(arch, trial.number, fine_tune=record.fine_tune_of() is not None)
 
     def reuse(self, trial: optuna.Trial, arch: Architecture, original: TrialRecord) -> None:
         """Record ``trial`` as a duplicate of ``original`` (not trained, not counted) with its MLflow run."""
@@ -122,7 +122,11 @@ class Objective:
 
     def _start_run(self, trial: optuna.Trial, arch: Architecture) -> str:
         run_id = self.tracker.start_trial(self.parent_run, trial)
-        self.tracker.log(run_id, params={**trial.params, "trial_number": trial.number, "arch": arch.to_string()}, tags={"asymnas.arch_id": arch.arch_id})
+        tags = {"asymnas.arch_id": arch.arch_id}
+        fine_tune_of = TrialWriter(trial).fine_tune_of()
+        if fine_tune_of is not None:
+            tags["asymnas.fine_tune_of"] = fine_tune_of
+        self.tracker.log(run_id, params={**trial.params, "trial_number": trial.number, "arch": arch.to_string()}, tags=tags)
         self.tracker.log_text(run_id, arch.to_json(), "arch.json")
         return run_id
 
@@ -131,14 +135,16 @@ class Objective:
         self.tracker.end_trial(run_id, state.value, reason)
 
     # ---------------------------------------------------------------- steps
-    def _duplicate_of(self, arch: Architecture, number: int) -> TrialRecord | None:
+    def _duplicate_of(self, arch: Architecture, number: int, fine_tune: bool = False) -> TrialRecord | None:
         """The earliest other trial of ``arch`` with a result (complete, infeasible, pruned), running, or queued for a retry.
 
         A failed or interrupted trial is no result: its architecture may be proposed again.
         """
+        if fine_tune:  # a follow-up of one inherited-weight trial: never a duplicate of it
+            return None
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
         for other in trial_records(self.study, states=states):
-            if other.number != number and other.arch_id == arch.arch_id and other.state != State.DUPLICATE:
+            if other.number != number and other.arch_id == arch.arch_id and other.state != State.DUPLICATE and other.fine_tune_of is None:
                 return other
         return None
 
@@ -153,7 +159,8 @@ class Objective:
         ctx = self.ctx
         seed = trial_seed(ctx.config.search.seed, trial.number)
         record.seed(seed)
-        model = self.evaluator.build(arch, seed)
+        evaluator = self.evaluator.for_trial(record.fine_tune_of())
+        model = evaluator.build(arch, seed)
         report = check_budgets(model, arch.resolution, arch.in_chans, ctx.budgets)
         record.constraints({budget.name: value for budget, value in zip(ctx.budgets, report.constraints, strict=True)})
         record.budgets(report.values, report.seconds)
@@ -162,16 +169,19 @@ class Objective:
             self.tracker.end_trial(run_id, State.INFEASIBLE.value, report.reason, {**report.values, "budget_check_seconds": report.seconds})
             return self._values(0.0, report.values)
         self.tracker.log(run_id, metrics=report.values)
-        return self._evaluate(trial, record, run_id, model, seed, report.values)
+        return self._evaluate(trial, record, run_id, evaluator, model, seed, report.values)
 
-    def _evaluate(self, trial: optuna.Trial, record: TrialWriter, run_id: str, model: torch.nn.Module, seed: int,
+    def _evaluate(self, trial: optuna.Trial, record: TrialWriter, run_id: str, evaluator: Evaluator, model: torch.nn.Module, seed: int,
                   budgets: dict[str, float]) -> float | tuple[float, ...]:
         search = self.ctx.config.search
+        fine_tune = record.fine_tune_of() is not None
         multi = len(search.objectives) > 1
         curve: dict[str, float] = {}
 
         def on_epoch(result: EpochResult, val: dict[str, float]) -> None:
             self.tracker.log(run_id, metrics={"train_loss": result.train_loss, "val_mAP": val["mAP"], "epoch_seconds": result.seconds}, step=result.epoch)
+            if fine_tune:  # the chosen few of a one-shot search: trained to the end, never pruned
+                return
             if multi:  # Optuna's pruners do not support multi-objective studies: the promotion rule
                 curve[str(result.epoch)] = val["mAP"]
                 record.val_curve(curve)
@@ -188,8 +198,13 @@ class Objective:
             if result.epoch < self.ctx.config.train.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"val mAP {val['mAP']:.4f} at epoch {result.epoch} is below what the {search.pruner} pruner keeps")
 
-        evaluation = self.evaluator.evaluate(model, seed, on_epoch, should_stop=self.interrupt.requested)
+        evaluation = evaluator.evaluate(model, seed, on_epoch, should_stop=self.interrupt.requested)
         metrics = evaluation.metrics
+        if evaluation.inherited:  # scored with a supernet's weights: re-extracted when needed, not kept
+            record.outcome(State.INHERITED, "scored with weights inherited from the supernet (not trained)", metrics=metrics)
+            self.tracker.log(run_id, tags={"asymnas.inherited": "true"})
+            self.tracker.end_trial(run_id, State.INHERITED.value, None, metrics)
+            return self._values(metrics[VAL_MAP], budgets)
         record.outcome(State.COMPLETE, metrics=metrics, weights=str(self._save_weights(trial.number, evaluation.model)))
         # val_mAP is already in the run, once per epoch; the last epoch's value is the final one
         self.tracker.end_trial(run_id, State.COMPLETE.value, None, {k: v for k, v in metrics.items() if k != VAL_MAP})

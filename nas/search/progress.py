@@ -53,6 +53,10 @@ class Progress:
         detail = ""
         if trial.state == State.COMPLETE:
             detail = f"val mAP {m[VAL_MAP]:.4f}, query mAP {m[QUERY_MAP]:.4f} ({m[QUERY_MAP_RATIO]:.3f} of paragon)"
+            if trial.fine_tune_of is not None:
+                detail += f", fine-tuned from trial {trial.fine_tune_of}"
+        elif trial.state == State.INHERITED:
+            detail = f"val mAP {m[VAL_MAP]:.4f} with inherited weights"
         elif trial.reason is not None:
             detail = trial.reason
         budgets = ", ".join(f"{k} {b[k]:.3g}" for k in ("mflops", "params_m", "latency_ms") if k in b)

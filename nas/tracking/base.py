@@ -20,6 +20,7 @@ Log = Callable[[str], None]
 #: Trial state (ours) -> MLflow run status. A failed trial is never FINISHED.
 RUN_STATUS = {
     "complete": "FINISHED",
+    "inherited": "FINISHED",
     "infeasible": "FINISHED",
     "duplicate": "FINISHED",
     "pruned": "KILLED",
@@ -94,8 +95,9 @@ class Tracker(abc.ABC):
         """Create the trial's child run under ``parent_id``, store its id on the trial; returns it."""
 
     @abc.abstractmethod
-    def start_baseline(self, parent_id: str, study_name: str, name: str) -> str:
-        """Create the child run of hand-designed baseline ``name``; returns its id."""
+    def start_baseline(self, parent_id: str, study_name: str, name: str, role: str = "baseline") -> str:
+        """Create the child run of hand-designed baseline ``name`` (or, with another ``role``, e.g.
+        ``supernet``, of that step of the study); returns its id."""
 
     @abc.abstractmethod
     def end_trial(self, run_id: str, state: str, reason: str | None = None, metrics: Mapping[str, float] | None = None) -> None:
@@ -146,7 +148,7 @@ class NullTracker(Tracker):
     def start_trial(self, parent_id: str, trial: optuna.Trial) -> str:
         return ""
 
-    def start_baseline(self, parent_id: str, study_name: str, name: str) -> str:
+    def start_baseline(self, parent_id: str, study_name: str, name: str, role: str = "baseline") -> str:
         return ""
 
     def end_trial(self, run_id: str, state: str, reason: str | None = None, metrics: Mapping[str, float] | None = None) -> None:

@@ -355,17 +355,18 @@ class MlflowTracker(Tracker):
         TrialWriter(trial).mlflow_run(run_id)
         return run_id
 
-    def start_baseline(self, parent_id: str, study_name: str, name: str) -> str:
-        """Create the child run of hand-designed baseline ``name`` (tagged ``asymnas.role=baseline``)."""
+    def start_baseline(self, parent_id: str, study_name: str, name: str, role: str = "baseline") -> str:
+        """Create the child run of hand-designed baseline ``name`` (tagged ``asymnas.role=baseline``), or of
+        another step of the study (``role``, e.g. ``supernet``: the one-shot strategy's supernet training)."""
         tags = {
-            "asymnas.role": "baseline",
-            "asymnas.baseline": "true",
+            "asymnas.role": role,
+            **({"asymnas.baseline": "true"} if role == "baseline" else {}),
             "optuna.study_name": study_name,
             "asymnas.state": "running",
             "asymnas.host": socket.gethostname(),
         }
-        placeholder = f"{PENDING}{study_name}-baseline-{name}-{uuid.uuid4().hex[:8]}"
-        return self._create(parent_id, placeholder, f"baseline:{name}", tags, f"the run of baseline {name}")
+        placeholder = f"{PENDING}{study_name}-{role}-{name}-{uuid.uuid4().hex[:8]}"
+        return self._create(parent_id, placeholder, f"{role}:{name}", tags, f"the run of {role} {name}")
 
     def end_trial(self, run_id: str, state: str, reason: str | None = None, metrics: Mapping[str, float] | None = None) -> None:
         """Log final metrics, tag the state (and reason) and close the run with the matching status."""

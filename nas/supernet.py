@@ -1,0 +1,303 @@
+"""The one-shot strategy's supernet: rooted in the gallery model where it can be, trained once, reused.
+
+:func:`open_supernet` returns the trained supernet of a study's setting (gallery weights,
+data and split, space, supernet and training settings, seed), training it first when no
+finished one is on disk under ``<out>/supernet/<key>/``:
+
+- **Root.** With the ``gallery`` space and a gallery model of the same timm name (an
+  EfficientNet-layout MBConv network), the largest member is the gallery model itself:
+  its backbone weights, and as embedding layer the gallery's projection (or the identity
+  when the gallery embeds its pooled features). Every member is then a structured pruning
+  of the gallery model, compatible with its index before any training. Otherwise the
+  supernet's weights are initialised from the seed.
+- **Training** (:func:`train_supernet`): the sandwich rule with in-place distillation (see
+  :class:`nas.config.SupernetConfig`), seeded per step, so a run is reproducible. After
+  every epoch a checkpoint (weights, optimizer, schedule, history) is written atomically;
+  a killed run resumes from the last one and ends where an uninterrupted run would.
+- **Scoring a member** (:func:`member_network`): extracted as an ordinary
+  :class:`~search_spaces.QueryNet` with copied weights, then its batch-norm statistics
+  recalibrated on a fixed, seeded subset of the *training* images at its resolution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from nas.data import StreamingImages, eval_batches
+from nas.errors import ConfigError, NasError
+from search_spaces import Architecture, GallerySpace, QueryNet, SearchSpace, Supernet, build, recalibrate_bn
+from search_spaces._head import EmbeddingHead
+from trainers import TrainingDiverged
+from trainers._train import _optimizer, _scheduler
+
+if TYPE_CHECKING:  # the context imports this module's users
+    from nas.search.context import Context
+
+__all__ = ["open_supernet", "train_supernet", "supernet_key", "root_network", "member_network", "recalibrated", "recalibration_indices", "random_member", "SupernetInfo"]
+
+Log = Callable[[str], None]
+FORMAT = "asymnas-supernet-v1"
+
+
+@dataclass
+class SupernetInfo:
+    """What a trained supernet's folder records beside its weights (``supernet.json``)."""
+
+    key: str
+    rooted: bool
+    largest: str
+    epochs: int
+    seconds: float
+    history: list[dict[str, float]]
+    format: str = FORMAT
+
+
+# ----------------------------------------------------------------------------- members
+
+
+class _RandomTrial:
+    """Enough of an Optuna trial for ``space.sample``: every categorical choice drawn from ``rng``."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        return choices[int(self.rng.integers(len(choices)))]
+
+
+def random_member(space: SearchSpace, rng: np.random.Generator) -> Architecture:
+    """A member of ``space`` drawn uniformly per choice from ``rng``."""
+    return space.sample(_RandomTrial(rng))  # type: ignore[arg-type]
+
+
+def recalibration_indices(ctx: Context) -> np.ndarray:
+    """The fixed, seeded subset of training images every member's batch-norm statistics are recalibrated on."""
+    train = np.asarray(ctx.split.train)
+    n = min(ctx.config.supernet.recalibration_images, len(train))
+    rng = np.random.default_rng([ctx.config.search.seed, 0x5EED])
+    return np.sort(rng.choice(train, size=n, replace=False))
+
+
+def recalibrated(ctx: Context, model: QueryNet) -> QueryNet:
+    """``model`` with its batch-norm statistics recalibrated on :func:`recalibration_indices` at its resolution (in place)."""
+    transform = ctx.preprocessing.for_channels(ctx.data.channels).eval_transform(model.arch.resolution)
+    batches = eval_batches(ctx.data.images, recalibration_indices(ctx), transform, ctx.config.train.batch_size, ctx.workers)
+    recalibrate_bn(model, batches, ctx.device)
+    return model.cpu()
+
+
+def member_network(ctx: Context, supernet: Supernet, arch: Architecture) -> QueryNet:
+    """``arch`` extracted from ``supernet`` (copied weights) with its batch-norm statistics recalibrated on training images."""
+    return recalibrated(ctx, supernet.extract(arch))
+
+
+# ----------------------------------------------------------------------------- the root
+
+
+def root_network(ctx: Context, space: SearchSpace) -> QueryNet | None:
+    """The gallery model as the space's largest member, or ``None`` when it cannot be (see the module docstring)."""
+    if not isinstance(space, GallerySpace) or space.model != ctx.gallery.model_name:
+        return None
+    gallery = ctx.gallery
+    largest = space.extreme(smallest=False)
+    with torch.random.fork_rng(devices=[]):
+        net = build(largest)
+    state = {k: v for k, v in gallery.backbone.state_dict().items() if not k.startswith("classifier.")}
+    if isinstance(gallery.proj, EmbeddingHead):
+        state["embed.weight"], state["embed.bias"] = gallery.proj.weight.detach(), gallery.proj.bias.detach()
+    else:  # the gallery embeds its pooled features: the identity
+        state["embed.weight"], state["embed.bias"] = torch.eye(net.num_features), torch.zeros(net.num_features)
+    missing = net.load_state_dict(state, strict=False)
+    if missing.missing_keys or missing.unexpected_keys:
+        raise NasError(f"The gallery model's weights do not fit its own architecture read back ({missing}); this is a bug.")
+    return net.eval()
+
+
+# ----------------------------------------------------------------------------- cache key
+
+
+def supernet_key(ctx: Context) -> str:
+    """A hash of everything the trained supernet depends on."""
+    c = ctx.config
+    data = {
+        "format": FORMAT,
+        "gallery": ctx.gallery_sha,
+        "embeddings": ctx.embeddings.checksum(),  # data, split, resolution and preprocessing of the gallery side
+        "space": ctx.space.describe(),
+        "supernet": asdict(c.supernet),
+        "train": {k: getattr(c.train, k) for k in ("loss", "loss_options", "batch_size", "optimizer", "lr", "weight_decay", "momentum")},
+        "augment": asdict(c.train.augment),
+        "preprocessing": ctx.preprocessing.to_dict(),
+        "seed": c.search.seed,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def supernet_dir(ctx: Context) -> Path:
+    return ctx.config.out_dir / "supernet" / supernet_key(ctx)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _step_members(space: SearchSpace, largest: Architecture, smallest: Architecture, random_subnets: int, seed: int, epoch: int, step: int) -> list[Architecture]:
+    """The sandwich of one step: largest, smallest, then ``random_subnets`` random members (seeded by step)."""
+    rng = np.random.default_rng([seed, epoch, step])
+    return [largest, smallest, *(random_member(space, rng) for _ in range(random_subnets))]
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_supernet(
+    ctx: Context,
+    supernet: Supernet,
+    folder: Path,
+    log: Log = print,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``supernet`` as :class:`nas.config.SupernetConfig` says, resuming from ``folder/checkpoint.pt``; the per-epoch history."""
+    c, sc = ctx.config, ctx.config.supernet
+    seed = c.search.seed
+    space = ctx.space
+    largest, smallest = space.extreme(smallest=False), space.extreme(smallest=True)
+    top_res = max(largest.resolution, smallest.resolution)
+    transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(top_res, ctx.augmentation)
+    images = StreamingImages(ctx.data.images, ctx.split.train, transform, c.train.batch_size, seed, ctx.workers, desc="supernet")
+    targets, labels = ctx.targets.targets, ctx.targets.labels
+    loss_fn = ctx.loss
+    loss_fn.bind(ctx.targets)
+    device = ctx.device
+    supernet.to(device)
+    loss_fn.to(device)
+    lr = sc.lr or c.train.lr
+    opt = _optimizer(supernet, c.train.optimizer, lr, c.train.weight_decay, c.train.momentum)
+    steps_per_epoch = max(len(images) // images.batch_size, 1)
+    sched = _scheduler(opt, c.train.schedule, sc.epochs * steps_per_epoch)
+    checkpoint = folder / "checkpoint.pt"
+    history: list[dict[str, float]] = []
+    start_epoch = 1
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        supernet.net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state["scheduler"] is not None:
+            sched.load_state_dict(state["scheduler"])
+        history = state["history"]
+        start_epoch = state["epoch"] + 1
+        log(f"Supernet: resuming from its checkpoint after epoch {state['epoch']} of {sc.epochs}.")
+    torch.manual_seed(seed)
+    try:
+        for epoch in range(start_epoch, sc.epochs + 1):
+            began = time.perf_counter()
+            supernet.train()
+            totals = {"loss_largest": 0.0, "loss_smallest": 0.0, "loss_random": 0.0}
+            for step, (xb, idx) in enumerate(images.batches(epoch)):
+                if should_stop is not None and should_stop():
+                    raise KeyboardInterrupt(f"interrupted at supernet epoch {epoch}, step {step + 1}")
+                xb, tb, yb = xb.to(device), targets[idx].to(device), labels[idx].to(device)
+                opt.zero_grad(set_to_none=True)
+                teacher = None
+                for i, arch in enumerate(_step_members(space, largest, smallest, sc.random_subnets, seed, epoch, step)):
+                    x = xb if arch.resolution == xb.shape[-1] else F.interpolate(xb, size=arch.resolution, mode="bilinear", antialias=True, align_corners=False)
+                    out = supernet(x, arch)
+                    loss = loss_fn(out, tb, yb)
+                    if i == 0:
+                        teacher = out.detach()
+                    elif sc.distill > 0:
+                        loss = loss + sc.distill * (out - teacher).pow(2).sum(dim=1).mean()
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise TrainingDiverged(f"supernet loss became {value} at epoch {epoch}, step {step + 1} (lr {lr:g}); lower supernet.lr.")
+                    loss.backward()  # one member at a time: gradients add up, graphs are freed
+                    totals["loss_largest" if i == 0 else "loss_smallest" if i == 1 else "loss_random"] += value / (1 if i < 2 else max(sc.random_subnets, 1))
+                opt.step()
+                if sched is not None:
+                    sched.step()
+            row = {k: v / steps_per_epoch for k, v in totals.items()}
+            row.update(epoch=epoch, seconds=time.perf_counter() - began)
+            history.append(row)
+            _save_atomic(
+                {"net": supernet.net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
+                 "history": history, "epoch": epoch},
+                checkpoint,
+            )
+            log(f"Supernet epoch {epoch}/{sc.epochs}: loss largest {row['loss_largest']:.4f}, smallest {row['loss_smallest']:.4f}, "
+                f"random {row['loss_random']:.4f} ({row['seconds']:.0f} s)")
+            if on_epoch is not None:
+                on_epoch(row)
+    finally:
+        supernet.eval().cpu()
+    return history
+
+
+def open_supernet(
+    ctx: Context,
+    log: Log = print,
+    train: bool = True,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[Supernet, SupernetInfo]:
+    """The trained supernet of ``ctx``'s setting: loaded from ``<out>/supernet/<key>/`` or trained there first.
+
+    With ``train=False`` a missing supernet is a :class:`NasError` saying how to train it.
+    """
+    space = ctx.space
+    if not hasattr(space, "stage_choices") and space.name not in ("mobilenet", "efficientnet"):
+        raise ConfigError(
+            f"search.strategy one_shot needs a space of MBConv blocks ('mobilenet', 'efficientnet' or 'gallery'), but space "
+            f"{space.name!r} is configured; use one of those or search.strategy: train_from_scratch."
+        )
+    folder = supernet_dir(ctx)
+    weights, info_path = folder / "supernet.safetensors", folder / "supernet.json"
+    root = root_network(ctx, space)
+    largest = root if root is not None else _seeded_largest(space, ctx.config.search.seed)
+    supernet = Supernet(space, largest)
+    if weights.exists() and info_path.exists():
+        supernet.net.load_state_dict(load_file(str(weights)))
+        info = SupernetInfo(**json.loads(info_path.read_text()))
+        log(f"Supernet: trained one reused from {folder} ({info.epochs} epochs, {'rooted in the gallery model' if info.rooted else 'random start'}).")
+        return supernet.eval(), info
+    if not train:
+        raise NasError(f"No trained supernet for this setting under {folder}; run 'nas supernet train CONFIG' (or 'nas search') first.")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "checkpoint.pt").exists():
+        supernet.sort_channels()  # before any training: the order every later epoch (and a resume) shares
+    log(
+        f"Supernet: {'rooted in the gallery model ' + ctx.gallery.model_name + ' (its largest member is the gallery model)' if root is not None else 'random start (the gallery model is not an MBConv network of this space)'}; "
+        f"largest member {supernet.largest_arch.to_string()}; training {ctx.config.supernet.epochs} epochs into {folder}"
+    )
+    began = time.perf_counter()
+    history = train_supernet(ctx, supernet, folder, log, on_epoch, should_stop)
+    seconds = sum(row["seconds"] for row in history)
+    info = SupernetInfo(supernet_key(ctx), root is not None, supernet.largest_arch.to_string(), ctx.config.supernet.epochs, seconds, history)
+    tmp = weights.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous() for k, v in supernet.net.state_dict().items()}, str(tmp))
+    os.replace(tmp, weights)
+    info_path.write_text(json.dumps(asdict(info), indent=2))
+    (folder / "checkpoint.pt").unlink(missing_ok=True)
+    log(f"Supernet: trained in {time.perf_counter() - began:.0f} s, saved to {weights}")
+    return supernet.eval(), info
+
+
+def _seeded_largest(space: SearchSpace, seed: int) -> QueryNet:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(space.extreme(smallest=False))

@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     gtrain.add_argument("--force", action="store_true", help="train again even if the checkpoint exists")
     gtrain.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    supernet = sub.add_parser("supernet", help="one-shot strategy commands")
+    supsub = supernet.add_subparsers(dest="supernet_command", required=True)
+    strain = supsub.add_parser("train", help="train (or resume) the supernet of CONFIG; 'nas search' with search.strategy one_shot reuses it")
+    _add_config_overrides(strain)
+    strain.add_argument("--threads", type=int, help="torch threads for training")
+
     for name, help_text in (
         ("export", "export a trial's query network (arch, weights, TorchScript, ONNX, card)"),
         ("results", "print a study's results table"),
@@ -93,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--out", help="folder for the report files; default <run dir>/report")
         if name == "export":
             cmd.add_argument("--trial", default="best", help="'best' (default), 'pareto:K' (see 'nas results') or a trial number")
+            cmd.add_argument("--family", metavar="FILE", help="a one-shot study: export one query network per device budget of this YAML file (see README)")
             cmd.add_argument("--out", required=True, help="folder to write the export to")
             cmd.add_argument("--format", help="comma-separated registered export formats (default: all; see nas.export.EXPORTERS)")
 
@@ -158,8 +165,14 @@ def _quiet_libraries() -> None:
 
 def _load_study(args: argparse.Namespace):
     """The study ``nas results`` / ``export`` / ``report`` read: from ``--storage``, else ``<run dir>/optuna.db``."""
-    from nas.errors import NasError
     from nas.search.optuna_setup import load_existing_study
+
+    return load_existing_study(_storage_url(args), args.study_name)
+
+
+def _storage_url(args: argparse.Namespace) -> str:
+    """The storage URL of ``--storage``, else of ``<run dir>/optuna.db``."""
+    from nas.errors import NasError
     from nas.secrets import resolve_url
 
     storage = resolve_url(args.storage, "--storage")
@@ -169,7 +182,7 @@ def _load_study(args: argparse.Namespace):
         if not db.is_file():
             raise NasError(f"No study database at {db}. Pass --run-dir (the search's --out folder) or --storage URL.")
         storage = f"sqlite:///{db.resolve()}"
-    return load_existing_study(storage, args.study_name)
+    return storage
 
 
 def _output_path(path: str, flag: str, folder: bool) -> Path:
@@ -343,6 +356,11 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(args.config, _run_overrides(args))
         run_search(config, total_trials=args.trials, worker=f"{socket.gethostname()}-{os.getpid()}", request=args.request)
         return 0
+    if args.command == "supernet":
+        from nas.search.driver import train_study_supernet
+
+        train_study_supernet(load_config(args.config, _run_overrides(args)))
+        return 0
     if args.command == "gallery":
         from nas.data import load_retrieval_data
         from nas.search.context import ensure_gallery
@@ -357,6 +375,12 @@ def _run(args: argparse.Namespace) -> int:
 
         _output_path(args.out, "--out", folder=True)
         study = _load_study(args)
+        if args.family:
+            from nas.export.family import export_family
+
+            export_family(study, _storage_url(args), args.family, args.out, formats=args.format, tracking_uri=args.tracking_uri)
+            print(f"Family written to {args.out} (FAMILY.md, one folder per device); load one with nas.load_query_model(FOLDER).")
+            return 0
         export_trial(study, args.trial, args.out, formats=args.format, tracking_uri=args.tracking_uri)
         print(f"Export written to {args.out}; load it with nas.load_query_model({str(args.out)!r}).")
         return 0

@@ -321,9 +321,16 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole experiment. ``out`` (default ``runs/<study name>``) holds the study, caches, runs and weights."""
+    """A whole experiment. ``out`` (default ``runs/<study name>``) holds the study, caches, runs and weights.
+
+    ``cache`` (default: ``out``) is the folder of what is computed once and reused by every
+    study of the same setting: the gallery embeddings (``<cache>/cache``) and trained
+    supernets (``<cache>/supernet``); ``nas export --family`` points its device searches at the
+    study's.
+    """
 
     out: str | None = None
+    cache: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     gallery: GalleryConfig = field(default_factory=GalleryConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
@@ -336,6 +343,10 @@ class ExperimentConfig:
     @property
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / self.search.study_name
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cache) if self.cache else self.out_dir
 
     @property
     def storage_url(self) -> str:

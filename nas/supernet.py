@@ -137,8 +137,8 @@ def supernet_key(ctx: Context) -> str:
         "gallery": ctx.gallery_sha,
         "embeddings": ctx.embeddings.checksum(),  # data, split, resolution and preprocessing of the gallery side
         "space": ctx.space.describe(),
-        "supernet": asdict(c.supernet),
-        "train": {k: getattr(c.train, k) for k in ("loss", "loss_options", "batch_size", "optimizer", "lr", "weight_decay", "momentum")},
+        "supernet": {k: getattr(c.supernet, k) for k in ("epochs", "lr", "random_subnets", "distill")},  # not how members are scored
+        "train": {k: getattr(c.train, k) for k in ("loss", "loss_options", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "schedule")},
         "augment": asdict(c.train.augment),
         "preprocessing": ctx.preprocessing.to_dict(),
         "seed": c.search.seed,
@@ -147,7 +147,7 @@ def supernet_key(ctx: Context) -> str:
 
 
 def supernet_dir(ctx: Context) -> Path:
-    return ctx.config.out_dir / "supernet" / supernet_key(ctx)
+    return ctx.config.cache_dir / "supernet" / supernet_key(ctx)
 
 
 # ----------------------------------------------------------------------------- training

@@ -32,7 +32,9 @@ from torch import nn
 
 from search_spaces._base import Architecture, SearchSpace, choices
 from search_spaces._blocks import decode_block, encode_block, format_number
+from search_spaces._net import QueryNet
 from search_spaces._registry import register_space
+from search_spaces._timm_builder import create_timm_model
 
 __all__ = ["GallerySpace", "mbconv_architecture", "RootError"]
 
@@ -84,8 +86,6 @@ def mbconv_architecture(model: nn.Module, space: str, embed_dim: int, in_chans: 
     checked by building it and comparing every ``state_dict`` key and shape with the
     model's (the classifier aside).
     """
-    from search_spaces._net import QueryNet  # the net imports the spaces' registry
-
     for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"):
         if not hasattr(model, name):
             layout = "pools before its head conv (MobileNetV3 layout)" if hasattr(model, "norm_head") else f"has no {name!r}"
@@ -146,8 +146,6 @@ class GallerySpace(SearchSpace):
         super().__init__(embed_dim, in_chans)
         if not model:
             raise ValueError("The gallery space needs option 'model': the timm name of the gallery model it prunes (filled in from gallery.model in a config).")
-        from search_spaces._timm_builder import create_timm_model
-
         self.model = model
         self.resolutions = choices("resolutions", resolutions, int)
         if min(self.resolutions) < 32:

@@ -51,7 +51,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def gallery_index(config: ExperimentConfig, run_dir: Path, retrieval: RetrievalData, log: Log) -> GalleryEmbeddings | None:
-    """The gallery model's embeddings of the run (cached under ``run_dir/cache``); None when the model it
+    """The gallery model's embeddings of the run (cached under ``<config.cache_dir>/cache``); None when the model it
     trained is gone (a configured checkpoint, weights file or pretrained model is required)."""
     data, split = retrieval.data, retrieval.split
     if config.gallery.source == "checkpoint" and not Path(config.gallery.checkpoint or "").is_file():
@@ -61,7 +61,7 @@ def gallery_index(config: ExperimentConfig, run_dir: Path, retrieval: RetrievalD
         return None
     gallery, sha, _ = opened
     emb, _ = gallery_embeddings(
-        gallery, sha, data, split, config.gallery.resolution, run_dir / "cache", config.gallery.batch_size, log=log, workers=config.data.workers
+        gallery, sha, data, split, config.gallery.resolution, config.cache_dir / "cache", config.gallery.batch_size, log=log, workers=config.data.workers
     )
     return emb
 

@@ -150,7 +150,7 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
         space = _create_space(config, gallery.embed_dim, data.channels)
     device = resolve_device(config.train.device)
     emb, cached = gallery_embeddings(
-        gallery, sha, data, split, config.gallery.resolution, config.out_dir / "cache", config.gallery.batch_size, device, log,
+        gallery, sha, data, split, config.gallery.resolution, config.cache_dir / "cache", config.gallery.batch_size, device, log,
         config.data.workers,
     )
     if cached:

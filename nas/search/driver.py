@@ -28,7 +28,7 @@ from nas.results import best_trial, counted_trials, feasible_complete, pareto_fr
 from nas.scoring import paragon_scores
 from nas.search.context import Context, Log, prepare
 from nas.search.coordination import Goal, ask_next, fail_dead_local_trials, new_request_id, this_process
-from nas.search.evaluators import EVALUATORS, Paragon, create_evaluator
+from nas.search.evaluators import EVALUATORS, OneShot, Paragon, create_evaluator
 from nas.search.objective import Objective
 from nas.search.optuna_setup import StaleTrialCallback, check_storage, open_study
 from nas.search.progress import Progress
@@ -37,7 +37,7 @@ from nas.tracking import NullTracker, Tracker, check_tracking_uri, flatten, make
 from search_spaces import Architecture, build, timm_architecture
 from trainers import TrainingDiverged
 
-__all__ = ["run_search", "open_tracked_study", "study_paragon", "warm_start_architectures"]
+__all__ = ["run_search", "open_tracked_study", "study_paragon", "warm_start_architectures", "train_study_supernet"]
 
 
 def study_paragon(ctx: Context, study: optuna.Study) -> Paragon:
@@ -356,3 +356,31 @@ def _finish(study: optuna.Study, config: ExperimentConfig, tracker: Tracker, par
         tracker.log(parent, metrics=metrics, tags=tags)  # other workers go on
     else:
         tracker.end_study(parent, metrics=metrics, tags=tags, status=status)
+
+
+def train_study_supernet(config: ExperimentConfig, log: Log = print) -> None:
+    """``nas supernet train``: the one-shot strategy's supernet of ``config``, trained (or resumed, or found
+    trained) as a child run of the study's MLflow parent run, without running any trial."""
+    storage_url = config.storage_url
+    check_storage(storage_url)
+    if config.tracking.enabled:
+        check_tracking_uri(config.tracking_uri)
+    with file_lock(config.out_dir / ".gallery.lock"):
+        ctx = prepare(config, log)
+    with study_lock(config.storage_url, config.search.study_name, config.out_dir):
+        tracker = make_tracker(config, log)
+        study, parent, paragon, _ = open_tracked_study(config, ctx, tracker, log, describe=False)
+    evaluator = OneShot(ctx, paragon)
+    status = "FINISHED"
+    interrupt = Objective(evaluator, study, tracker, parent).interrupt
+    try:
+        with file_lock(config.out_dir / ".supernet.lock"), interrupt.installed():
+            evaluator.prepare(log, tracker, parent, study.study_name, should_stop=interrupt.requested)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        log("Interrupted (Ctrl-C): run the same command again to resume the supernet from its last finished epoch.")
+        raise
+    finally:
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not running:  # a search on the study goes on: leave its parent run open
+            tracker.end_study(parent, status=status)

@@ -39,6 +39,7 @@ from nas.registry import Registry
 from nas.scoring import embed, score_part
 from nas.records import State, trial_records
 from nas.search.context import Context, Log
+from nas.supernet import open_supernet, recalibrated, supernet_key
 from search_spaces import Architecture, QueryNet, Supernet, build
 from trainers import EpochResult, train_compatible
 
@@ -209,8 +210,6 @@ class OneShot(Evaluator):
 
     def prepare(self, log: Log = print, tracker: Tracker | None = None, parent: str | None = None, study_name: str = "",
                 should_stop: Callable[[], bool] | None = None, train: bool = True) -> None:
-        from nas.supernet import open_supernet, supernet_key
-
         if self.supernet is not None:
             return
         run_id = None
@@ -247,8 +246,6 @@ class OneShot(Evaluator):
     def evaluate(
         self, model: QueryNet, seed: int, on_epoch: EpochCallback | None = None, should_stop: Callable[[], bool] | None = None
     ) -> Evaluation:
-        from nas.supernet import recalibrated
-
         start = time.perf_counter()
         recalibrated(self.ctx, model)
         val = self.score(model, "val")
@@ -292,8 +289,6 @@ class FineTuneInherited(Evaluator):
     def evaluate(
         self, model: QueryNet, seed: int, on_epoch: EpochCallback | None = None, should_stop: Callable[[], bool] | None = None
     ) -> Evaluation:
-        from nas.supernet import recalibrated
-
         ctx, tc, sc = self.ctx, self.ctx.config.train, self.ctx.config.supernet
         recalibrated(ctx, model)
         inherited = self.score(model, "val")["mAP"]

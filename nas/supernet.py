@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from nas.data import StreamingImages, eval_batches
-from nas.errors import ConfigError, NasError
+from nas.errors import NasError
 from search_spaces import Architecture, GallerySpace, QueryNet, SearchSpace, Supernet, build, recalibrate_bn
 from search_spaces._head import EmbeddingHead
 from trainers import TrainingDiverged
@@ -260,11 +260,6 @@ def open_supernet(
     With ``train=False`` a missing supernet is a :class:`NasError` saying how to train it.
     """
     space = ctx.space
-    if not hasattr(space, "stage_choices") and space.name not in ("mobilenet", "efficientnet"):
-        raise ConfigError(
-            f"search.strategy one_shot needs a space of MBConv blocks ('mobilenet', 'efficientnet' or 'gallery'), but space "
-            f"{space.name!r} is configured; use one of those or search.strategy: train_from_scratch."
-        )
     folder = supernet_dir(ctx)
     weights, info_path = folder / "supernet.safetensors", folder / "supernet.json"
     root = root_network(ctx, space)

@@ -141,7 +141,8 @@ def export_family(
     for device in devices:
         log(f"== Device {device.name} ({device.describe()}): {trials} candidates with inherited weights, the best {fine_tune_best} fine-tuned")
         data = _device_config(config_to_dict(config), run_dir, storage_url, uri, study.study_name, device, trials, fine_tune_best)
-        device_study = run_search(config_from_dict(data), log=lambda text, _n=device.name: log(f"[{_n}] {text}"))
+        # the device study's total: a second export reuses its trials rather than adding more
+        device_study = run_search(config_from_dict(data), log=lambda text, _n=device.name: log(f"[{_n}] {text}"), total_trials=trials)
         best = best_trial(device_study)
         if best is None:
             raise NasError(f"Device {device.name!r}: no candidate fitting {device.describe()} was fine-tuned; loosen its budgets or raise 'trials'.")

@@ -236,6 +236,7 @@ def run_search(
     prefix = f"[{worker}] " if worker else ""
     log = (lambda text, _log=log: _log(prefix + text)) if worker else log
     EVALUATORS.check(config.search.strategy)  # a misspelled strategy fails before any data is loaded
+    EVALUATORS.get(config.search.strategy).check_config(config)
     storage_url = config.storage_url  # env:NAME resolved, and a tracking URI typo reported, before any data is loaded
     check_storage(storage_url)  # a storage URL typo, a damaged database or an unreachable server: before the gallery
     if config.tracking.enabled:
@@ -361,6 +362,7 @@ def _finish(study: optuna.Study, config: ExperimentConfig, tracker: Tracker, par
 def train_study_supernet(config: ExperimentConfig, log: Log = print) -> None:
     """``nas supernet train``: the one-shot strategy's supernet of ``config``, trained (or resumed, or found
     trained) as a child run of the study's MLflow parent run, without running any trial."""
+    OneShot.check_config(config)
     storage_url = config.storage_url
     check_storage(storage_url)
     if config.tracking.enabled:

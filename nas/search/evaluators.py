@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING
 import optuna
 import torch
 
+from nas.config import ExperimentConfig
 from nas.data import StreamingImages
+from nas.errors import ConfigError
 from nas.metrics import compatibility_ratios
 from nas.registry import Registry
 from nas.scoring import embed, score_part
@@ -95,6 +97,10 @@ class Evaluator(abc.ABC):
         """
 
     # ------------------------------------------------------------------ strategy hooks (defaults: none needed)
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> None:
+        """Refuse, before any data is loaded, a config this strategy cannot run (a :class:`ConfigError`)."""
+
     def prepare(self, log: Log = print, tracker: Tracker | None = None, parent: str | None = None, study_name: str = "",
                 should_stop: Callable[[], bool] | None = None, train: bool = True) -> None:
         """What the strategy needs before the first candidate (the one-shot strategy: its trained supernet)."""
@@ -203,6 +209,16 @@ class OneShot(Evaluator):
     """
 
     name = "one_shot"
+    #: The spaces of MBConv blocks a supernet can hold.
+    SPACES = ("mobilenet", "efficientnet", "gallery")
+
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> None:
+        if config.space.name not in cls.SPACES:
+            raise ConfigError(
+                f"search.strategy one_shot needs a space of MBConv blocks ({', '.join(cls.SPACES)}), but space "
+                f"{config.space.name!r} is configured; use one of those or search.strategy: train_from_scratch."
+            )
 
     def __init__(self, ctx: Context, paragon: Paragon) -> None:
         super().__init__(ctx, paragon)

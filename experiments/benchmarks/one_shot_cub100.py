@@ -1,0 +1,145 @@
+"""CUB-100, one-shot: a supernet rooted in the pretrained gallery model, a family for two budgets, rank fidelity.
+
+Setting: ``experiments/cub100_one_shot.yaml`` (CUB-100 photos, class-disjoint, the
+ImageNet-pretrained ``tf_efficientnet_lite2`` gallery model at 224 px, 575.2 MFLOPs; the
+``gallery`` space of its structured prunings at 64-128 px). Steps, each timed:
+
+1. ``nas supernet train``: the gallery embeddings (cached after the first run) and the
+   supernet rooted in the gallery model (sandwich rule, in-place distillation);
+2. ``nas export --family``: one device search per budget (1/10 and 1/30 of the gallery's
+   MFLOPs) of ``--trials`` candidates scored with inherited weights, the best fine-tuned,
+   exported and verified; query mAP, R@1 and their ratios to the paragon;
+3. rank fidelity: ``--fidelity`` random members within the 1/10 budget, their val mAP with
+   inherited weights (the trained supernet) against their val mAP when fine-tuned
+   standalone from the gallery's own pruned weights (the untrained supernet, recalibrated,
+   ``--fidelity-epochs`` epochs with the study's training settings): Kendall tau and
+   Spearman rho.
+
+MFLOPs are fvcore multiply-accumulates, batch 1. Results go to ``<out>/one_shot_cub100.json``.
+
+    .venv/bin/python experiments/benchmarks/one_shot_cub100.py [--data ../shared/data/cub100] [--trials 16] [--fidelity 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy.stats import kendalltau, spearmanr
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "experiments"))
+
+from convert_efficientnet_lite import VARIANTS, convert_variant  # noqa: E402
+
+from nas.config import load_config  # noqa: E402
+from nas.export.family import export_family  # noqa: E402
+from nas.hardware import check_budgets  # noqa: E402
+from nas.records import StudyRecord  # noqa: E402
+from nas.search.context import prepare  # noqa: E402
+from nas.search.driver import train_study_supernet  # noqa: E402
+from nas.search.evaluators import OneShot  # noqa: E402
+from nas.search.optuna_setup import load_existing_study  # noqa: E402
+from nas.supernet import open_supernet, random_member, recalibrated, root_network  # noqa: E402
+from nas.data import StreamingImages  # noqa: E402
+from search_spaces import Supernet  # noqa: E402
+from trainers import train_compatible  # noqa: E402
+
+GALLERY_MFLOPS = 575.2
+
+
+def fidelity(config, n: int, epochs: int, seed: int, log) -> dict:
+    """Inherited-weight val mAP against fine-tuned-standalone val mAP of ``n`` random members within the study's budget."""
+    ctx = prepare(config, log=lambda _: None)
+    paragon = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).paragon
+    trained, _ = open_supernet(ctx, log, train=False)
+    scorer = OneShot(ctx, paragon)
+    untrained = Supernet(ctx.space, root_network(ctx, ctx.space))
+    untrained.sort_channels()  # as the trained one was sorted before training
+    rng = np.random.default_rng(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        arch = random_member(ctx.space, rng)
+        if arch.arch_id in seen:
+            continue
+        seen.add(arch.arch_id)
+        model = trained.extract(arch)
+        if not check_budgets(model, arch.resolution, arch.in_chans, ctx.budgets[:1]).feasible:  # MFLOPs only: cheap
+            continue
+        start = time.perf_counter()
+        inherited = scorer.score(recalibrated(ctx, model), "val")["mAP"]
+        standalone = recalibrated(ctx, untrained.extract(arch))
+        tc = config.train
+        transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(arch.resolution, ctx.augmentation)
+        images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, seed + len(rows), ctx.workers)
+        train_compatible(standalone, images, ctx.targets, ctx.loss, epochs=epochs, batch_size=tc.batch_size, optimizer=tc.optimizer,
+                         lr=tc.lr, weight_decay=tc.weight_decay, schedule=tc.schedule, device=ctx.device, seed=seed + len(rows))
+        tuned = scorer.score(standalone, "val")["mAP"]
+        rows.append({"arch": arch.to_string(), "resolution": arch.resolution, "inherited_val_mAP": inherited, "standalone_val_mAP": tuned,
+                     "seconds": time.perf_counter() - start})
+        log(f"fidelity {len(rows)}/{n}: res {arch.resolution}, inherited val mAP {inherited:.4f}, fine-tuned standalone {tuned:.4f} "
+            f"({rows[-1]['seconds']:.0f} s)")
+    a, b = [r["inherited_val_mAP"] for r in rows], [r["standalone_val_mAP"] for r in rows]
+    return {"members": rows, "kendall_tau": float(kendalltau(a, b).statistic), "spearman_rho": float(spearmanr(a, b).statistic)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cub100"))
+    parser.add_argument("--out", default=str(REPO / "runs" / "cub100-one-shot-benchmark"))
+    parser.add_argument("--trials", type=int, default=16, help="inherited-weight candidates per device")
+    parser.add_argument("--fidelity", type=int, default=12, help="members of the rank-fidelity measurement (0: skip)")
+    parser.add_argument("--fidelity-epochs", type=int, default=1)
+    args = parser.parse_args()
+    out = Path(args.out)
+    weights = REPO / "weights" / "tf_efficientnet_lite2.safetensors"
+    if not weights.is_file():
+        convert_variant(VARIANTS["lite2"], weights)
+    config = load_config(REPO / "experiments" / "cub100_one_shot.yaml",
+                         {"out": str(out), "data.path": args.data, "gallery.weights": str(weights), "search.study_name": "cub100-one-shot"})
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    result: dict = {"setting": {"trials": args.trials, "supernet_epochs": config.supernet.epochs, "fine_tune_epochs": config.train.epochs,
+                                "resolutions": config.space.options["resolutions"]}}
+    start = time.perf_counter()
+    train_study_supernet(config, log)
+    result["supernet_seconds"] = time.perf_counter() - start
+    family = out / "family.yaml"
+    family.write_text(yaml.safe_dump({
+        "devices": [{"name": "one-tenth", "max_mflops": GALLERY_MFLOPS / 10}, {"name": "one-thirtieth", "max_mflops": GALLERY_MFLOPS / 30}],
+        "trials": args.trials, "fine_tune_best": config.supernet.fine_tune_best,
+    }))
+    began = time.perf_counter()
+    study = load_existing_study(config.storage_url, config.search.study_name)
+    result["family"] = export_family(study, config.storage_url, family, out / "export-family", log=log)
+    result["family_seconds"] = time.perf_counter() - began
+    result["total_seconds"] = time.perf_counter() - start
+    result["paragon"] = StudyRecord.load(study).paragon_query
+    (out / "one_shot_cub100.json").write_text(json.dumps(result, indent=2))
+    if args.fidelity:
+        began = time.perf_counter()
+        result["fidelity"] = fidelity(config, args.fidelity, args.fidelity_epochs, config.search.seed, log)
+        result["fidelity_seconds"] = time.perf_counter() - began
+        (out / "one_shot_cub100.json").write_text(json.dumps(result, indent=2))
+    print()
+    p = result["paragon"]
+    print(f"paragon: query mAP {p['mAP']:.4f}, R@1 {p['R@1']:.4f}")
+    print(f"{'budget':<14} {'MFLOPs':>7} {'res':>4} {'query mAP':>9} {'ratio':>6} {'R@1':>6} {'R@1 ratio':>9}")
+    for r in result["family"]:
+        res = r["arch"].split()[1]
+        print(f"{r['device']:<14} {r['mflops']:>7.2f} {res[4:]:>4} {r['query_mAP']:>9.4f} {r['query_mAP_ratio']:>6.3f} "
+              f"{r['query_R@1']:>6.4f} {r['query_R@1'] / p['R@1']:>9.3f}")
+    print(f"wall time: supernet (with gallery embeddings) {result['supernet_seconds'] / 60:.1f} min, family {result['family_seconds'] / 60:.1f} min, "
+          f"total {result['total_seconds'] / 60:.1f} min")
+    if "fidelity" in result:
+        f = result["fidelity"]
+        print(f"rank fidelity over {len(f['members'])} members: Kendall tau {f['kendall_tau']:.3f}, Spearman rho {f['spearman_rho']:.3f} "
+              f"({result['fidelity_seconds'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

@@ -172,17 +172,9 @@ def _load_study(args: argparse.Namespace):
 
 def _storage_url(args: argparse.Namespace) -> str:
     """The storage URL of ``--storage``, else of ``<run dir>/optuna.db``."""
-    from nas.errors import NasError
-    from nas.secrets import resolve_url
+    from nas.search.optuna_setup import reader_storage_url
 
-    storage = resolve_url(args.storage, "--storage")
-    if storage is None:
-        run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / args.study_name
-        db = run_dir / "optuna.db"
-        if not db.is_file():
-            raise NasError(f"No study database at {db}. Pass --run-dir (the search's --out folder) or --storage URL.")
-        storage = f"sqlite:///{db.resolve()}"
-    return storage
+    return reader_storage_url(args.storage, args.run_dir, args.study_name)
 
 
 def _output_path(path: str, flag: str, folder: bool) -> Path:

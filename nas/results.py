@@ -119,11 +119,19 @@ def results_table(study: optuna.Study, top: int | None = None) -> str:
         state = t.state if t.duplicate_of is None else f"dup of {t.duplicate_of}"
         mark = "*" if best is not None and t.number == best.number else " "
         lines.append(
-            f"{t.number:>4}{mark} {state:<11} {fmt(t.params.get('resolution'), '>3')} {fmt(t.params.get('width'), '>5')} "
+            f"{t.number:>4}{mark} {state:<11} {fmt(_field(t, 'resolution', 'res'), '>3')} {fmt(_field(t, 'width', 'width'), '>5')} "
             f"{fmt(b.get('mflops'), '7.3f')} {fmt(b.get('params_m'), '8.3f')} {fmt(b.get('latency_ms'), '6.2f')} "
             f"{fmt(m.get(VAL_MAP), '7.4f')} {fmt(m.get(QUERY_MAP), '6.4f')} {fmt(m.get(QUERY_R1), '6.4f')} {fmt(m.get(QUERY_MAP_RATIO), '6.3f')}"
         )
     return "\n".join(lines)
+
+
+def _field(t: TrialRecord, param: str, token: str) -> Any:
+    """A sampled parameter of the trial, else (an enqueued trial: warm start, fine-tuning) that field of its architecture string."""
+    if param in t.params:
+        return t.params[param]
+    value = next((v for k, _, v in (tok.partition("=") for tok in (t.arch or "").split()) if k == token), None)
+    return None if value is None else float(value) if token == "width" else int(value)
 
 
 def pareto_table(study: optuna.Study, cost: str | None = None) -> str:

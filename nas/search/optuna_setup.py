@@ -21,14 +21,14 @@ import optuna
 
 from nas.errors import ConfigError, NasError, StorageError
 from nas.registry import Registry
-from nas.secrets import mask_url
+from nas.secrets import mask_url, resolve_url
 
 if TYPE_CHECKING:
     from nas.config import ExperimentConfig, SearchConfig
 
 __all__ = [
     "SAMPLERS", "PRUNERS", "STORAGES", "make_sampler", "make_pruner", "make_storage", "storage_scheme", "check_storage", "storage_errors",
-    "open_study", "load_existing_study", "StaleTrialCallback",
+    "open_study", "load_existing_study", "reader_storage_url", "StaleTrialCallback",
 ]
 
 StaleTrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
@@ -415,6 +415,18 @@ def open_study(config: ExperimentConfig, on_stale_trial: StaleTrialCallback | No
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     return study
+
+
+def reader_storage_url(storage: str | None, run_dir: str | None, study_name: str) -> str:
+    """The storage of a study to read: the URL ``storage`` (``env:NAME`` allowed), else ``<run_dir>/optuna.db``
+    (default run folder ``runs/<study_name>``); a missing database is a :class:`NasError` saying what to pass."""
+    url = resolve_url(storage, "--storage")
+    if url is not None:
+        return url
+    db = (Path(run_dir) if run_dir else Path("runs") / study_name) / "optuna.db"
+    if not db.is_file():
+        raise NasError(f"No study database at {db}. Pass --run-dir (the search's --out folder) or --storage URL.")
+    return f"sqlite:///{db.resolve()}"
 
 
 def load_existing_study(url: str, study_name: str) -> optuna.Study:

@@ -127,7 +127,8 @@ def _same_but_stride(previous: str, text: str) -> bool:
 class GallerySpace(SearchSpace):
     """Structured prunings of the timm MBConv model ``model`` (see the module docstring).
 
-    ``model`` is filled in from ``gallery.model`` when a config names this space. Per
+    ``model`` is filled in from ``gallery.model`` when a config names this space (alone,
+    e.g. ``nas space show gallery``, it defaults to ``tf_efficientnet_lite0``). Per
     stage of the model: depths ``min_depth`` .. its depth, the ``kernels`` up to its
     kernel, the ``expansions`` up to its expansion ratio (stages of one block, or of
     depthwise-separable blocks, keep theirs).
@@ -137,7 +138,7 @@ class GallerySpace(SearchSpace):
         self,
         embed_dim: int,
         in_chans: int,
-        model: str = "",
+        model: str = "tf_efficientnet_lite0",
         resolutions: Sequence[int] = (96, 112, 128, 160),
         kernels: Sequence[int] = (3, 5, 7),
         expansions: Sequence[float] = (3, 4, 6),

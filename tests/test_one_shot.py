@@ -141,7 +141,7 @@ def test_the_gallery_space_refuses_a_model_it_cannot_prune() -> None:
     with pytest.raises(ValueError, match="pools before its head conv"):
         create_space("gallery", embed_dim=64, in_chans=3, model="mobilenetv3_small_050")
     with pytest.raises(ValueError, match="needs option 'model'"):
-        create_space("gallery", embed_dim=64, in_chans=3)
+        create_space("gallery", embed_dim=64, in_chans=3, model="")
 
 
 # ----------------------------------------------------------------------------- searches on tiny real data

@@ -50,7 +50,7 @@ def test_missing_data_says_where_and_how_to_get_it(tmp_path: Path, tiny_config, 
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        ("space__name", "mobilenett", "Valid spaces: efficientnet, mobilenet"),
+        ("space__name", "mobilenett", "Valid spaces: efficientnet, gallery, mobilenet"),
         ("train__loss", "regresion", "Did you mean 'regression'? Valid losses: bct, contrastive, csd"),
         ("data__dataset", "fashion", "Did you mean 'fashion_mnist'?"),
         ("gallery__model", "resnet_18", "not a timm architecture"),

@@ -10,7 +10,10 @@ and never evaluated), evaluates it with per-epoch reports to the pruner (or the
 promotion rule of multi-objective studies), keeps its weights and writes its record
 (:mod:`nas.records`) and MLflow child run. The objective value is the asymmetric mAP of
 the **val** images; the reported scores are those of the **query** images, which the
-search never sees.
+search never sees. A candidate scored with inherited weights (the one-shot strategy) is
+recorded in state ``inherited`` without weights; a queued fine-tuning of one
+(``fine_tune_of``) is evaluated by :meth:`Evaluator.for_trial`'s evaluator, never pruned
+and never a duplicate of the trial it fine-tunes.
 """
 
 from __future__ import annotations

@@ -40,8 +40,7 @@ from nas.data import StreamingImages, eval_batches
 from nas.errors import NasError
 from search_spaces import Architecture, GallerySpace, QueryNet, SearchSpace, Supernet, build, recalibrate_bn
 from search_spaces._head import EmbeddingHead
-from trainers import TrainingDiverged
-from trainers._train import _optimizer, _scheduler
+from trainers import TrainingDiverged, make_optimizer, make_scheduler
 
 if TYPE_CHECKING:  # the context imports this module's users
     from nas.search.context import Context
@@ -188,9 +187,9 @@ def train_supernet(
     supernet.to(device)
     loss_fn.to(device)
     lr = sc.lr or c.train.lr
-    opt = _optimizer(supernet, c.train.optimizer, lr, c.train.weight_decay, c.train.momentum)
+    opt = make_optimizer(supernet, c.train.optimizer, lr, c.train.weight_decay, c.train.momentum)
     steps_per_epoch = max(len(images) // images.batch_size, 1)
-    sched = _scheduler(opt, c.train.schedule, sc.epochs * steps_per_epoch)
+    sched = make_scheduler(opt, c.train.schedule, sc.epochs * steps_per_epoch)
     checkpoint = folder / "checkpoint.pt"
     history: list[dict[str, float]] = []
     start_epoch = 1

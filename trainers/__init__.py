@@ -15,7 +15,7 @@ from trainers._losses import (
     list_losses,
     register_loss,
 )
-from trainers._train import EpochResult, TensorImages, TrainingDiverged, TrainingImages, train_compatible
+from trainers._train import EpochResult, TensorImages, TrainingDiverged, TrainingImages, make_optimizer, make_scheduler, train_compatible
 
 __all__ = [
     "BackwardCompatibleLoss",
@@ -33,6 +33,8 @@ __all__ = [
     "create_loss",
     "create_loss_from_config",
     "list_losses",
+    "make_optimizer",
+    "make_scheduler",
     "register_loss",
     "train_compatible",
 ]

@@ -14,7 +14,7 @@ from torch import nn
 
 from trainers._base import CompatibilityLoss, GalleryTargets
 
-__all__ = ["train_compatible", "TrainingDiverged", "EpochResult", "TrainingImages", "TensorImages"]
+__all__ = ["train_compatible", "TrainingDiverged", "EpochResult", "TrainingImages", "TensorImages", "make_optimizer", "make_scheduler"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,7 +56,7 @@ class TensorImages:
             yield self.images[positions], positions
 
 
-def _optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     if name == "sgd":
@@ -64,7 +64,7 @@ def _optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, mome
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', but got {name!r}.")
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     if name == "step":
@@ -119,9 +119,9 @@ def train_compatible(
     loss_fn.bind(targets)
     model.to(device)
     loss_fn.to(device)
-    opt = _optimizer(model, optimizer, lr, weight_decay, momentum)
+    opt = make_optimizer(model, optimizer, lr, weight_decay, momentum)
     steps_per_epoch = max(len(images) // images.batch_size, 1)
-    sched = _scheduler(opt, schedule, epochs * steps_per_epoch)
+    sched = make_scheduler(opt, schedule, epochs * steps_per_epoch)
     history: list[EpochResult] = []
     try:
         for epoch in range(1, epochs + 1):

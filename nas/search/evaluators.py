@@ -123,6 +123,32 @@ class Evaluator(abc.ABC):
         )
         return score_part(ctx.retrieval, part, emb, ctx.embeddings)
 
+    def train_and_score(
+        self, model: QueryNet, seed: int, epochs: int, lr: float, on_epoch: EpochCallback | None, should_stop: Callable[[], bool] | None,
+        desc: str,
+    ) -> dict[str, float]:
+        """Train ``model`` (as it is) ``epochs`` epochs at ``lr`` with the study's training settings, val scores after every
+        epoch passed to ``on_epoch``; then score query. The :meth:`final_metrics` of the result."""
+        ctx, tc = self.ctx, self.ctx.config.train
+        transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(model.arch.resolution, ctx.augmentation)
+        images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, seed, ctx.workers, desc=desc)
+        start = time.perf_counter()
+        last_val: dict[str, float] = {}
+
+        def after_epoch(result: EpochResult) -> None:
+            nonlocal last_val
+            last_val = self.score(model, "val")
+            if on_epoch is not None:
+                on_epoch(result, last_val)
+
+        train_compatible(
+            model, images, ctx.targets, ctx.loss, epochs=epochs, batch_size=tc.batch_size, optimizer=tc.optimizer, lr=lr,
+            weight_decay=tc.weight_decay, momentum=tc.momentum, schedule=tc.schedule, device=ctx.device, seed=seed,
+            on_epoch=after_epoch, should_stop=should_stop,
+        )
+        train_seconds = time.perf_counter() - start
+        return self.final_metrics(last_val, self.score(model, "query"), train_seconds)
+
     def final_metrics(self, val: dict[str, float], query: dict[str, float], train_seconds: float) -> dict[str, float]:
         """The stored metrics of a candidate: ``val_*``, ``query_*`` and their ratios to the paragon."""
         return {
@@ -166,37 +192,8 @@ class TrainFromScratch(Evaluator):
     def evaluate(
         self, model: QueryNet, seed: int, on_epoch: EpochCallback | None = None, should_stop: Callable[[], bool] | None = None
     ) -> Evaluation:
-        ctx, tc = self.ctx, self.ctx.config.train
-        transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(model.arch.resolution, ctx.augmentation)
-        images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, seed, ctx.workers, desc="training")
-        start = time.perf_counter()
-        last_val: dict[str, float] = {}
-
-        def after_epoch(result: EpochResult) -> None:
-            nonlocal last_val
-            last_val = self.score(model, "val")
-            if on_epoch is not None:
-                on_epoch(result, last_val)
-
-        train_compatible(
-            model,
-            images,
-            ctx.targets,
-            ctx.loss,
-            epochs=tc.epochs,
-            batch_size=tc.batch_size,
-            optimizer=tc.optimizer,
-            lr=tc.lr,
-            weight_decay=tc.weight_decay,
-            momentum=tc.momentum,
-            schedule=tc.schedule,
-            device=ctx.device,
-            seed=seed,
-            on_epoch=after_epoch,
-            should_stop=should_stop,
-        )
-        train_seconds = time.perf_counter() - start
-        return Evaluation(model, self.final_metrics(last_val, self.score(model, "query"), train_seconds))
+        tc = self.ctx.config.train
+        return Evaluation(model, self.train_and_score(model, seed, tc.epochs, tc.lr, on_epoch, should_stop, "training"))
 
 
 @EVALUATORS.register("one_shot")
@@ -308,22 +305,6 @@ class FineTuneInherited(Evaluator):
         ctx, tc, sc = self.ctx, self.ctx.config.train, self.ctx.config.supernet
         recalibrated(ctx, model)
         inherited = self.score(model, "val")["mAP"]
-        transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(model.arch.resolution, ctx.augmentation)
-        images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, seed, ctx.workers, desc="fine-tuning")
-        start = time.perf_counter()
-        last_val: dict[str, float] = {}
-
-        def after_epoch(result: EpochResult) -> None:
-            nonlocal last_val
-            last_val = self.score(model, "val")
-            if on_epoch is not None:
-                on_epoch(result, last_val)
-
-        train_compatible(
-            model, images, ctx.targets, ctx.loss, epochs=sc.fine_tune_epochs or tc.epochs, batch_size=tc.batch_size, optimizer=tc.optimizer,
-            lr=sc.fine_tune_lr or tc.lr, weight_decay=tc.weight_decay, momentum=tc.momentum, schedule=tc.schedule, device=ctx.device,
-            seed=seed, on_epoch=after_epoch, should_stop=should_stop,
-        )
-        metrics = self.final_metrics(last_val, self.score(model, "query"), time.perf_counter() - start)
+        metrics = self.train_and_score(model, seed, sc.fine_tune_epochs or tc.epochs, sc.fine_tune_lr or tc.lr, on_epoch, should_stop, "fine-tuning")
         metrics["inherited_val_mAP"] = inherited
         return Evaluation(model, metrics)

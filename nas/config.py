@@ -270,6 +270,10 @@ class SearchConfig:
         _check(self.threads is None or self.threads >= 1, f"search.threads must be >= 1 or null, but got {self.threads}.")
 
 
+#: ``supernet.batch_norm``: how members' batch-norm statistics are set (see :class:`SupernetConfig`).
+BATCH_NORM_MODES = ("auto", "frozen", "recalibrate")
+
+
 @dataclass(frozen=True)
 class SupernetConfig:
     """The supernet of the one-shot strategy (``search.strategy: one_shot``, ``nas supernet train``).
@@ -284,6 +288,11 @@ class SupernetConfig:
     toward the largest's embedding (in-place distillation, weight ``distill``). A member is
     scored with its inherited weights after its batch-norm statistics are recalibrated on
     ``recalibration_images`` training images (a fixed seeded subset, never val or query).
+    ``batch_norm``: ``recalibrate`` (as just said; members train with batch statistics),
+    ``frozen`` (every batch-norm layer keeps the largest member's running statistics, in
+    supernet training, scoring and fine-tuning alike; no recalibration), or ``auto``:
+    ``frozen`` when the supernet is rooted in the gallery model (whose statistics the
+    gallery embeddings were computed with), ``recalibrate`` otherwise.
     The ``fine_tune_best`` best members (by inherited val mAP) are then fine-tuned from
     their inherited weights for ``fine_tune_epochs`` (null: ``train.epochs``) at
     ``fine_tune_lr`` (null: ``train.lr``) and scored on the query images; the study's
@@ -298,8 +307,10 @@ class SupernetConfig:
     fine_tune_best: int = 2
     fine_tune_epochs: int | None = None
     fine_tune_lr: float | None = None
+    batch_norm: str = "auto"
 
     def __post_init__(self) -> None:
+        _check(self.batch_norm in BATCH_NORM_MODES, f"supernet.batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, but got {self.batch_norm!r}.")
         _check(self.epochs >= 1, f"supernet.epochs must be >= 1, but got {self.epochs}.")
         _check(self.lr is None or self.lr > 0, f"supernet.lr must be > 0 or null, but got {self.lr}.")
         _check(self.random_subnets >= 0, f"supernet.random_subnets must be >= 0, but got {self.random_subnets}.")

@@ -17,6 +17,14 @@ finished one is on disk under ``<out>/supernet/<key>/``:
 - **Scoring a member** (:func:`member_network`): extracted as an ordinary
   :class:`~search_spaces.QueryNet` with copied weights, then its batch-norm statistics
   recalibrated on a fixed, seeded subset of the *training* images at its resolution.
+- **Batch norm** (``supernet.batch_norm``, :func:`frozen_batch_norm`): a supernet rooted
+  in the gallery model keeps the gallery's running statistics everywhere (``auto``):
+  the gallery embeddings were computed with them, and re-estimating them on the training
+  photos moves even the unpruned gallery model away from its own index (CUB-100, the
+  pretrained EfficientNet-Lite2: val mAP 0.97 with its statistics, 0.79 recalibrated).
+  Members then train, are scored and fine-tuned with those statistics (sliced) and learn
+  to fit them; no recalibration. A supernet from random weights has no statistics worth
+  keeping: batch statistics in training, recalibration before scoring.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from trainers import TrainingDiverged, make_optimizer, make_scheduler
 if TYPE_CHECKING:  # the context imports this module's users
     from nas.search.context import Context
 
-__all__ = ["open_supernet", "train_supernet", "supernet_key", "root_network", "member_network", "recalibrated", "recalibration_indices", "random_member", "SupernetInfo"]
+__all__ = ["frozen_batch_norm", "rooted", "open_supernet", "train_supernet", "supernet_key", "root_network", "member_network", "recalibrated", "recalibration_indices", "random_member", "SupernetInfo"]
 
 Log = Callable[[str], None]
 FORMAT = "asymnas-supernet-v1"
@@ -91,7 +99,10 @@ def recalibration_indices(ctx: Context) -> np.ndarray:
 
 
 def recalibrated(ctx: Context, model: QueryNet) -> QueryNet:
-    """``model`` with its batch-norm statistics recalibrated on :func:`recalibration_indices` at its resolution (in place)."""
+    """``model`` with its batch-norm statistics recalibrated on :func:`recalibration_indices` at its resolution (in place);
+    unchanged when :func:`frozen_batch_norm` (its statistics are the root's)."""
+    if frozen_batch_norm(ctx):
+        return model
     transform = ctx.preprocessing.for_channels(ctx.data.channels).eval_transform(model.arch.resolution)
     batches = eval_batches(ctx.data.images, recalibration_indices(ctx), transform, ctx.config.train.batch_size, ctx.workers)
     recalibrate_bn(model, batches, ctx.device)
@@ -106,9 +117,21 @@ def member_network(ctx: Context, supernet: Supernet, arch: Architecture) -> Quer
 # ----------------------------------------------------------------------------- the root
 
 
+def rooted(ctx: Context, space: SearchSpace | None = None) -> bool:
+    """Whether the supernet over ``space`` (default ``ctx.space``) is rooted in the gallery model."""
+    space = ctx.space if space is None else space
+    return isinstance(space, GallerySpace) and space.model == ctx.gallery.model_name
+
+
+def frozen_batch_norm(ctx: Context) -> bool:
+    """Whether members keep the largest member's batch-norm statistics (``supernet.batch_norm``; ``auto``: when rooted)."""
+    mode = ctx.config.supernet.batch_norm
+    return mode == "frozen" or (mode == "auto" and rooted(ctx))
+
+
 def root_network(ctx: Context, space: SearchSpace) -> QueryNet | None:
     """The gallery model as the space's largest member, or ``None`` when it cannot be (see the module docstring)."""
-    if not isinstance(space, GallerySpace) or space.model != ctx.gallery.model_name:
+    if not rooted(ctx, space):
         return None
     gallery = ctx.gallery
     largest = space.extreme(smallest=False)
@@ -137,6 +160,7 @@ def supernet_key(ctx: Context) -> str:
         "embeddings": ctx.embeddings.checksum(),  # data, split, resolution and preprocessing of the gallery side
         "space": ctx.space.describe(),
         "supernet": {k: getattr(c.supernet, k) for k in ("epochs", "lr", "random_subnets", "distill")},  # not how members are scored
+        "frozen_batch_norm": frozen_batch_norm(ctx),
         "train": {k: getattr(c.train, k) for k in ("loss", "loss_options", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "schedule")},
         "augment": asdict(c.train.augment),
         "preprocessing": ctx.preprocessing.to_dict(),
@@ -263,7 +287,7 @@ def open_supernet(
     weights, info_path = folder / "supernet.safetensors", folder / "supernet.json"
     root = root_network(ctx, space)
     largest = root if root is not None else _seeded_largest(space, ctx.config.search.seed)
-    supernet = Supernet(space, largest)
+    supernet = Supernet(space, largest, frozen_bn=frozen_batch_norm(ctx))
     if weights.exists() and info_path.exists():
         supernet.net.load_state_dict(load_file(str(weights)))
         info = SupernetInfo(**json.loads(info_path.read_text()))

@@ -103,9 +103,10 @@ class Supernet(nn.Module):
     initialised as a query network's are.
     """
 
-    def __init__(self, space: SearchSpace, largest: QueryNet | None = None) -> None:
+    def __init__(self, space: SearchSpace, largest: QueryNet | None = None, frozen_bn: bool = False) -> None:
         super().__init__()
         self.space = space
+        self.frozen_bn = frozen_bn
         self.largest_arch = space.extreme(smallest=False)
         if largest is not None and _structure(largest.arch) != _structure(self.largest_arch):
             raise SupernetError(f"the network given as the largest member is {largest.arch.to_string()}, but the space's largest is {self.largest_arch.to_string()}")
@@ -147,12 +148,16 @@ class Supernet(nn.Module):
         """Member ``arch``'s embeddings of ``x`` with the shared weights.
 
         In training mode batch statistics are used and the supernet's running statistics
-        are left untouched; in eval mode the running statistics (slices) are used.
+        are left untouched; in eval mode, and always with ``frozen_bn``, the running
+        statistics (slices) are used.
         """
         skeleton = self._skeleton(arch)
         skeleton.train(self.training)
+        if self.frozen_bn:
+            for bn in _batch_norms(skeleton):
+                bn.eval()
         tensors = self.member_tensors(arch)
-        if self.training:  # running statistics are the member's own business: updates go to copies
+        if self.training and not self.frozen_bn:  # running statistics are the member's own business: updates go to copies
             tensors = {k: (v.clone() if k.endswith(("running_mean", "running_var", "num_batches_tracked")) else v) for k, v in tensors.items()}
         return functional_call(skeleton, tensors, (x,), strict=True)
 

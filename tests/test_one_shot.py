@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from _fixtures import digits_uint8
-from nas.config import GalleryConfig, config_from_dict
+from nas.config import GalleryConfig, SupernetConfig, config_from_dict
 from nas.errors import ConfigError, NasError
 from nas.export import load_query_model
 from nas.export.family import export_family, load_family
@@ -31,8 +31,9 @@ from nas.results import best_trial
 from nas.search.context import prepare
 from nas.search.driver import run_search
 from nas.search.optuna_setup import load_existing_study
-from nas.supernet import member_network, random_member, recalibration_indices, root_network
+from nas.supernet import frozen_batch_norm, member_network, random_member, recalibration_indices, root_network
 from search_spaces import Architecture, Supernet, SupernetError, create_space, recalibrate_bn
+from trainers import GalleryTargets, create_loss, train_compatible
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,6 +143,34 @@ def test_the_gallery_space_refuses_a_model_it_cannot_prune() -> None:
         create_space("gallery", embed_dim=64, in_chans=3, model="mobilenetv3_small_050")
     with pytest.raises(ValueError, match="needs option 'model'"):
         create_space("gallery", embed_dim=64, in_chans=3, model="")
+
+
+
+def test_frozen_batch_norm_keeps_the_gallery_statistics_in_training_and_fine_tuning(lite0_weights: Path) -> None:
+    gallery = load_gallery_weights(GalleryConfig(model="tf_efficientnet_lite0", weights=str(lite0_weights)), in_chans=3).eval()
+    space = create_space("gallery", embed_dim=gallery.embed_dim, in_chans=3, model="tf_efficientnet_lite0", resolutions=[64])
+    ctx = SimpleNamespace(gallery=gallery, space=space, config=SimpleNamespace(supernet=SupernetConfig()))  # batch_norm: auto
+    assert frozen_batch_norm(ctx)  # rooted in the gallery model: its statistics are kept
+    assert not frozen_batch_norm(SimpleNamespace(gallery=gallery, space=create_space("mobilenet", embed_dim=8, in_chans=3), config=ctx.config))
+    supernet = Supernet(space, root_network(ctx, space), frozen_bn=True)
+    stats = {k: v.clone() for k, v in supernet.net.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    member = space.extreme(smallest=True)
+    x = _digits(64, channels=3, n=16)
+    with torch.no_grad():
+        expected = supernet.eval()(x, member)
+    trained = supernet.train()(x, member)  # training mode normalises with the running statistics, not the batch's
+    assert (trained - expected).abs().max() <= 1e-5
+    trained.pow(2).sum().backward()
+    assert all(torch.equal(v, supernet.net.state_dict()[k]) for k, v in stats.items())
+    # fine-tuning an extracted member with freeze_bn: weights move, statistics stay the gallery's (sliced)
+    model = supernet.extract(member)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, targets = _digits(64, channels=3, n=32), F.normalize(torch.randn(32, gallery.embed_dim), dim=1)
+    train_compatible(model, images, GalleryTargets(targets, torch.zeros(32, dtype=torch.long)), create_loss("regression"), epochs=1, batch_size=16,
+                     lr=1e-3, freeze_bn=True)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(("running_mean", "running_var")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("conv_pw.weight"))
 
 
 # ----------------------------------------------------------------------------- searches on tiny real data

@@ -91,6 +91,7 @@ def train_compatible(
     seed: int = 0,
     on_epoch: Callable[[EpochResult], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    freeze_bn: bool = False,
 ) -> list[EpochResult]:
     """Train ``model`` so that ``model(image i)`` lands on ``targets.targets[i]``.
 
@@ -105,7 +106,10 @@ def train_compatible(
     epoch (it may raise, e.g. ``optuna.TrialPruned``, to stop training). A NaN or
     infinite loss raises :class:`TrainingDiverged`. ``should_stop`` is asked before every
     step; when it answers true training stops with ``KeyboardInterrupt`` (a Ctrl-C the
-    caller deferred to this safe point). The model is left in eval mode on the CPU.
+    caller deferred to this safe point). With ``freeze_bn`` every batch-norm layer
+    normalises with its running statistics and keeps them (its affine weights still
+    train): for a model started from pretrained weights whose statistics the targets were
+    computed with. The model is left in eval mode on the CPU.
     """
     embeddings, labels = targets.targets, targets.labels
     if len(images) != len(embeddings) or len(images) != len(labels):
@@ -127,6 +131,10 @@ def train_compatible(
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
             model.train()
+            if freeze_bn:
+                for module in model.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
             total = 0.0
             for step, (xb, idx) in enumerate(images.batches(epoch)):
                 if should_stop is not None and should_stop():

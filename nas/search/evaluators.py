@@ -41,7 +41,7 @@ from nas.registry import Registry
 from nas.scoring import embed, score_part
 from nas.records import State, trial_records
 from nas.search.context import Context, Log
-from nas.supernet import open_supernet, recalibrated, supernet_key
+from nas.supernet import frozen_batch_norm, open_supernet, recalibrated, supernet_key
 from search_spaces import Architecture, QueryNet, Supernet, build
 from trainers import EpochResult, train_compatible
 
@@ -125,10 +125,11 @@ class Evaluator(abc.ABC):
 
     def train_and_score(
         self, model: QueryNet, seed: int, epochs: int, lr: float, on_epoch: EpochCallback | None, should_stop: Callable[[], bool] | None,
-        desc: str,
+        desc: str, freeze_bn: bool = False,
     ) -> dict[str, float]:
         """Train ``model`` (as it is) ``epochs`` epochs at ``lr`` with the study's training settings, val scores after every
-        epoch passed to ``on_epoch``; then score query. The :meth:`final_metrics` of the result."""
+        epoch passed to ``on_epoch``; then score query. The :meth:`final_metrics` of the result. ``freeze_bn``: see
+        :func:`trainers.train_compatible`."""
         ctx, tc = self.ctx, self.ctx.config.train
         transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(model.arch.resolution, ctx.augmentation)
         images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, seed, ctx.workers, desc=desc)
@@ -144,7 +145,7 @@ class Evaluator(abc.ABC):
         train_compatible(
             model, images, ctx.targets, ctx.loss, epochs=epochs, batch_size=tc.batch_size, optimizer=tc.optimizer, lr=lr,
             weight_decay=tc.weight_decay, momentum=tc.momentum, schedule=tc.schedule, device=ctx.device, seed=seed,
-            on_epoch=after_epoch, should_stop=should_stop,
+            on_epoch=after_epoch, should_stop=should_stop, freeze_bn=freeze_bn,
         )
         train_seconds = time.perf_counter() - start
         return self.final_metrics(last_val, self.score(model, "query"), train_seconds)
@@ -305,6 +306,8 @@ class FineTuneInherited(Evaluator):
         ctx, tc, sc = self.ctx, self.ctx.config.train, self.ctx.config.supernet
         recalibrated(ctx, model)
         inherited = self.score(model, "val")["mAP"]
-        metrics = self.train_and_score(model, seed, sc.fine_tune_epochs or tc.epochs, sc.fine_tune_lr or tc.lr, on_epoch, should_stop, "fine-tuning")
+        metrics = self.train_and_score(
+            model, seed, sc.fine_tune_epochs or tc.epochs, sc.fine_tune_lr or tc.lr, on_epoch, should_stop, "fine-tuning", frozen_batch_norm(ctx)
+        )
         metrics["inherited_val_mAP"] = inherited
         return Evaluation(model, metrics)

@@ -199,8 +199,11 @@ class SearchConfig:
     every cost objective (it is then recorded as pruned).
 
     ``warm_start``: ``baselines`` enqueues the hand-designed baselines recorded by
-    ``nas baseline`` that fit the budgets as the first trials; a list enqueues the given
-    timm models (``name@resolution``) or architecture strings. Each is enqueued once, as
+    ``nas baseline`` that fit the budgets as the first trials; ``largest`` enqueues the
+    space's largest member at each of its resolutions (with the ``gallery`` space: the
+    unpruned gallery model at every query resolution; those over budget are rejected at
+    once); a list enqueues the given timm models (``name@resolution``) or architecture
+    strings. Each is enqueued once, as
     the first trials of the run, and counts toward ``trials`` (all are run, even where
     they outnumber it).
 
@@ -253,9 +256,9 @@ class SearchConfig:
         _check(self.promotion_epoch >= 1, f"search.promotion_epoch must be >= 1, but got {self.promotion_epoch}.")
         _check(self.promotion_dominated_by >= 1, f"search.promotion_dominated_by must be >= 1, but got {self.promotion_dominated_by}.")
         _check(
-            self.warm_start in (None, "none", "baselines")
+            self.warm_start in (None, "none", "baselines", "largest")
             or (isinstance(self.warm_start, (list, tuple)) and all(isinstance(w, str) and w for w in self.warm_start)),
-            f"search.warm_start must be null, 'baselines' or a list of 'timm_model@resolution' / architecture strings, but got {self.warm_start!r}.",
+            f"search.warm_start must be null, 'baselines', 'largest' or a list of 'timm_model@resolution' / architecture strings, but got {self.warm_start!r}.",
         )
         _check(
             0 < self.prune_below_percentile < 100,

@@ -2,7 +2,7 @@
 
 :func:`open_supernet` returns the trained supernet of a study's setting (gallery weights,
 data and split, space, supernet and training settings, seed), training it first when no
-finished one is on disk under ``<out>/supernet/<key>/``:
+finished one is on disk under ``<cache>/supernet/<key>/`` (``cache:``, default ``out``):
 
 - **Root.** With the ``gallery`` space and a gallery model of the same timm name (an
   EfficientNet-layout MBConv network), the largest member is the gallery model itself:
@@ -278,7 +278,7 @@ def open_supernet(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Supernet, SupernetInfo]:
-    """The trained supernet of ``ctx``'s setting: loaded from ``<out>/supernet/<key>/`` or trained there first.
+    """The trained supernet of ``ctx``'s setting: loaded from ``<cache>/supernet/<key>/`` or trained there first.
 
     With ``train=False`` a missing supernet is a :class:`NasError` saying how to train it.
     """

@@ -230,6 +230,20 @@ def test_a_second_search_reuses_the_trained_supernet(one_shot_study) -> None:
     assert sum(r.fine_tune_of is not None for r in trial_records(study)) >= 1
 
 
+def test_warm_start_largest_enqueues_the_largest_member_at_each_resolution(one_shot_study) -> None:
+    import copy
+
+    out, info = one_shot_study
+    raw = copy.deepcopy(info["raw"])
+    raw["search"].update(study_name="one-shot-largest", trials=3, warm_start="largest")
+    raw["supernet"]["fine_tune_best"] = 0
+    config = config_from_dict(raw)
+    study = run_search(config, log=lambda _: None)  # the same setting: the study's supernet is reused
+    space = prepare(config, log=lambda _: None).space
+    warm = [t.user_attrs["warm_start_arch"] for t in sorted(study.trials, key=lambda t: t.number) if "warm_start_arch" in t.user_attrs]
+    assert warm == [space.extreme(smallest=False, resolution=r).to_string() for r in sorted(space.resolutions)]
+    assert warm and all(r.state in (State.INHERITED, State.INFEASIBLE) for r in trial_records(study))
+
 def test_recalibration_uses_training_images_only(one_shot_study, monkeypatch: pytest.MonkeyPatch) -> None:
     out, info = one_shot_study
     ctx = prepare(config_from_dict(info["raw"]), log=lambda _: None)

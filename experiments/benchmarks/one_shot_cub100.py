@@ -11,7 +11,7 @@ ImageNet-pretrained ``tf_efficientnet_lite2`` gallery model at 224 px, 575.2 MFL
    exported and verified; query mAP, R@1 and their ratios to the paragon;
 3. rank fidelity: ``--fidelity`` random members within the 1/10 budget, their val mAP with
    inherited weights (the trained supernet) against their val mAP when fine-tuned
-   standalone from the gallery's own pruned weights (the untrained supernet, recalibrated,
+   standalone from the gallery's own pruned weights (the untrained supernet, with its batch-norm statistics as scored,
    ``--fidelity-epochs`` epochs with the study's training settings): Kendall tau and
    Spearman rho.
 
@@ -40,12 +40,13 @@ from convert_efficientnet_lite import VARIANTS, convert_variant  # noqa: E402
 from nas.config import load_config  # noqa: E402
 from nas.export.family import export_family  # noqa: E402
 from nas.hardware import check_budgets  # noqa: E402
+from nas.hardware.budgets import MflopsBudget  # noqa: E402
 from nas.records import StudyRecord  # noqa: E402
 from nas.search.context import prepare  # noqa: E402
 from nas.search.driver import train_study_supernet  # noqa: E402
 from nas.search.evaluators import OneShot  # noqa: E402
 from nas.search.optuna_setup import load_existing_study  # noqa: E402
-from nas.supernet import open_supernet, random_member, recalibrated, root_network  # noqa: E402
+from nas.supernet import frozen_batch_norm, open_supernet, random_member, recalibrated, root_network  # noqa: E402
 from nas.data import StreamingImages  # noqa: E402
 from search_spaces import Supernet  # noqa: E402
 from trainers import train_compatible  # noqa: E402
@@ -69,7 +70,7 @@ def fidelity(config, n: int, epochs: int, seed: int, log) -> dict:
             continue
         seen.add(arch.arch_id)
         model = trained.extract(arch)
-        if not check_budgets(model, arch.resolution, arch.in_chans, ctx.budgets[:1]).feasible:  # MFLOPs only: cheap
+        if not check_budgets(model, arch.resolution, arch.in_chans, [b for b in ctx.budgets if b.name == "mflops"]).feasible:  # cheap
             continue
         start = time.perf_counter()
         inherited = scorer.score(recalibrated(ctx, model), "val")["mAP"]
@@ -78,7 +79,8 @@ def fidelity(config, n: int, epochs: int, seed: int, log) -> dict:
         transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(arch.resolution, ctx.augmentation)
         images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, seed + len(rows), ctx.workers)
         train_compatible(standalone, images, ctx.targets, ctx.loss, epochs=epochs, batch_size=tc.batch_size, optimizer=tc.optimizer,
-                         lr=tc.lr, weight_decay=tc.weight_decay, schedule=tc.schedule, device=ctx.device, seed=seed + len(rows))
+                         lr=tc.lr, weight_decay=tc.weight_decay, schedule=tc.schedule, device=ctx.device, seed=seed + len(rows),
+                         freeze_bn=frozen_batch_norm(ctx))
         tuned = scorer.score(standalone, "val")["mAP"]
         rows.append({"arch": arch.to_string(), "resolution": arch.resolution, "inherited_val_mAP": inherited, "standalone_val_mAP": tuned,
                      "seconds": time.perf_counter() - start})
@@ -88,58 +90,98 @@ def fidelity(config, n: int, epochs: int, seed: int, log) -> dict:
     return {"members": rows, "kendall_tau": float(kendalltau(a, b).statistic), "spearman_rho": float(spearmanr(a, b).statistic)}
 
 
+def reference(config, max_mflops: float, log) -> dict:
+    """The unpruned gallery model at the largest resolution (a multiple of 16) within ``max_mflops``, fine-tuned from its own
+    weights as a fine-tuned member is (``train.epochs``, the gallery's batch-norm statistics): shrinking the input alone, no search."""
+    ctx = prepare(config, log=lambda _: None)
+    paragon = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).paragon
+    root = Supernet(ctx.space, root_network(ctx, ctx.space))
+    mflops = MflopsBudget(max_mflops)
+    for res in range(max(ctx.space.resolutions), 31, -16):
+        arch = ctx.space.extreme(smallest=False, resolution=res)
+        model = root.extract(arch)
+        report = check_budgets(model, res, arch.in_chans, [mflops])
+        if report.feasible:
+            break
+    else:
+        return {}
+    scorer = OneShot(ctx, paragon)
+    tc = config.train
+    metrics = scorer.train_and_score(model, config.search.seed, tc.epochs, tc.lr, None, None, "reference", frozen_batch_norm(ctx))
+    log(f"reference: unpruned gallery model at {res} px ({report.values['mflops']:.1f} MFLOPs), fine-tuned {tc.epochs} epochs: "
+        f"query mAP {metrics['query_mAP']:.4f}")
+    return {"resolution": res, "mflops": report.values["mflops"], **{k: metrics[k] for k in ("query_mAP", "query_R@1", "val_mAP", "train_seconds")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cub100"))
     parser.add_argument("--out", default=str(REPO / "runs" / "cub100-one-shot-benchmark"))
-    parser.add_argument("--trials", type=int, default=16, help="inherited-weight candidates per device")
+    parser.add_argument("--trials", type=int, default=24, help="inherited-weight candidates per device")
     parser.add_argument("--fidelity", type=int, default=12, help="members of the rank-fidelity measurement (0: skip)")
-    parser.add_argument("--fidelity-epochs", type=int, default=1)
+    parser.add_argument("--fidelity-epochs", type=int, default=4)
+    parser.add_argument("--cache", default=None, help="folder of the gallery-embedding cache (default: --out), e.g. to share it between runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     out = Path(args.out)
     weights = REPO / "weights" / "tf_efficientnet_lite2.safetensors"
     if not weights.is_file():
         convert_variant(VARIANTS["lite2"], weights)
     config = load_config(REPO / "experiments" / "cub100_one_shot.yaml",
-                         {"out": str(out), "data.path": args.data, "gallery.weights": str(weights), "search.study_name": "cub100-one-shot"})
+                         {"out": str(out), "data.path": args.data, "gallery.weights": str(weights), "search.study_name": "cub100-one-shot",
+                          "cache": args.cache or str(out), "search.threads": args.threads})
     log = lambda text: print(text, flush=True)  # noqa: E731
-    result: dict = {"setting": {"trials": args.trials, "supernet_epochs": config.supernet.epochs, "fine_tune_epochs": config.train.epochs,
-                                "resolutions": config.space.options["resolutions"]}}
-    start = time.perf_counter()
-    train_study_supernet(config, log)
-    result["supernet_seconds"] = time.perf_counter() - start
-    family = out / "family.yaml"
-    family.write_text(yaml.safe_dump({
-        "devices": [{"name": "one-tenth", "max_mflops": GALLERY_MFLOPS / 10}, {"name": "one-thirtieth", "max_mflops": GALLERY_MFLOPS / 30}],
-        "trials": args.trials, "fine_tune_best": config.supernet.fine_tune_best,
-    }))
-    began = time.perf_counter()
-    study = load_existing_study(config.storage_url, config.search.study_name)
-    result["family"] = export_family(study, config.storage_url, family, out / "export-family", log=log)
-    result["family_seconds"] = time.perf_counter() - began
-    result["total_seconds"] = time.perf_counter() - start
-    result["paragon"] = StudyRecord.load(study).paragon_query
-    (out / "one_shot_cub100.json").write_text(json.dumps(result, indent=2))
-    if args.fidelity:
+    results_file = out / "one_shot_cub100.json"
+    result: dict = json.loads(results_file.read_text()) if results_file.exists() else {}  # a second run adds only what is missing
+    save = lambda: results_file.write_text(json.dumps(result, indent=2))  # noqa: E731
+    devices = {"one-tenth": GALLERY_MFLOPS / 10, "one-thirtieth": GALLERY_MFLOPS / 30}
+    if "family" not in result:
+        result["setting"] = {"trials": args.trials, "supernet_epochs": config.supernet.epochs, "fine_tune_epochs": config.train.epochs,
+                             "resolutions": config.space.options["resolutions"], "threads": args.threads}
+        start = time.perf_counter()
+        train_study_supernet(config, log)
+        result["supernet_seconds"] = time.perf_counter() - start
+        family = out / "family.yaml"
+        family.write_text(yaml.safe_dump({
+            "devices": [{"name": name, "max_mflops": mflops} for name, mflops in devices.items()],
+            "trials": args.trials, "fine_tune_best": config.supernet.fine_tune_best,
+        }))
         began = time.perf_counter()
-        result["fidelity"] = fidelity(config, args.fidelity, args.fidelity_epochs, config.search.seed, log)
-        result["fidelity_seconds"] = time.perf_counter() - began
-        (out / "one_shot_cub100.json").write_text(json.dumps(result, indent=2))
+        study = load_existing_study(config.storage_url, config.search.study_name)
+        result["family"] = export_family(study, config.storage_url, family, out / "export-family", log=log)
+        result["family_seconds"] = time.perf_counter() - began
+        result["total_seconds"] = time.perf_counter() - start
+        result["paragon"] = StudyRecord.load(study).paragon_query
+        save()
+    result.setdefault("reference", {})
+    for name, mflops in devices.items():
+        if name not in result["reference"]:
+            result["reference"][name] = reference(config, mflops, log)
+            save()
+    result.setdefault("fidelity", {})
+    key = f"{args.fidelity}x{args.fidelity_epochs}"
+    if args.fidelity and key not in result["fidelity"]:
+        began = time.perf_counter()
+        result["fidelity"][key] = fidelity(config, args.fidelity, args.fidelity_epochs, config.search.seed, log)
+        result["fidelity"][key]["seconds"] = time.perf_counter() - began
+        save()
     print()
     p = result["paragon"]
     print(f"paragon: query mAP {p['mAP']:.4f}, R@1 {p['R@1']:.4f}")
-    print(f"{'budget':<14} {'MFLOPs':>7} {'res':>4} {'query mAP':>9} {'ratio':>6} {'R@1':>6} {'R@1 ratio':>9}")
+    print(f"{'budget':<14} {'method':<38} {'MFLOPs':>7} {'res':>4} {'query mAP':>9} {'ratio':>6} {'R@1':>6} {'R@1 ratio':>9}")
     for r in result["family"]:
         res = r["arch"].split()[1]
-        print(f"{r['device']:<14} {r['mflops']:>7.2f} {res[4:]:>4} {r['query_mAP']:>9.4f} {r['query_mAP_ratio']:>6.3f} "
-              f"{r['query_R@1']:>6.4f} {r['query_R@1'] / p['R@1']:>9.3f}")
-    print(f"wall time: supernet (with gallery embeddings) {result['supernet_seconds'] / 60:.1f} min, family {result['family_seconds'] / 60:.1f} min, "
-          f"total {result['total_seconds'] / 60:.1f} min")
-    if "fidelity" in result:
-        f = result["fidelity"]
-        print(f"rank fidelity over {len(f['members'])} members: Kendall tau {f['kendall_tau']:.3f}, Spearman rho {f['spearman_rho']:.3f} "
-              f"({result['fidelity_seconds'] / 60:.1f} min)")
-
+        print(f"{r['device']:<14} {'one-shot family member':<38} {r['mflops']:>7.2f} {res[4:]:>4} {r['query_mAP']:>9.4f} "
+              f"{r['query_mAP_ratio']:>6.3f} {r['query_R@1']:>6.4f} {r['query_R@1'] / p['R@1']:>9.3f}")
+        ref = result["reference"].get(r["device"])
+        if ref:
+            print(f"{r['device']:<14} {'unpruned gallery model, fine-tuned':<38} {ref['mflops']:>7.2f} {ref['resolution']:>4} {ref['query_mAP']:>9.4f} "
+                  f"{ref['query_mAP'] / p['mAP']:>6.3f} {ref['query_R@1']:>6.4f} {ref['query_R@1'] / p['R@1']:>9.3f}")
+    print(f"wall time: supernet (with gallery embeddings unless cached) {result['supernet_seconds'] / 60:.1f} min, "
+          f"family {result['family_seconds'] / 60:.1f} min, total {result['total_seconds'] / 60:.1f} min")
+    for key, f in result["fidelity"].items():
+        print(f"rank fidelity ({key}: members x fine-tuning epochs): Kendall tau {f['kendall_tau']:.3f}, Spearman rho {f['spearman_rho']:.3f} "
+              f"({f['seconds'] / 60:.1f} min)")
 
 if __name__ == "__main__":
     main()

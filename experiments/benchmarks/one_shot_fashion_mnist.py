@@ -71,12 +71,12 @@ def _tpe(base: dict, out: Path, seed: int, budget: float, trials: int) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def _one_shot_name(seed: int, epochs: int) -> str:
-    return f"one-shot-s{seed}-e{epochs}"
+def _one_shot_name(seed: int, epochs: int, fine_tune_best: int) -> str:
+    return f"one-shot-s{seed}-e{epochs}" + (f"-f{fine_tune_best}" if fine_tune_best != 2 else "")
 
 
 def _one_shot(base: dict, out: Path, seed: int, trials: int, log) -> dict:
-    name = _one_shot_name(seed, base["supernet"]["epochs"])
+    name = _one_shot_name(seed, base["supernet"]["epochs"], base["supernet"]["fine_tune_best"])
     folder = out / name
     config = _config(base, **{"out": str(folder), "search.study_name": name, "search.seed": seed, "search.strategy": "one_shot",
                               "search.trials": 0, "budgets.max_mflops": max(BUDGETS.values())})
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--fidelity", type=int, default=30)
     parser.add_argument("--supernet-epochs", type=int, default=8)
+    parser.add_argument("--fine-tune-best", type=int, default=2, help="inherited-weight candidates fine-tuned per device")
     parser.add_argument("--no-tpe", action="store_true", help="skip the train-from-scratch searches (report the one-shot side only)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny convolutions gain nothing from more on a shared CPU)")
     args = parser.parse_args()
@@ -135,13 +136,13 @@ def main() -> None:
     base = config_to_dict(quick)
     base["gallery"]["checkpoint"] = str(out / "gallery" / "gallery" / "gallery.safetensors")
     base["budgets"].update(max_params_m=1000.0, max_latency_ms=1000.0)
-    base["supernet"]["epochs"] = args.supernet_epochs
+    base["supernet"].update(epochs=args.supernet_epochs, fine_tune_best=args.fine_tune_best)
     base["search"]["threads"] = args.threads
     results_file = out / "one_shot_fashion_mnist.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     for part in ("tpe", "one_shot", "fidelity", "scratch_val_mAP"):
         results.setdefault(part, {})
-    shot = lambda seed: _one_shot_name(seed, args.supernet_epochs)  # noqa: E731
+    shot = lambda seed: _one_shot_name(seed, args.supernet_epochs, args.fine_tune_best)  # noqa: E731
     for seed in args.seeds:
         for name, budget in BUDGETS.items():
             key = f"{name}-s{seed}"

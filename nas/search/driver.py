@@ -121,6 +121,8 @@ def warm_start_architectures(config: ExperimentConfig, ctx: Context, study: optu
     if spec == "baselines":
         recorded = StudyRecord.load(study).baselines
         return [Architecture.from_string(r["arch"]) for _, r in sorted(recorded.items()) if r.get("fits")]
+    if spec == "largest":
+        return [ctx.space.extreme(smallest=False, resolution=r) for r in sorted(ctx.space.resolutions)]
     archs = []
     for entry in spec:
         try:

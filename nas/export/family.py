@@ -109,7 +109,8 @@ def _device_config(base: dict[str, Any], run_dir: Path, storage_url: str, tracki
     budgets = {**{k: None for k in ("max_mflops", "max_params_m", "max_latency_ms", "max_memory_mb")}, **device.budgets}
     budgets["latency"] = {**base["budgets"]["latency"], **device.budgets.get("latency", {})}
     data["budgets"] = budgets
-    data["search"].update(study_name=f"{study_name}-{device.name}", storage=storage_url, trials=trials, warm_start=None)
+    warm_start = "largest" if data["search"].get("warm_start") == "largest" else None  # the space's own; others name the study's baselines
+    data["search"].update(study_name=f"{study_name}-{device.name}", storage=storage_url, trials=trials, warm_start=warm_start)
     data["supernet"]["fine_tune_best"] = fine_tune_best
     if data["tracking"]["enabled"]:
         data["tracking"]["uri"] = tracking_uri

@@ -201,3 +201,18 @@ def test_front_cost_follows_the_study_objectives() -> None:
     assert front_cost(study) == "latency_ms"
     single = optuna.create_study(direction="maximize")
     assert front_cost(single) == "mflops"
+
+
+def test_a_duplicate_queues_a_random_candidate_so_the_sampler_moves_on() -> None:
+    from nas.search.driver import queue_random_candidate
+    from search_spaces import create_space
+
+    space = create_space("gallery", embed_dim=1280, in_chans=3, model="tf_efficientnet_lite0", resolutions=[64, 96])
+    study = optuna.create_study(direction="maximize")
+    first = queue_random_candidate(study, space, seed=0, number=7, request="r")
+    again = queue_random_candidate(study, space, seed=0, number=7, request="r")
+    other = queue_random_candidate(study, space, seed=0, number=8, request="r")
+    assert first == again and first != other  # seeded by the trial number
+    trial = study.ask()  # the next ask takes the queued candidate
+    arch = space.sample(trial)
+    assert trial.params == first and trial.user_attrs["request"] == "r" and arch.space == "gallery"

@@ -55,13 +55,18 @@ GALLERY_MFLOPS = 575.2
 
 
 def fidelity(config, n: int, epochs: int, seed: int, log) -> dict:
-    """Inherited-weight val mAP against fine-tuned-standalone val mAP of ``n`` random members within the study's budget."""
+    """Inherited-weight val mAP against fine-tuned-standalone val mAP of ``n`` random members within the study's budget.
+
+    The standalone side does not depend on the trained supernet: it is kept per (architecture, epochs) in
+    ``<cache>/fidelity_standalone.json`` and shared by runs of other supernet settings."""
     ctx = prepare(config, log=lambda _: None)
     paragon = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).paragon
     trained, _ = open_supernet(ctx, log, train=False)
     scorer = OneShot(ctx, paragon)
     untrained = Supernet(ctx.space, root_network(ctx, ctx.space))
     untrained.sort_channels()  # as the trained one was sorted before training
+    cache_file = config.cache_dir / "fidelity_standalone.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     rng = np.random.default_rng(seed)
     rows, seen = [], set()
     while len(rows) < n:
@@ -74,6 +79,11 @@ def fidelity(config, n: int, epochs: int, seed: int, log) -> dict:
             continue
         start = time.perf_counter()
         inherited = scorer.score(recalibrated(ctx, model), "val")["mAP"]
+        key = f"{arch.to_string()} epochs={epochs} seed={seed + len(rows)}"
+        if key in cache:
+            rows.append({"arch": arch.to_string(), "resolution": arch.resolution, "inherited_val_mAP": inherited, "standalone_val_mAP": cache[key],
+                         "seconds": time.perf_counter() - start})
+            continue
         standalone = recalibrated(ctx, untrained.extract(arch))
         tc = config.train
         transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(arch.resolution, ctx.augmentation)
@@ -81,7 +91,8 @@ def fidelity(config, n: int, epochs: int, seed: int, log) -> dict:
         train_compatible(standalone, images, ctx.targets, ctx.loss, epochs=epochs, batch_size=tc.batch_size, optimizer=tc.optimizer,
                          lr=tc.lr, weight_decay=tc.weight_decay, schedule=tc.schedule, device=ctx.device, seed=seed + len(rows),
                          freeze_bn=frozen_batch_norm(ctx))
-        tuned = scorer.score(standalone, "val")["mAP"]
+        tuned = cache[key] = scorer.score(standalone, "val")["mAP"]
+        cache_file.write_text(json.dumps(cache, indent=1))
         rows.append({"arch": arch.to_string(), "resolution": arch.resolution, "inherited_val_mAP": inherited, "standalone_val_mAP": tuned,
                      "seconds": time.perf_counter() - start})
         log(f"fidelity {len(rows)}/{n}: res {arch.resolution}, inherited val mAP {inherited:.4f}, fine-tuned standalone {tuned:.4f} "

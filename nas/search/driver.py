@@ -13,6 +13,7 @@ import json
 import os
 import time
 import warnings
+from typing import Any
 
 import optuna
 import yaml
@@ -22,7 +23,7 @@ from nas.config import ExperimentConfig
 from nas.errors import ConfigError, GalleryError
 from nas.hardware import check_budgets
 from nas.locks import file_lock, study_lock
-from nas.records import State, StudyRecord, StudyWriter, TrialRecord, TrialWriter, enqueue_architecture
+from nas.records import State, StudyRecord, StudyWriter, TrialRecord, TrialWriter, enqueue_architecture, sampler_seed
 from nas.report import write_report
 from nas.results import best_trial, counted_trials, feasible_complete, pareto_front, recall_text
 from nas.scoring import paragon_scores
@@ -34,7 +35,7 @@ from nas.search.optuna_setup import StaleTrialCallback, check_storage, open_stud
 from nas.search.progress import Progress
 from nas.secrets import mask_url, masked_config_dict
 from nas.tracking import NullTracker, Tracker, check_tracking_uri, flatten, make_tracker
-from search_spaces import Architecture, build, timm_architecture
+from search_spaces import Architecture, SearchSpace, build, timm_architecture
 from trainers import TrainingDiverged
 
 __all__ = ["run_search", "open_tracked_study", "study_paragon", "warm_start_architectures", "train_study_supernet"]
@@ -157,6 +158,27 @@ def _warm_start(config: ExperimentConfig, ctx: Context, study: optuna.Study, log
         log(f"Warm start: enqueued {len(new)} architecture(s) as the next trials: " + "; ".join(a.timm_model or a.arch_id for a in new))
     elif config.search.warm_start == "baselines" and not StudyRecord.load(study).baselines:
         log("Warm start: no baselines recorded for this study yet; run 'nas baseline' first.")
+
+
+def queue_random_candidate(study: optuna.Study, space: SearchSpace, seed: int, number: int, request: str) -> dict[str, Any]:
+    """Enqueue a random member of ``space`` (seeded by ``seed`` and trial ``number``) as the next candidate; its parameters.
+
+    Called after a duplicate: a sampler that proposed a known architecture learns nothing from
+    it (the duplicate is told as failed), so it would propose the same again. TPE on a large
+    categorical space does exactly that once its few good trials agree on every choice
+    (every dimension's best value wins independently). A random candidate adds a new
+    observation, and the sampler moves on.
+    """
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created in memory" line per duplicate
+    try:
+        scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=sampler_seed(seed, number)))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    proposal = scratch.ask()
+    space.sample(proposal)
+    study.enqueue_trial(proposal.params, user_attrs={"request": request}, skip_if_exists=False)
+    return proposal.params
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -324,6 +346,7 @@ def run_search(
                         if original is not None:
                             objective.reuse(trial, arch, original)
                             study.tell(trial, state=optuna.trial.TrialState.FAIL)  # no new result for the sampler
+                            queue_random_candidate(study, ctx.space, config.search.seed, trial.number, mine)
                     except BaseException:
                         study.tell(trial, state=optuna.trial.TrialState.FAIL)
                         raise

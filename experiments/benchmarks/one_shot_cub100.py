@@ -2,22 +2,26 @@
 
 Setting: ``experiments/cub100_one_shot.yaml`` (CUB-100 photos, class-disjoint, the
 ImageNet-pretrained ``tf_efficientnet_lite2`` gallery model at 224 px, 575.2 MFLOPs; the
-``gallery`` space of its structured prunings at 64-128 px). Steps, each timed:
+``gallery`` space of its structured prunings at 64-96 px, the gallery's batch-norm
+statistics kept). Steps, each timed:
 
 1. ``nas supernet train``: the gallery embeddings (cached after the first run) and the
    supernet rooted in the gallery model (sandwich rule, in-place distillation);
 2. ``nas export --family``: one device search per budget (1/10 and 1/30 of the gallery's
    MFLOPs) of ``--trials`` candidates scored with inherited weights, the best fine-tuned,
    exported and verified; query mAP, R@1 and their ratios to the paragon;
-3. rank fidelity: ``--fidelity`` random members within the 1/10 budget, their val mAP with
+3. reference per budget: the unpruned gallery model at the highest resolution (a multiple
+   of 16) that fits, fine-tuned from the gallery's own weights with the same settings;
+4. rank fidelity: ``--fidelity`` random members within the 1/10 budget, their val mAP with
    inherited weights (the trained supernet) against their val mAP when fine-tuned
-   standalone from the gallery's own pruned weights (the untrained supernet, with its batch-norm statistics as scored,
-   ``--fidelity-epochs`` epochs with the study's training settings): Kendall tau and
-   Spearman rho.
+   standalone from the gallery's own pruned weights (the untrained supernet, batch-norm
+   statistics as scored, ``--fidelity-epochs`` epochs with the study's training
+   settings): Kendall tau and Spearman rho.
 
-MFLOPs are fvcore multiply-accumulates, batch 1. Results go to ``<out>/one_shot_cub100.json``.
+MFLOPs are fvcore multiply-accumulates, batch 1. Results go to ``<out>/one_shot_cub100.json``;
+a second run adds only what is missing.
 
-    .venv/bin/python experiments/benchmarks/one_shot_cub100.py [--data ../shared/data/cub100] [--trials 16] [--fidelity 12]
+    .venv/bin/python experiments/benchmarks/one_shot_cub100.py [--data ../shared/data/cub100] [--trials 24] [--fidelity 12] [--threads 1]
 """
 
 from __future__ import annotations

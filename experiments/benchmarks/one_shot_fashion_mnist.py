@@ -17,7 +17,10 @@ space at 16-32 px; MFLOPs are fvcore multiply-accumulates, batch 1), budgets of 
   val mAP of the same architecture trained from scratch as a trial (4 epochs, its seed):
   Kendall tau and Spearman rho.
 
-The supernet trains ``--supernet-epochs`` epochs (default 8; 4 members a step).
+The supernet trains ``--supernet-epochs`` epochs (default 8; 4 members a step); the family
+fine-tunes ``--fine-tune-best`` members per device (default 2). One-shot results and rank
+fidelity are kept per seed and these settings; the from-scratch side of the fidelity is
+kept per architecture and shared by every supernet.
 
 Query mAP per budget: mean ± std over the seeds; wall time: all three searches against the
 supernet plus the family export. The gallery model is trained once and shared. Results go

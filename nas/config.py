@@ -203,9 +203,8 @@ class SearchConfig:
     space's largest member at each of its resolutions (with the ``gallery`` space: the
     unpruned gallery model at every query resolution; those over budget are rejected at
     once); a list enqueues the given timm models (``name@resolution``) or architecture
-    strings. Each is enqueued once, as
-    the first trials of the run, and counts toward ``trials`` (all are run, even where
-    they outnumber it).
+    strings. Each is enqueued once, as the first trials of the run, and counts toward
+    ``trials`` (all are run, even where they outnumber it).
 
     A candidate over budget is recorded as an infeasible trial (its constraint values teach
     the sampler where the budget lies) but does not count toward ``trials``: it costs a

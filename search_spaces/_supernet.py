@@ -20,7 +20,10 @@ what its extracted standalone network (:meth:`Supernet.extract`: the same ``Quer
 with the slices copied in) computes. Batch-norm statistics are not shared between
 members: training uses batch statistics (the supernet's running statistics stay as they
 were), and a member's running statistics are recalibrated on training images before it is
-scored (:func:`recalibrate_bn`, :meth:`Supernet.recalibrate`).
+scored (:func:`recalibrate_bn`, :meth:`Supernet.recalibrate`). With ``frozen_bn`` every
+member normalises with its slice of the running statistics instead, in training too, and
+they never change (for weights, such as a pretrained gallery model's, whose statistics
+are worth keeping).
 """
 
 from __future__ import annotations

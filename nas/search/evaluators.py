@@ -285,7 +285,8 @@ class OneShot(Evaluator):
 
 
 class FineTuneInherited(Evaluator):
-    """A supernet member's inherited weights, recalibrated, then trained ``supernet.fine_tune_epochs`` epochs
+    """A supernet member's inherited weights, recalibrated (or with the root's batch-norm statistics kept, see
+    ``supernet.batch_norm``), then trained ``supernet.fine_tune_epochs`` epochs
     toward the gallery embeddings (like a trial of ``train_from_scratch``, from those weights) and scored on val and query.
 
     ``inherited_val_mAP``: the val mAP of the inherited weights before fine-tuning.

@@ -203,16 +203,20 @@ def test_front_cost_follows_the_study_objectives() -> None:
     assert front_cost(single) == "mflops"
 
 
-def test_a_duplicate_queues_a_random_candidate_so_the_sampler_moves_on() -> None:
-    from nas.search.driver import queue_random_candidate
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # PartialFixedSampler
+def test_after_a_duplicate_the_next_candidate_is_drawn_at_random() -> None:
+    from nas.search.coordination import ask_next
+    from nas.search.driver import exploring
     from search_spaces import create_space
 
     space = create_space("gallery", embed_dim=1280, in_chans=3, model="tf_efficientnet_lite0", resolutions=[64, 96])
-    study = optuna.create_study(direction="maximize")
-    first = queue_random_candidate(study, space, seed=0, number=7, request="r")
-    again = queue_random_candidate(study, space, seed=0, number=7, request="r")
-    other = queue_random_candidate(study, space, seed=0, number=8, request="r")
-    assert first == again and first != other  # seeded by the trial number
-    trial = study.ask()  # the next ask takes the queued candidate
-    arch = space.sample(trial)
-    assert trial.params == first and trial.user_attrs["request"] == "r" and arch.space == "gallery"
+    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(0)).ask()
+    arch = space.sample(probe)
+    stuck = optuna.samplers.PartialFixedSampler(probe.params, optuna.samplers.RandomSampler(0))  # proposes ``arch`` forever, as a collapsed TPE
+    study = optuna.create_study(direction="maximize", sampler=stuck)
+    assert [space.sample(ask_next(study, 0)) for _ in range(2)] == [arch, arch]
+    with exploring(study, True):
+        explored = space.sample(ask_next(study, 0))
+    assert explored != arch and study.sampler is stuck  # a random candidate, then the study's own sampler again
+    with exploring(study, False):
+        assert space.sample(ask_next(study, 0)) == arch

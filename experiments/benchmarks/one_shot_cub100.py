@@ -58,11 +58,13 @@ from trainers import train_compatible  # noqa: E402
 GALLERY_MFLOPS = 575.2
 
 
-def fidelity(config, n: int, epochs: int, seed: int, log) -> dict:
+def fidelity(config, n: int, epochs: int, seed: int, log, repeat_seed: int | None = None) -> dict:
     """Inherited-weight val mAP against fine-tuned-standalone val mAP of ``n`` random members within the study's budget.
 
-    The standalone side does not depend on the trained supernet: it is kept per (architecture, epochs) in
-    ``<cache>/fidelity_standalone.json`` and shared by runs of other supernet settings."""
+    The standalone side does not depend on the trained supernet: it is kept per (architecture, epochs, seed) in
+    ``<cache>/fidelity_standalone.json`` and shared by runs of other supernet settings. With ``repeat_seed`` every
+    member is fine-tuned standalone a second time from another seed, and the two runs' agreement (the ground
+    truth's own Kendall tau) is reported: the ceiling any inherited-weight ranking can be measured against."""
     ctx = prepare(config, log=lambda _: None)
     paragon = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).paragon
     trained, _ = open_supernet(ctx, log, train=False)
@@ -71,6 +73,21 @@ def fidelity(config, n: int, epochs: int, seed: int, log) -> dict:
     untrained.sort_channels()  # as the trained one was sorted before training
     cache_file = config.cache_dir / "fidelity_standalone.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+
+    def standalone(arch, run_seed: int) -> float:
+        key = f"{arch.to_string()} epochs={epochs} seed={run_seed}"
+        if key not in cache:
+            model = recalibrated(ctx, untrained.extract(arch))
+            tc = config.train
+            transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(arch.resolution, ctx.augmentation)
+            images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, run_seed, ctx.workers)
+            train_compatible(model, images, ctx.targets, ctx.loss, epochs=epochs, batch_size=tc.batch_size, optimizer=tc.optimizer,
+                             lr=tc.lr, weight_decay=tc.weight_decay, schedule=tc.schedule, device=ctx.device, seed=run_seed,
+                             freeze_bn=frozen_batch_norm(ctx))
+            cache[key] = scorer.score(model, "val")["mAP"]
+            cache_file.write_text(json.dumps(cache, indent=1))
+        return cache[key]
+
     rng = np.random.default_rng(seed)
     rows, seen = [], set()
     while len(rows) < n:
@@ -82,27 +99,21 @@ def fidelity(config, n: int, epochs: int, seed: int, log) -> dict:
         if not check_budgets(model, arch.resolution, arch.in_chans, [b for b in ctx.budgets if b.name == "mflops"]).feasible:  # cheap
             continue
         start = time.perf_counter()
-        inherited = scorer.score(recalibrated(ctx, model), "val")["mAP"]
-        key = f"{arch.to_string()} epochs={epochs} seed={seed + len(rows)}"
-        if key in cache:
-            rows.append({"arch": arch.to_string(), "resolution": arch.resolution, "inherited_val_mAP": inherited, "standalone_val_mAP": cache[key],
-                         "seconds": time.perf_counter() - start})
-            continue
-        standalone = recalibrated(ctx, untrained.extract(arch))
-        tc = config.train
-        transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(arch.resolution, ctx.augmentation)
-        images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, seed + len(rows), ctx.workers)
-        train_compatible(standalone, images, ctx.targets, ctx.loss, epochs=epochs, batch_size=tc.batch_size, optimizer=tc.optimizer,
-                         lr=tc.lr, weight_decay=tc.weight_decay, schedule=tc.schedule, device=ctx.device, seed=seed + len(rows),
-                         freeze_bn=frozen_batch_norm(ctx))
-        tuned = cache[key] = scorer.score(standalone, "val")["mAP"]
-        cache_file.write_text(json.dumps(cache, indent=1))
-        rows.append({"arch": arch.to_string(), "resolution": arch.resolution, "inherited_val_mAP": inherited, "standalone_val_mAP": tuned,
-                     "seconds": time.perf_counter() - start})
-        log(f"fidelity {len(rows)}/{n}: res {arch.resolution}, inherited val mAP {inherited:.4f}, fine-tuned standalone {tuned:.4f} "
-            f"({rows[-1]['seconds']:.0f} s)")
+        row = {"arch": arch.to_string(), "resolution": arch.resolution, "inherited_val_mAP": scorer.score(recalibrated(ctx, model), "val")["mAP"],
+               "standalone_val_mAP": standalone(arch, seed + len(rows))}
+        if repeat_seed is not None:
+            row["standalone_repeat_val_mAP"] = standalone(arch, repeat_seed + len(rows))
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+        log(f"fidelity {len(rows)}/{n}: res {arch.resolution}, inherited val mAP {row['inherited_val_mAP']:.4f}, fine-tuned standalone "
+            f"{row['standalone_val_mAP']:.4f}" + (f" and {row['standalone_repeat_val_mAP']:.4f}" if repeat_seed is not None else "")
+            + f" ({row['seconds']:.0f} s)")
     a, b = [r["inherited_val_mAP"] for r in rows], [r["standalone_val_mAP"] for r in rows]
-    return {"members": rows, "kendall_tau": float(kendalltau(a, b).statistic), "spearman_rho": float(spearmanr(a, b).statistic)}
+    result = {"members": rows, "kendall_tau": float(kendalltau(a, b).statistic), "spearman_rho": float(spearmanr(a, b).statistic)}
+    if repeat_seed is not None:
+        c = [r["standalone_repeat_val_mAP"] for r in rows]
+        result.update(standalone_repeat_kendall_tau=float(kendalltau(b, c).statistic), standalone_repeat_spearman_rho=float(spearmanr(b, c).statistic))
+    return result
 
 
 def reference(config, max_mflops: float, log) -> dict:
@@ -135,6 +146,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24, help="inherited-weight candidates per device")
     parser.add_argument("--fidelity", type=int, default=12, help="members of the rank-fidelity measurement (0: skip)")
     parser.add_argument("--fidelity-epochs", type=int, default=4)
+    parser.add_argument("--fidelity-repeat", action="store_true", help="fine-tune every fidelity member a second time from another seed")
     parser.add_argument("--cache", default=None, help="folder of the gallery-embedding cache (default: --out), e.g. to share it between runs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -174,10 +186,11 @@ def main() -> None:
             result["reference"][name] = reference(config, mflops, log)
             save()
     result.setdefault("fidelity", {})
-    key = f"{args.fidelity}x{args.fidelity_epochs}"
+    key = f"{args.fidelity}x{args.fidelity_epochs}" + ("-repeat" if args.fidelity_repeat else "")
     if args.fidelity and key not in result["fidelity"]:
         began = time.perf_counter()
-        result["fidelity"][key] = fidelity(config, args.fidelity, args.fidelity_epochs, config.search.seed, log)
+        result["fidelity"][key] = fidelity(config, args.fidelity, args.fidelity_epochs, config.search.seed, log,
+                                           repeat_seed=config.search.seed + 1000 if args.fidelity_repeat else None)
         result["fidelity"][key]["seconds"] = time.perf_counter() - began
         save()
     print()
@@ -197,6 +210,9 @@ def main() -> None:
     for key, f in result["fidelity"].items():
         print(f"rank fidelity ({key}: members x fine-tuning epochs): Kendall tau {f['kendall_tau']:.3f}, Spearman rho {f['spearman_rho']:.3f} "
               f"({f['seconds'] / 60:.1f} min)")
+        if "standalone_repeat_kendall_tau" in f:
+            print(f"  the standalone fine-tuning against itself from another seed: Kendall tau {f['standalone_repeat_kendall_tau']:.3f}, "
+                  f"Spearman rho {f['standalone_repeat_spearman_rho']:.3f}")
 
 if __name__ == "__main__":
     main()

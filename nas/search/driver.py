@@ -13,7 +13,7 @@ import json
 import os
 import time
 import warnings
-from typing import Any
+from collections.abc import Iterator
 
 import optuna
 import yaml
@@ -23,7 +23,7 @@ from nas.config import ExperimentConfig
 from nas.errors import ConfigError, GalleryError
 from nas.hardware import check_budgets
 from nas.locks import file_lock, study_lock
-from nas.records import State, StudyRecord, StudyWriter, TrialRecord, TrialWriter, enqueue_architecture, sampler_seed
+from nas.records import State, StudyRecord, StudyWriter, TrialRecord, TrialWriter, enqueue_architecture
 from nas.report import write_report
 from nas.results import best_trial, counted_trials, feasible_complete, pareto_front, recall_text
 from nas.scoring import paragon_scores
@@ -35,7 +35,7 @@ from nas.search.optuna_setup import StaleTrialCallback, check_storage, open_stud
 from nas.search.progress import Progress
 from nas.secrets import mask_url, masked_config_dict
 from nas.tracking import NullTracker, Tracker, check_tracking_uri, flatten, make_tracker
-from search_spaces import Architecture, SearchSpace, build, timm_architecture
+from search_spaces import Architecture, build, timm_architecture
 from trainers import TrainingDiverged
 
 __all__ = ["run_search", "open_tracked_study", "study_paragon", "warm_start_architectures", "train_study_supernet"]
@@ -160,25 +160,23 @@ def _warm_start(config: ExperimentConfig, ctx: Context, study: optuna.Study, log
         log("Warm start: no baselines recorded for this study yet; run 'nas baseline' first.")
 
 
-def queue_random_candidate(study: optuna.Study, space: SearchSpace, seed: int, number: int, request: str) -> dict[str, Any]:
-    """Enqueue a random member of ``space`` (seeded by ``seed`` and trial ``number``) as the next candidate; its parameters.
+@contextlib.contextmanager
+def exploring(study: optuna.Study, active: bool) -> Iterator[None]:
+    """While ``active``, ``study`` samples its next candidate at random (seeded by :func:`ask_next` like any sampler).
 
-    Called after a duplicate: a sampler that proposed a known architecture learns nothing from
-    it (the duplicate is told as failed), so it would propose the same again. TPE on a large
-    categorical space does exactly that once its few good trials agree on every choice
-    (every dimension's best value wins independently). A random candidate adds a new
-    observation, and the sampler moves on.
+    Used for the trial after a duplicate: a sampler that proposed a known architecture learns
+    nothing from it (the duplicate is told as failed), so it would propose the same again.
+    TPE on a large categorical space does exactly that once its few good trials agree on
+    every choice (each dimension's best value wins on its own). A random candidate adds a
+    new observation, and the sampler moves on.
     """
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created in memory" line per duplicate
+    sampler = study.sampler
+    if active:
+        study.sampler = optuna.samplers.RandomSampler()
     try:
-        scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=sampler_seed(seed, number)))
+        yield
     finally:
-        optuna.logging.set_verbosity(verbosity)
-    proposal = scratch.ask()
-    space.sample(proposal)
-    study.enqueue_trial(proposal.params, user_attrs={"request": request}, skip_if_exists=False)
-    return proposal.params
+        study.sampler = sampler
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -316,6 +314,7 @@ def run_search(
     start = time.monotonic()
     status = "FINISHED"
     streak = _Streak()
+    after_duplicate = False  # this process's last candidate repeated an architecture: draw the next one at random
     try:
         while config.search.timeout is None or time.monotonic() - start < config.search.timeout:
             if len(streak.states) >= config.search.max_infeasible_in_a_row:
@@ -337,19 +336,20 @@ def run_search(
                             enqueue_architecture(study, arch_text, mine, fine_tune_of=of)
                         log(f"Fine-tuning the {len(follow_ups)} best candidate(s) scored with inherited weights: trial(s) "
                             f"{', '.join(str(of) for _, of in follow_ups)}.")
-                    trial = ask_next(study, config.search.seed)
-                    # Optuna's own heartbeat thread, the one ``optimize`` runs (private API, pinned with optuna==5.0.0)
-                    trial_scope.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
-                    try:
-                        TrialWriter(trial).started(me.host, me.pid, me.started, me.scope, mine)
-                        arch, original = objective.propose(trial)  # under the lock: no two processes take one architecture
-                        if original is not None:
-                            objective.reuse(trial, arch, original)
-                            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # no new result for the sampler
-                            queue_random_candidate(study, ctx.space, config.search.seed, trial.number, mine)
-                    except BaseException:
-                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                        raise
+                    with exploring(study, after_duplicate):
+                        trial = ask_next(study, config.search.seed)
+                        # Optuna's own heartbeat thread, the one ``optimize`` runs (private API, pinned with optuna==5.0.0)
+                        trial_scope.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+                        try:
+                            TrialWriter(trial).started(me.host, me.pid, me.started, me.scope, mine)
+                            arch, original = objective.propose(trial)  # under the lock: no two processes take one architecture
+                            if original is not None:
+                                objective.reuse(trial, arch, original)
+                                study.tell(trial, state=optuna.trial.TrialState.FAIL)  # no new result for the sampler
+                        except BaseException:
+                            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                            raise
+                    after_duplicate = original is not None
                 if original is None:
                     with objective.interrupt.installed():
                         _run_one(study, trial, objective, arch)

@@ -160,7 +160,7 @@ def supernet_key(ctx: Context) -> str:
         "embeddings": ctx.embeddings.checksum(),  # data, split, resolution and preprocessing of the gallery side
         "space": ctx.space.describe(),
         "supernet": {k: getattr(c.supernet, k) for k in ("epochs", "lr", "random_subnets", "distill")},  # not how members are scored
-        "frozen_batch_norm": frozen_batch_norm(ctx),
+        **({"frozen_batch_norm": True} if frozen_batch_norm(ctx) else {}),  # absent otherwise: earlier supernets keep their keys
         "train": {k: getattr(c.train, k) for k in ("loss", "loss_options", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "schedule")},
         "augment": asdict(c.train.augment),
         "preprocessing": ctx.preprocessing.to_dict(),

@@ -295,6 +295,13 @@ class SupernetConfig:
     supernet training, scoring and fine-tuning alike; no recalibration), or ``auto``:
     ``frozen`` when the supernet is rooted in the gallery model (whose statistics the
     gallery embeddings were computed with), ``recalibrate`` otherwise.
+    ``max_mflops`` keeps the sandwich within a budget (MFLOPs, fvcore multiply-accumulates,
+    batch 1): its largest member is then the largest within it (the space's largest member
+    at the highest resolution that fits, else a greedy shrinking of it) and random members
+    are drawn within it, so training is spent on members a device can run and each step
+    costs less. ``budget`` (the default): the study's ``budgets.max_mflops`` (a family's
+    device studies reuse the study's supernet, so give the study the largest device's
+    budget); ``null``: the whole space.
     The ``fine_tune_best`` best members (by inherited val mAP) are then fine-tuned from
     their inherited weights for ``fine_tune_epochs`` (null: ``train.epochs``) at
     ``fine_tune_lr`` (null: ``train.lr``) and scored on the query images; the study's
@@ -310,8 +317,13 @@ class SupernetConfig:
     fine_tune_epochs: int | None = None
     fine_tune_lr: float | None = None
     batch_norm: str = "auto"
+    max_mflops: Any = "budget"  # a number, "budget" or null (see above)
 
     def __post_init__(self) -> None:
+        _check(
+            self.max_mflops is None or self.max_mflops == "budget" or (isinstance(self.max_mflops, (int, float)) and not isinstance(self.max_mflops, bool) and self.max_mflops > 0),
+            f"supernet.max_mflops must be a positive number of MFLOPs, 'budget' (the study's budgets.max_mflops) or null (the whole space), but got {self.max_mflops!r}.",
+        )
         _check(self.batch_norm in BATCH_NORM_MODES, f"supernet.batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, but got {self.batch_norm!r}.")
         _check(self.epochs >= 1, f"supernet.epochs must be >= 1, but got {self.epochs}.")
         _check(self.lr is None or self.lr > 0, f"supernet.lr must be > 0 or null, but got {self.lr}.")

@@ -11,7 +11,11 @@ finished one is on disk under ``<cache>/supernet/<key>/`` (``cache:``, default `
   of the gallery model, compatible with its index before any training. Otherwise the
   supernet's weights are initialised from the seed.
 - **Training** (:func:`train_supernet`): the sandwich rule with in-place distillation (see
-  :class:`nas.config.SupernetConfig`), seeded per step, so a run is reproducible. After
+  :class:`nas.config.SupernetConfig`), seeded per step, so a run is reproducible. Within a
+  budget (``supernet.max_mflops``, by default the study's): the sandwich's largest member
+  is the largest within it (:func:`sandwich_largest`; for a rooted supernet the gallery
+  model itself at the highest resolution that fits, where one does) and its random
+  members are drawn within it, so no step pays for members no device can run. After
   every epoch a checkpoint (weights, optimizer, schedule, history) is written atomically;
   a killed run resumes from the last one and ends where an uninterrupted run would.
 - **Scoring a member** (:func:`member_network`): extracted as an ordinary
@@ -51,9 +55,10 @@ from search_spaces._head import EmbeddingHead
 from trainers import TrainingDiverged, make_optimizer, make_scheduler
 
 if TYPE_CHECKING:  # the context imports this module's users
+    from nas.config import ExperimentConfig
     from nas.search.context import Context
 
-__all__ = ["frozen_batch_norm", "rooted", "open_supernet", "train_supernet", "supernet_key", "root_network", "member_network", "recalibrated", "recalibration_indices", "random_member", "SupernetInfo"]
+__all__ = ["sandwich_mflops", "sandwich_largest", "frozen_batch_norm", "rooted", "open_supernet", "train_supernet", "supernet_key", "root_network", "member_network", "recalibrated", "recalibration_indices", "random_member", "SupernetInfo"]
 
 Log = Callable[[str], None]
 FORMAT = "asymnas-supernet-v1"
@@ -88,6 +93,69 @@ class _RandomTrial:
 def random_member(space: SearchSpace, rng: np.random.Generator) -> Architecture:
     """A member of ``space`` drawn uniformly per choice from ``rng``."""
     return space.sample(_RandomTrial(rng))  # type: ignore[arg-type]
+
+
+def sandwich_mflops(config: ExperimentConfig) -> float | None:
+    """The MFLOPs the sandwich's members keep within (``supernet.max_mflops``), or ``None``: the whole space."""
+    cap = config.supernet.max_mflops
+    return config.budgets.max_mflops if cap == "budget" else (None if cap is None else float(cap))
+
+
+class _Choosing:
+    """Enough of an Optuna trial for ``space.sample``: the choices in ``picks``, every other dimension at its largest; records the dimensions."""
+
+    def __init__(self, picks: dict[str, Any]) -> None:
+        self.picks = picks
+        self.dims: dict[str, list[Any]] = {}
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        self.dims[name] = sorted(choices)
+        return self.picks.get(name, self.dims[name][-1])
+
+
+def sandwich_largest(space: SearchSpace, mflops: Callable[[Architecture], float], cap: float | None) -> Architecture:
+    """The sandwich's largest member within ``cap`` MFLOPs (``mflops`` counts a member).
+
+    The space's largest member at the highest resolution where it fits (for a supernet
+    rooted in the gallery model: the gallery model itself); where it fits at none, the
+    largest member at the lowest resolution shrunk greedily, one choice one step down at a
+    time, always the step that keeps the most MFLOPs, until it fits, then grown again one
+    step at a time (the largest step that still fits) until no step up fits. ``NasError``
+    when not even the smallest member fits.
+    """
+    largest = space.extreme(smallest=False)
+    if cap is None:
+        return largest
+    resolutions = sorted({space.extreme(smallest=True).resolution, largest.resolution, *getattr(space, "resolutions", ())})
+    for res in reversed(resolutions):
+        member = space.extreme(smallest=False, resolution=res)
+        if mflops(member) <= cap:
+            return member
+    smallest = space.extreme(smallest=True)
+    if mflops(smallest) > cap:
+        raise NasError(f"supernet.max_mflops is {cap:g} MFLOPs, but the space's smallest member needs {mflops(smallest):.3f}; raise it (or budgets.max_mflops) or choose a smaller space.")
+    probe = _Choosing({"resolution": resolutions[0]})
+    member = space.sample(probe)  # type: ignore[arg-type]
+    cost = mflops(member)
+
+    def neighbours(up: bool) -> list[tuple[float, _Choosing, Architecture]]:
+        """Every member one choice one step up (or down) from ``probe``'s, with its MFLOPs."""
+        found = []
+        for name, values in probe.dims.items():
+            i = values.index(probe.picks.get(name, values[-1])) + (1 if up else -1)
+            if 0 <= i < len(values):
+                option = _Choosing({**probe.picks, name: values[i]})
+                candidate = space.sample(option)  # type: ignore[arg-type]
+                found.append((mflops(candidate), option, candidate))
+        return found
+
+    while cost > cap:  # down: the step that keeps the most (there is one while over the cap: the smallest fits)
+        cost, probe, member = max(neighbours(up=False), key=lambda step: step[0])
+    while True:  # then up again while a step fits: the largest such
+        fitting = [step for step in neighbours(up=True) if step[0] <= cap]
+        if not fitting:
+            return member
+        cost, probe, member = max(fitting, key=lambda step: step[0])
 
 
 def recalibration_indices(ctx: Context) -> np.ndarray:
@@ -161,6 +229,7 @@ def supernet_key(ctx: Context) -> str:
         "space": ctx.space.describe(),
         "supernet": {k: getattr(c.supernet, k) for k in ("epochs", "lr", "random_subnets", "distill")},  # not how members are scored
         **({"frozen_batch_norm": True} if frozen_batch_norm(ctx) else {}),  # absent otherwise: earlier supernets keep their keys
+        **({"sandwich_mflops": sandwich_mflops(c)} if sandwich_mflops(c) is not None else {}),  # likewise
         "train": {k: getattr(c.train, k) for k in ("loss", "loss_options", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "schedule")},
         "augment": asdict(c.train.augment),
         "preprocessing": ctx.preprocessing.to_dict(),
@@ -176,10 +245,25 @@ def supernet_dir(ctx: Context) -> Path:
 # ----------------------------------------------------------------------------- training
 
 
-def _step_members(space: SearchSpace, largest: Architecture, smallest: Architecture, random_subnets: int, seed: int, epoch: int, step: int) -> list[Architecture]:
-    """The sandwich of one step: largest, smallest, then ``random_subnets`` random members (seeded by step)."""
+_DRAWS = 10_000  # random draws per member before a sandwich within a budget gives up
+
+
+def _step_members(
+    space: SearchSpace, largest: Architecture, smallest: Architecture, random_subnets: int, seed: int, epoch: int, step: int,
+    fits: Callable[[Architecture], bool] | None = None,
+) -> list[Architecture]:
+    """The sandwich of one step: largest, smallest, then ``random_subnets`` random members (seeded by step), each drawn until ``fits``."""
     rng = np.random.default_rng([seed, epoch, step])
-    return [largest, smallest, *(random_member(space, rng) for _ in range(random_subnets))]
+    members = [largest, smallest]
+    for _ in range(random_subnets):
+        for _ in range(_DRAWS):
+            member = random_member(space, rng)
+            if fits is None or fits(member):
+                break
+        else:
+            member = smallest  # the budget leaves (almost) nothing but the smallest member
+        members.append(member)
+    return members
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -200,8 +284,10 @@ def train_supernet(
     c, sc = ctx.config, ctx.config.supernet
     seed = c.search.seed
     space = ctx.space
-    largest, smallest = space.extreme(smallest=False), space.extreme(smallest=True)
-    top_res = max(largest.resolution, smallest.resolution)
+    cap = sandwich_mflops(c)
+    largest, smallest = sandwich_largest(space, supernet.mflops, cap), space.extreme(smallest=True)
+    fits = None if cap is None else (lambda member: supernet.mflops(member) <= cap)
+    top_res = max(space.extreme(smallest=False).resolution, smallest.resolution)  # random members may use the highest
     transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(top_res, ctx.augmentation)
     images = StreamingImages(ctx.data.images, ctx.split.train, transform, c.train.batch_size, seed, ctx.workers, desc="supernet")
     targets, labels = ctx.targets.targets, ctx.targets.labels
@@ -226,6 +312,9 @@ def train_supernet(
         history = state["history"]
         start_epoch = state["epoch"] + 1
         log(f"Supernet: resuming from its checkpoint after epoch {state['epoch']} of {sc.epochs}.")
+    if cap is not None:
+        log(f"Supernet: sandwich within {cap:g} MFLOPs: largest member {largest.to_string()} ({supernet.mflops(largest):.3f} MFLOPs), "
+            f"random members drawn within it")
     torch.manual_seed(seed)
     try:
         for epoch in range(start_epoch, sc.epochs + 1):
@@ -238,7 +327,7 @@ def train_supernet(
                 xb, tb, yb = xb.to(device), targets[idx].to(device), labels[idx].to(device)
                 opt.zero_grad(set_to_none=True)
                 teacher = None
-                for i, arch in enumerate(_step_members(space, largest, smallest, sc.random_subnets, seed, epoch, step)):
+                for i, arch in enumerate(_step_members(space, largest, smallest, sc.random_subnets, seed, epoch, step, fits)):
                     x = xb if arch.resolution == xb.shape[-1] else F.interpolate(xb, size=arch.resolution, mode="bilinear", antialias=True, align_corners=False)
                     out = supernet(x, arch)
                     loss = loss_fn(out, tb, yb)

@@ -115,6 +115,7 @@ class Supernet(nn.Module):
             raise SupernetError(f"the network given as the largest member is {largest.arch.to_string()}, but the space's largest is {self.largest_arch.to_string()}")
         self.net = largest if largest is not None else build(self.largest_arch)
         self._skeletons: OrderedDict[str, QueryNet] = OrderedDict()
+        self._positions: dict[int, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ members
     def _skeleton(self, arch: Architecture) -> QueryNet:
@@ -127,14 +128,53 @@ class Supernet(nn.Module):
                     f"architecture {arch.to_string()} is not a member of this supernet over space {self.largest_arch.space!r} "
                     f"(embed {self.largest_arch.embed_dim}, in {self.largest_arch.in_chans})"
                 )
-            with torch.device("meta"):
-                skeleton = build(arch)
+            with torch.random.fork_rng(devices=[]):  # built on the CPU and moved: faster than building on meta
+                skeleton = build(arch).to("meta")
             self._skeletons[key] = skeleton
             if len(self._skeletons) > _SKELETONS:
                 self._skeletons.popitem(last=False)
         else:
             self._skeletons.move_to_end(key)
         return skeleton
+
+    def _conv_positions(self, resolution: int) -> dict[str, int]:
+        """Output positions (height x width) of every convolution of the largest member at ``resolution``.
+
+        A member's convolution of the same name has the same: a skipped block has stride 1,
+        and a smaller kernel keeps the output size (padding follows the kernel).
+        """
+        positions = self._positions.get(resolution)
+        if positions is None:
+            positions = {}
+            skeleton = self._skeleton(self.largest_arch).eval()
+            hooks = [
+                module.register_forward_hook(lambda _m, _i, out, name=name: positions.__setitem__(name, out.shape[-2] * out.shape[-1]))
+                for name, module in skeleton.named_modules() if isinstance(module, nn.Conv2d)
+            ]
+            try:
+                with torch.no_grad():
+                    skeleton(torch.empty(1, self.largest_arch.in_chans, resolution, resolution, device="meta"))
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._positions[resolution] = positions
+        return positions
+
+    def mflops(self, arch: Architecture) -> float:
+        """Millions of multiply-accumulates of one batch-1 forward pass of member ``arch`` (convolutions and linear layers).
+
+        The count the budgets' fvcore measurement gives (``nas.hardware.count_mflops``), from
+        the member's weight shapes and the convolutions' output sizes, without running it:
+        milliseconds, for drawing members within a budget.
+        """
+        positions = self._conv_positions(arch.resolution)
+        total = 0
+        for name, module in self._skeleton(arch).named_modules():
+            if isinstance(module, nn.Conv2d):
+                total += module.weight.numel() * positions[name]
+            elif isinstance(module, nn.Linear):
+                total += module.weight.numel()
+        return total / 1e6
 
     def member_tensors(self, arch: Architecture) -> dict[str, torch.Tensor]:
         """Every parameter and buffer of ``arch``'s network, as views of the supernet's tensors."""

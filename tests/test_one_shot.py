@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,8 +32,9 @@ from nas.results import best_trial
 from nas.search.context import prepare
 from nas.search.driver import run_search
 from nas.search.optuna_setup import load_existing_study
-from nas.supernet import frozen_batch_norm, member_network, random_member, recalibration_indices, root_network
-from search_spaces import Architecture, Supernet, SupernetError, create_space, recalibrate_bn
+from nas.hardware.measure import count_mflops
+from nas.supernet import _step_members, frozen_batch_norm, member_network, random_member, recalibration_indices, root_network, sandwich_largest
+from search_spaces import Architecture, Supernet, SupernetError, build, create_space, recalibrate_bn
 from trainers import GalleryTargets, create_loss, train_compatible
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +109,46 @@ def test_an_architecture_of_another_space_is_no_member() -> None:
 
 
 # ----------------------------------------------------------------------------- rooted in the gallery model
+
+
+@pytest.mark.parametrize("space_name", sorted(SPACES))
+def test_a_members_mflops_from_its_shapes_equal_the_budgets_fvcore_count(space_name: str) -> None:
+    options = dict(SPACES[space_name])
+    space = create_space(options.pop("name"), **options)
+    supernet = Supernet(space)
+    for arch in [*_members(space, 4, seed=3), space.extreme(smallest=False)]:
+        counted = count_mflops(build(arch).eval(), arch.resolution, arch.in_chans)
+        assert supernet.mflops(arch) == pytest.approx(counted, rel=1e-9), arch.to_string()
+
+
+def test_the_sandwich_within_a_budget_trains_only_members_that_fit() -> None:
+    space = create_space("mobilenet", embed_dim=32, in_chans=1, resolutions=[16, 24, 32], widths=[0.35, 0.5, 1.0])
+    supernet = Supernet(space)
+    mflops = supernet.mflops
+    whole = space.extreme(smallest=False)
+    assert sandwich_largest(space, mflops, None) == whole
+    # the largest member fits at 24 px but not at 32: it is the sandwich's largest, at 24 px
+    at24 = space.extreme(smallest=False, resolution=24)
+    cap = (mflops(at24) + mflops(whole)) / 2
+    assert sandwich_largest(space, mflops, cap) == at24
+    # it fits at no resolution: the largest at 16 px shrunk until it fits, keeping most of the budget
+    small_cap = mflops(space.extreme(smallest=False, resolution=16)) / 3
+    shrunk = sandwich_largest(space, mflops, small_cap)
+    assert shrunk.resolution == 16 and mflops(shrunk) <= small_cap
+    rng = np.random.default_rng(0)
+    random_fits = [mflops(a) for a in (random_member(space, rng) for _ in range(200)) if mflops(a) <= small_cap]
+    assert mflops(shrunk) >= max(random_fits)  # larger than any of 200 random members within the budget
+    ups = [replace(shrunk, width=w) for w in space.widths if w > shrunk.width]
+    assert all(mflops(a) > small_cap for a in ups)  # and no wider one fits
+    with pytest.raises(NasError, match="smallest member needs"):
+        sandwich_largest(space, mflops, mflops(space.extreme(smallest=True)) / 2)
+    # every step's random members are drawn within the budget, the same ones on a rerun
+    fits = lambda a: mflops(a) <= small_cap  # noqa: E731
+    steps = [_step_members(space, shrunk, space.extreme(smallest=True), 2, 0, 1, step, fits) for step in range(20)]
+    assert all(fits(a) for members in steps for a in members)
+    assert steps == [_step_members(space, shrunk, space.extreme(smallest=True), 2, 0, 1, step, fits) for step in range(20)]
+    unbounded = [a for step in range(20) for a in _step_members(space, whole, space.extreme(smallest=True), 2, 0, 1, step)[2:]]
+    assert not all(fits(a) for a in unbounded)  # without it they are not
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +332,9 @@ def test_one_shot_config_errors(tiny_config, tmp_path: Path) -> None:
     assert not (tmp_path / "resnet" / "cache").exists()
     with pytest.raises(ConfigError, match="supernet.epochs must be >= 1"):
         config_from_dict(_one_shot(tiny_config, tmp_path, supernet={"epochs": 0}))
+    for bad_cap in ("half", -1, True):
+        with pytest.raises(ConfigError, match="supernet.max_mflops must be a positive number of MFLOPs, 'budget'"):
+            config_from_dict(_one_shot(tiny_config, tmp_path, supernet={"max_mflops": bad_cap}))
     bad = tmp_path / "family.yaml"
     for text, message in (
         ("devices: []", "non-empty 'devices' list"),

@@ -9,11 +9,12 @@ space at 16-32 px; MFLOPs are fvcore multiply-accumulates, batch 1), budgets of 
   trained from scratch (the quickstart's 4 epochs, its percentile pruner), the best by val
   mAP scored on query: three searches per seed;
 * **one-shot**: one supernet (``search.strategy: one_shot``, random start: the gallery
-  model is a ResNet) trained once, then ``nas export --family`` with the three budgets as
+  model is a ResNet; its sandwich within the largest budget, 1/10, unless
+  ``--whole-space``) trained once, then ``nas export --family`` with the three budgets as
   devices: per device ``--trials`` candidates scored with inherited weights, the best
   fine-tuned (the quickstart's 4 epochs), exported and verified;
-* **rank fidelity** (seed 0's supernet): ``--fidelity`` random members within the
-  quickstart's budgets (2 MFLOPs, 1 M params), their inherited-weight val mAP against the
+* **rank fidelity** (the first seed's supernet): ``--fidelity`` random members within
+  the largest budget (3.547 MFLOPs), their inherited-weight val mAP against the
   val mAP of the same architecture trained from scratch as a trial (4 epochs, its seed):
   Kendall tau and Spearman rho.
 
@@ -74,12 +75,12 @@ def _tpe(base: dict, out: Path, seed: int, budget: float, trials: int) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def _one_shot_name(seed: int, epochs: int, fine_tune_best: int) -> str:
-    return f"one-shot-s{seed}-e{epochs}" + (f"-f{fine_tune_best}" if fine_tune_best != 2 else "")
+def _one_shot_name(seed: int, epochs: int, fine_tune_best: int, whole_space: bool) -> str:
+    return f"one-shot-s{seed}-e{epochs}" + (f"-f{fine_tune_best}" if fine_tune_best != 2 else "") + ("-whole" if whole_space else "")
 
 
 def _one_shot(base: dict, out: Path, seed: int, trials: int, log) -> dict:
-    name = _one_shot_name(seed, base["supernet"]["epochs"], base["supernet"]["fine_tune_best"])
+    name = _one_shot_name(seed, base["supernet"]["epochs"], base["supernet"]["fine_tune_best"], base["supernet"]["max_mflops"] is None)
     folder = out / name
     config = _config(base, **{"out": str(folder), "search.study_name": name, "search.seed": seed, "search.strategy": "one_shot",
                               "search.trials": 0, "budgets.max_mflops": max(BUDGETS.values())})
@@ -128,7 +129,9 @@ def main() -> None:
     parser.add_argument("--fidelity", type=int, default=30)
     parser.add_argument("--supernet-epochs", type=int, default=8)
     parser.add_argument("--fine-tune-best", type=int, default=2, help="inherited-weight candidates fine-tuned per device")
+    parser.add_argument("--whole-space", action="store_true", help="train the supernet's sandwich over the whole space, not within the largest budget")
     parser.add_argument("--no-tpe", action="store_true", help="skip the train-from-scratch searches (report the one-shot side only)")
+    parser.add_argument("--tpe-only", action="store_true", help="run only the train-from-scratch searches (e.g. on one core while the one-shot side runs on the other)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny convolutions gain nothing from more on a shared CPU)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -139,13 +142,13 @@ def main() -> None:
     base = config_to_dict(quick)
     base["gallery"]["checkpoint"] = str(out / "gallery" / "gallery" / "gallery.safetensors")
     base["budgets"].update(max_params_m=1000.0, max_latency_ms=1000.0)
-    base["supernet"].update(epochs=args.supernet_epochs, fine_tune_best=args.fine_tune_best)
+    base["supernet"].update(epochs=args.supernet_epochs, fine_tune_best=args.fine_tune_best, max_mflops=None if args.whole_space else "budget")
     base["search"]["threads"] = args.threads
     results_file = out / "one_shot_fashion_mnist.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     for part in ("tpe", "one_shot", "fidelity", "scratch_val_mAP"):
         results.setdefault(part, {})
-    shot = lambda seed: _one_shot_name(seed, args.supernet_epochs, args.fine_tune_best)  # noqa: E731
+    shot = lambda seed: _one_shot_name(seed, args.supernet_epochs, args.fine_tune_best, args.whole_space)  # noqa: E731
     for seed in args.seeds:
         for name, budget in BUDGETS.items():
             key = f"{name}-s{seed}"
@@ -153,16 +156,18 @@ def main() -> None:
                 results["tpe"][key] = _tpe(base, out, seed, budget, args.trials)
                 log(f"tpe {key}: {results['tpe'][key]}")
                 results_file.write_text(json.dumps(results, indent=2))
-        if shot(seed) not in results["one_shot"]:
+        if shot(seed) not in results["one_shot"] and not args.tpe_only:
             row = _one_shot(base, out, seed, args.trials, log)
             row.pop("config")
             results["one_shot"][shot(seed)] = row
             log(f"{shot(seed)}: {row}")
             results_file.write_text(json.dumps(results, indent=2))
     fidelity_key = shot(args.seeds[0])
+    if args.tpe_only:
+        return
     if args.fidelity and fidelity_key not in results["fidelity"]:
-        config = _config(base, **{"out": str(out / fidelity_key), "search.study_name": fidelity_key,
-                                  "search.seed": args.seeds[0], "search.strategy": "one_shot"})
+        config = _config(base, **{"out": str(out / fidelity_key), "search.study_name": fidelity_key, "search.seed": args.seeds[0],
+                                  "search.strategy": "one_shot", "budgets.max_mflops": max(BUDGETS.values())})
         start = time.perf_counter()
         results["fidelity"][fidelity_key] = _fidelity(config, args.fidelity, args.seeds[0], results["scratch_val_mAP"], log)
         results["fidelity"][fidelity_key]["seconds"] = time.perf_counter() - start

@@ -16,7 +16,9 @@ The study must be a one-shot study (``search.strategy: one_shot``). For every de
 search of its own runs on the study's trained supernet (never retrained: the device
 studies read it from the study's run folder) with that device's budgets: a study
 ``<study>-<device>`` in the same storage and MLflow store, its candidates scored with
-inherited weights, the best fine-tuned. Its best trial is then exported and verified
+inherited weights, the best fine-tuned (the supernet trained within the study's
+``supernet.max_mflops``, by default its ``budgets.max_mflops``: give the study the largest
+device's budget). Its best trial is then exported and verified
 like any trial (:func:`nas.export.export_trial`) into ``<out>/<device>/``. Every member
 searches the same gallery index. ``FAMILY.md`` / ``FAMILY.json`` in ``<out>`` (and each
 member's model card) list the family: budget, architecture, MFLOPs, latency, asymmetric
@@ -108,6 +110,8 @@ def _device_config(base: dict[str, Any], run_dir: Path, storage_url: str, tracki
         gallery["checkpoint"] = str(run_dir / "gallery" / "gallery.safetensors")  # the gallery model the study trained
     budgets = {**{k: None for k in ("max_mflops", "max_params_m", "max_latency_ms", "max_memory_mb")}, **device.budgets}
     budgets["latency"] = {**base["budgets"]["latency"], **device.budgets.get("latency", {})}
+    if data["supernet"].get("max_mflops", "budget") == "budget":  # the study's supernet, whatever the device's budgets
+        data["supernet"]["max_mflops"] = base["budgets"].get("max_mflops")
     data["budgets"] = budgets
     warm_start = "largest" if data["search"].get("warm_start") == "largest" else None  # the space's own; others name the study's baselines
     data["search"].update(study_name=f"{study_name}-{device.name}", storage=storage_url, trials=trials, warm_start=warm_start)

@@ -245,7 +245,7 @@ def supernet_dir(ctx: Context) -> Path:
 # ----------------------------------------------------------------------------- training
 
 
-_DRAWS = 10_000  # random draws per member before a sandwich within a budget gives up
+_DRAWS = 200  # random draws per member before a sandwich within a budget takes the smallest instead
 
 
 def _step_members(
@@ -260,8 +260,8 @@ def _step_members(
             member = random_member(space, rng)
             if fits is None or fits(member):
                 break
-        else:
-            member = smallest  # the budget leaves (almost) nothing but the smallest member
+        else:  # the budget leaves (almost) nothing but the smallest member
+            member = smallest
         members.append(member)
     return members
 

@@ -404,3 +404,8 @@ def test_a_killed_supernet_train_resumes_where_it_stopped(tiny_config, tmp_path:
     wa, wb = load_file(str(a)), load_file(str(b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # resumed = uninterrupted, bit for bit
     assert not (a.parent / "checkpoint.pt").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("one-shot").experiment_id], filter_string="tags.`asymnas.role` = 'supernet'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]  # the killed process's run is closed, not left RUNNING
+    killed_run = next(r for r in runs if r.info.status == "KILLED")
+    assert killed_run.data.tags["asymnas.state"] == "interrupted" and "killed" in killed_run.data.tags["asymnas.reason"]

@@ -58,19 +58,22 @@ from trainers import train_compatible  # noqa: E402
 GALLERY_MFLOPS = 575.2
 
 
-def fidelity(config, n: int, epochs: int, seed: int, log, repeat_seed: int | None = None) -> dict:
+def fidelity(config, n: int, epochs: int, seed: int, log, repeat_seed: int | None = None, standalone_only: bool = False) -> dict:
     """Inherited-weight val mAP against fine-tuned-standalone val mAP of ``n`` random members within the study's budget.
 
     The standalone side does not depend on the trained supernet: it is kept per (architecture, epochs, seed) in
     ``<cache>/fidelity_standalone.json`` and shared by runs of other supernet settings. With ``repeat_seed`` every
     member is fine-tuned standalone a second time from another seed, and the two runs' agreement (the ground
-    truth's own Kendall tau) is reported: the ceiling any inherited-weight ranking can be measured against."""
+    truth's own Kendall tau) is reported: the ceiling any inherited-weight ranking can be measured against.
+    ``standalone_only``: only that side, into the cache (it needs no trained supernet: it can run beside its training)."""
     ctx = prepare(config, log=lambda _: None)
-    paragon = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).paragon
-    trained, _ = open_supernet(ctx, log, train=False)
-    scorer = OneShot(ctx, paragon)
     untrained = Supernet(ctx.space, root_network(ctx, ctx.space))
     untrained.sort_channels()  # as the trained one was sorted before training
+    if standalone_only:
+        trained, scorer = untrained, OneShot(ctx, {})  # val mAP needs no paragon
+    else:
+        trained, _ = open_supernet(ctx, log, train=False)
+        scorer = OneShot(ctx, StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).paragon)
     cache_file = config.cache_dir / "fidelity_standalone.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
 
@@ -99,8 +102,8 @@ def fidelity(config, n: int, epochs: int, seed: int, log, repeat_seed: int | Non
         if not check_budgets(model, arch.resolution, arch.in_chans, [b for b in ctx.budgets if b.name == "mflops"]).feasible:  # cheap
             continue
         start = time.perf_counter()
-        row = {"arch": arch.to_string(), "resolution": arch.resolution, "inherited_val_mAP": scorer.score(recalibrated(ctx, model), "val")["mAP"],
-               "standalone_val_mAP": standalone(arch, seed + len(rows))}
+        inherited = float("nan") if standalone_only else scorer.score(recalibrated(ctx, model), "val")["mAP"]
+        row = {"arch": arch.to_string(), "resolution": arch.resolution, "inherited_val_mAP": inherited, "standalone_val_mAP": standalone(arch, seed + len(rows))}
         if repeat_seed is not None:
             row["standalone_repeat_val_mAP"] = standalone(arch, repeat_seed + len(rows))
         row["seconds"] = time.perf_counter() - start
@@ -108,6 +111,8 @@ def fidelity(config, n: int, epochs: int, seed: int, log, repeat_seed: int | Non
         log(f"fidelity {len(rows)}/{n}: res {arch.resolution}, inherited val mAP {row['inherited_val_mAP']:.4f}, fine-tuned standalone "
             f"{row['standalone_val_mAP']:.4f}" + (f" and {row['standalone_repeat_val_mAP']:.4f}" if repeat_seed is not None else "")
             + f" ({row['seconds']:.0f} s)")
+    if standalone_only:
+        return {}
     a, b = [r["inherited_val_mAP"] for r in rows], [r["standalone_val_mAP"] for r in rows]
     result = {"members": rows, "kendall_tau": float(kendalltau(a, b).statistic), "spearman_rho": float(spearmanr(a, b).statistic)}
     if repeat_seed is not None:
@@ -147,6 +152,9 @@ def main() -> None:
     parser.add_argument("--fidelity", type=int, default=12, help="members of the rank-fidelity measurement (0: skip)")
     parser.add_argument("--fidelity-epochs", type=int, default=4)
     parser.add_argument("--fidelity-repeat", action="store_true", help="fine-tune every fidelity member a second time from another seed")
+    parser.add_argument("--standalone-only", action="store_true",
+                        help="only fine-tune the fidelity members standalone, into the cache (e.g. on one core beside the supernet's training)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference rows (the unpruned gallery model fine-tuned)")
     parser.add_argument("--cache", default=None, help="folder of the gallery-embedding cache (default: --out), e.g. to share it between runs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -162,6 +170,10 @@ def main() -> None:
     result: dict = json.loads(results_file.read_text()) if results_file.exists() else {}  # a second run adds only what is missing
     save = lambda: results_file.write_text(json.dumps(result, indent=2))  # noqa: E731
     devices = {"one-tenth": GALLERY_MFLOPS / 10, "one-thirtieth": GALLERY_MFLOPS / 30}
+    if args.standalone_only:
+        fidelity(config, args.fidelity, args.fidelity_epochs, config.search.seed, log,
+                 repeat_seed=config.search.seed + 1000 if args.fidelity_repeat else None, standalone_only=True)
+        return
     if "family" not in result:
         result["setting"] = {"trials": args.trials, "supernet_epochs": config.supernet.epochs, "fine_tune_epochs": config.train.epochs,
                              "resolutions": config.space.options["resolutions"], "threads": args.threads}
@@ -182,7 +194,7 @@ def main() -> None:
         save()
     result.setdefault("reference", {})
     for name, mflops in devices.items():
-        if name not in result["reference"]:
+        if name not in result["reference"] and not args.no_reference:
             result["reference"][name] = reference(config, mflops, log)
             save()
     result.setdefault("fidelity", {})

@@ -228,6 +228,9 @@ class OneShot(Evaluator):
             return
         run_id = None
         if tracker is not None and parent is not None and train:
+            # called under the supernet lock: a supernet run still RUNNING belongs to a process that was killed
+            tracker.close_stale_steps(parent, "supernet", "the process training the supernet stopped without closing its run (killed); "
+                                                          "a later run resumed from its last epoch's checkpoint")
             run_id = tracker.start_baseline(parent, study_name, supernet_key(self.ctx), role="supernet")
 
         def on_epoch(row: dict[str, float]) -> None:

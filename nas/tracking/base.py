@@ -107,6 +107,11 @@ class Tracker(abc.ABC):
     def reconcile(self, study: optuna.Study) -> int:
         """Close runs left open by a crashed process whose trial is no longer running; returns how many."""
 
+    def close_stale_steps(self, parent_id: str, role: str, reason: str) -> int:
+        """Close ``parent_id``'s child runs of step ``role`` (e.g. ``supernet``) left RUNNING by a process that died,
+        as ``interrupted`` with ``reason``; only while no live process can own one (e.g. under the step's lock). How many."""
+        return 0
+
     def close_stale_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Optuna's heartbeat callback: the trial's process died, so its run is FAILED."""
         run_id = TrialRecord.from_trial(trial).mlflow_run_id

@@ -394,6 +394,14 @@ class MlflowTracker(Tracker):
                 closed += 1
         return closed
 
+    def close_stale_steps(self, parent_id: str, role: str, reason: str) -> int:
+        closed = 0
+        for run in self.child_runs(parent_id):
+            if run.info.status == "RUNNING" and run.data.tags.get("asymnas.role") == role:
+                self.end_trial(run.info.run_id, "interrupted", reason)
+                closed += 1
+        return closed
+
     def child_runs(self, parent_id: str) -> list[Any]:
         """All child runs of ``parent_id`` (used by tests and reports)."""
         runs, token = [], None

@@ -18,8 +18,8 @@ space at 16-32 px; MFLOPs are fvcore multiply-accumulates, batch 1), budgets of 
   val mAP of the same architecture trained from scratch as a trial (4 epochs, its seed):
   Kendall tau and Spearman rho.
 
-The supernet trains ``--supernet-epochs`` epochs (default 8; 4 members a step); the family
-fine-tunes ``--fine-tune-best`` members per device (default 2). One-shot results and rank
+The supernet trains ``--supernet-epochs`` epochs (default 7; 4 members a step); the family
+fine-tunes ``--fine-tune-best`` members per device (default 1). One-shot results and rank
 fidelity are kept per seed and these settings; the from-scratch side of the fidelity is
 kept per architecture and shared by every supernet.
 
@@ -127,8 +127,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--fidelity", type=int, default=30)
-    parser.add_argument("--supernet-epochs", type=int, default=8)
-    parser.add_argument("--fine-tune-best", type=int, default=2, help="inherited-weight candidates fine-tuned per device")
+    parser.add_argument("--supernet-epochs", type=int, default=7)
+    parser.add_argument("--fine-tune-best", type=int, default=1, help="inherited-weight candidates fine-tuned per device")
     parser.add_argument("--whole-space", action="store_true", help="train the supernet's sandwich over the whole space, not within the largest budget")
     parser.add_argument("--no-tpe", action="store_true", help="skip the train-from-scratch searches (report the one-shot side only)")
     parser.add_argument("--tpe-only", action="store_true", help="run only the train-from-scratch searches (e.g. on one core while the one-shot side runs on the other)")

@@ -109,7 +109,8 @@ class Tracker(abc.ABC):
 
     def close_stale_steps(self, parent_id: str, role: str, reason: str) -> int:
         """Close ``parent_id``'s child runs of step ``role`` (e.g. ``supernet``) left RUNNING by a process that died,
-        as ``interrupted`` with ``reason``; only while no live process can own one (e.g. under the step's lock). How many."""
+        as ``interrupted`` with ``reason``; only this host's runs, and only while no live process can own one (under the
+        step's lock on this host). How many."""
         return 0
 
     def close_stale_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -397,7 +397,8 @@ class MlflowTracker(Tracker):
     def close_stale_steps(self, parent_id: str, role: str, reason: str) -> int:
         closed = 0
         for run in self.child_runs(parent_id):
-            if run.info.status == "RUNNING" and run.data.tags.get("asymnas.role") == role:
+            tags = run.data.tags
+            if run.info.status == "RUNNING" and tags.get("asymnas.role") == role and tags.get("asymnas.host") == socket.gethostname():  # this host's lock
                 self.end_trial(run.info.run_id, "interrupted", reason)
                 closed += 1
         return closed

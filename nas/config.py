@@ -122,9 +122,25 @@ class TrainConfig:
     schedule: str = "cosine"
     device: str = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    #: float32, bfloat16 or float16 (CUDA only) autocast; auto: bfloat16 (float16 where unsupported) on CUDA, float32 on a CPU
+    precision: str = "auto"
+    #: the model and its batches in NHWC memory format
+    channels_last: bool = False
+    #: torch.compile each trained network (its compile time is paid once per trial)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self._check_loss()
+        _check(
+            self.precision in ("auto", "float32", "bfloat16", "float16"),
+            f"train.precision must be 'auto', 'float32', 'bfloat16' or 'float16', but got {self.precision!r}.",
+        )
+        _check(
+            not (self.precision == "float16" and self.device == "cpu"),
+            "train.precision float16 needs a CUDA device (train.device); on a CPU use bfloat16 or float32.",
+        )
+        _check(isinstance(self.channels_last, bool), f"train.channels_last must be true or false, but got {self.channels_last!r}.")
+        _check(isinstance(self.compile, bool), f"train.compile must be true or false, but got {self.compile!r}.")
         _check(self.epochs >= 1, f"train.epochs must be >= 1, but got {self.epochs}.")
         _check(self.batch_size >= 2, f"train.batch_size must be >= 2, but got {self.batch_size}.")
         _check(self.optimizer in ("adamw", "sgd"), f"train.optimizer must be 'adamw' or 'sgd', but got {self.optimizer!r}.")

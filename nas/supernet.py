@@ -294,7 +294,11 @@ def train_supernet(
     loss_fn = ctx.loss
     loss_fn.bind(ctx.targets)
     device = ctx.device
+    speed = ctx.speed  # precision and memory format; a supernet changes shape every step, so it is never compiled
+    scaler = speed.scaler(device)  # float16 on CUDA
     supernet.to(device)
+    if speed.channels_last:
+        supernet.to(memory_format=torch.channels_last)
     loss_fn.to(device)
     lr = sc.lr or c.train.lr
     opt = make_optimizer(supernet, c.train.optimizer, lr, c.train.weight_decay, c.train.momentum)
@@ -324,12 +328,15 @@ def train_supernet(
             for step, (xb, idx) in enumerate(images.batches(epoch)):
                 if should_stop is not None and should_stop():
                     raise KeyboardInterrupt(f"interrupted at supernet epoch {epoch}, step {step + 1}")
-                xb, tb, yb = xb.to(device), targets[idx].to(device), labels[idx].to(device)
+                xb = speed.batch(xb.to(device, non_blocking=device.type == "cuda"))
+                tb, yb = targets[idx].to(device), labels[idx].to(device)
                 opt.zero_grad(set_to_none=True)
                 teacher = None
                 for i, arch in enumerate(_step_members(space, largest, smallest, sc.random_subnets, seed, epoch, step, fits)):
                     x = xb if arch.resolution == xb.shape[-1] else F.interpolate(xb, size=arch.resolution, mode="bilinear", antialias=True, align_corners=False)
-                    out = supernet(x, arch)
+                    with speed.autocast(device):
+                        out = supernet(speed.batch(x), arch)
+                    out = out.float()
                     loss = loss_fn(out, tb, yb)
                     if i == 0:
                         teacher = out.detach()
@@ -338,9 +345,13 @@ def train_supernet(
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         raise TrainingDiverged(f"supernet loss became {value} at epoch {epoch}, step {step + 1} (lr {lr:g}); lower supernet.lr.")
-                    loss.backward()  # one member at a time: gradients add up, graphs are freed
+                    (loss if scaler is None else scaler.scale(loss)).backward()  # one member at a time: gradients add up, graphs are freed
                     totals["loss_largest" if i == 0 else "loss_smallest" if i == 1 else "loss_random"] += value / (1 if i < 2 else max(sc.random_subnets, 1))
-                opt.step()
+                if scaler is None:
+                    opt.step()
+                else:
+                    scaler.step(opt)
+                    scaler.update()
                 if sched is not None:
                     sched.step()
             row = {k: v / steps_per_epoch for k, v in totals.items()}
@@ -357,6 +368,8 @@ def train_supernet(
                 on_epoch(row)
     finally:
         supernet.eval().cpu()
+        if speed.channels_last:
+            supernet.to(memory_format=torch.contiguous_format)
     return history
 
 

@@ -29,6 +29,7 @@ from nas.data import (
     read_idx,
     stratified_split,
 )
+from nas.data.sources import ArrayImages
 from nas.errors import ConfigError, DataError
 
 try:
@@ -551,20 +552,56 @@ def test_eval_transform_centre_crops_and_normalises_per_channel() -> None:
     assert prep.for_channels(1).mean == pytest.approx((np.mean(prep.mean),))
 
 
+class _OneByOne(ArrayImages):
+    """The same array, decoded image by image through PIL (the path of every source not in memory)."""
+
+    in_memory = False
+
+    def pixels(self, indices: np.ndarray) -> None:
+        return None
+
+
 def test_eval_batches_cover_all_in_order_with_and_without_workers() -> None:
     images, _ = digits_uint8()
     source = ImageSet("t", images[:23, ..., None], np.zeros(23, np.int64), ()).images
     transform = LEGACY_PREPROCESSING.eval_transform(8)
     batches = list(eval_batches(source, np.arange(23), transform, 10))
     assert [len(b) for b in batches] == [10, 10, 3]
-    with_workers = torch.cat(list(eval_batches(source, np.arange(23), transform, 10, workers=2)))
+    with_workers = torch.cat(list(eval_batches(_OneByOne(source.array), np.arange(23), transform, 10, workers=2)))
     assert torch.equal(torch.cat(batches), with_workers)
     assert torch.equal(torch.cat(batches)[5], transform(source.open(5)))
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "box", "hamming", "lanczos"])
+@pytest.mark.parametrize(("shape", "crop_pct", "resolution"), [((28, 28, 1), 1.0, 32), ((28, 28, 1), 0.875, 20), ((13, 9, 3), 0.9, 16)])
+def test_in_memory_batches_equal_pil_image_by_image(interpolation: str, shape: tuple[int, int, int], crop_pct: float, resolution: int) -> None:
+    """An array in memory is transformed a batch at a time on tensors: the same numbers as PIL image by image,
+    for evaluation and for training (random crops of other aspect ratios, flips), square images or not."""
+    rng = np.random.default_rng(resolution)
+    array = rng.integers(0, 256, size=(24, *shape), dtype=np.uint8)
+    array[12:] = np.cumsum(array[12:], axis=1, dtype=np.int64).astype(np.uint8)  # smoother images too
+    prep = Preprocessing((0.5,) * shape[2], (0.25,) * shape[2], interpolation, crop_pct)
+    batched, one_by_one = ArrayImages(array), _OneByOne(array)
+    evaluate = prep.eval_transform(resolution)
+    assert evaluate.batched
+    assert torch.equal(torch.cat(list(eval_batches(batched, np.arange(24), evaluate, 10))), torch.cat(list(eval_batches(one_by_one, np.arange(24), evaluate, 10))))
+    train = prep.train_transform(resolution, Augmentation(crop_scale=(0.3, 1.0), hflip=0.5))
+    for (x, p), (y, q) in zip(StreamingImages(batched, np.arange(24), train, 8, 3).batches(2), StreamingImages(one_by_one, np.arange(24), train, 8, 3).batches(2), strict=True):
+        assert torch.equal(p, q) and torch.equal(x, y)
+
+
+def test_nearest_interpolation_stays_on_pil() -> None:
+    prep = Preprocessing((0.5,), (0.5,), "nearest", 1.0)
+    assert not prep.eval_transform(16).batched
+    images, _ = digits_uint8()
+    source = ArrayImages(images[:5, ..., None])
+    (x,) = eval_batches(source, np.arange(5), prep.eval_transform(16), 8)
+    assert torch.equal(x[2], prep.eval_transform(16)(source.open(2)))
+
+
 def test_streaming_training_batches_are_seeded_shuffled_augmented_and_worker_independent() -> None:
     images, _ = digits_uint8()
-    source = ImageSet("t", images[:40, ..., None], np.zeros(40, np.int64), ()).images
+    source = _OneByOne(images[:40, ..., None])
     transform = LEGACY_PREPROCESSING.train_transform(8, Augmentation(crop_scale=(0.3, 1.0), hflip=0.5))
 
     def epoch(seed: int, e: int, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -576,6 +613,8 @@ def test_streaming_training_batches_are_seeded_shuffled_augmented_and_worker_ind
     assert len(set(positions.tolist())) == 32 and positions.tolist() != sorted(positions.tolist())
     for (x0, p0), (x2, p2) in zip(first, epoch(0, 1, 2)):
         assert torch.equal(p0, p2) and torch.equal(x0, x2)  # same crops and flips with 2 workers
+    for (x0, p0), (xm, pm) in zip(first, StreamingImages(ArrayImages(source.array), np.arange(40), transform, 16, 0).batches(1)):
+        assert torch.equal(p0, pm) and torch.equal(x0, xm)  # and in memory, a batch at a time
     other = epoch(0, 2, 0)
     assert not torch.equal(torch.cat([p for _, p in other]), positions)  # each epoch reshuffles
     plain = LEGACY_PREPROCESSING.eval_transform(8)

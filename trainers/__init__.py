@@ -15,10 +15,15 @@ from trainers._losses import (
     list_losses,
     register_loss,
 )
+from trainers._speed import CPU_DEFAULT_PRECISION, PRECISIONS, Speed, resolve_precision
 from trainers._train import EpochResult, TensorImages, TrainingDiverged, TrainingImages, make_optimizer, make_scheduler, train_compatible
 
 __all__ = [
     "BackwardCompatibleLoss",
+    "CPU_DEFAULT_PRECISION",
+    "PRECISIONS",
+    "Speed",
+    "resolve_precision",
     "CompatibilityLoss",
     "ContextualSimilarityLoss",
     "ContrastiveLoss",

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from trainers._base import CompatibilityLoss, GalleryTargets
+from trainers._speed import Speed
 
 __all__ = ["train_compatible", "TrainingDiverged", "EpochResult", "TrainingImages", "TensorImages", "make_optimizer", "make_scheduler"]
 
@@ -92,6 +93,7 @@ def train_compatible(
     on_epoch: Callable[[EpochResult], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     freeze_bn: bool = False,
+    speed: Speed | None = None,
 ) -> list[EpochResult]:
     """Train ``model`` so that ``model(image i)`` lands on ``targets.targets[i]``.
 
@@ -109,7 +111,9 @@ def train_compatible(
     caller deferred to this safe point). With ``freeze_bn`` every batch-norm layer
     normalises with its running statistics and keeps them (its affine weights still
     train): for a model started from pretrained weights whose statistics the targets were
-    computed with. The model is left in eval mode on the CPU.
+    computed with. ``speed``: precision, memory format and compilation of the steps
+    (:class:`trainers.Speed`; default float32, NCHW, eager). The model is left in eval mode
+    on the CPU, in the default memory format.
     """
     embeddings, labels = targets.targets, targets.labels
     if len(images) != len(embeddings) or len(images) != len(labels):
@@ -121,9 +125,12 @@ def train_compatible(
     device = torch.device(device)
     torch.manual_seed(seed)
     loss_fn.bind(targets)
+    speed = speed or Speed()
     model.to(device)
     loss_fn.to(device)
     opt = make_optimizer(model, optimizer, lr, weight_decay, momentum)
+    scaler = speed.scaler(device)
+    step_model = speed.model(model)
     steps_per_epoch = max(len(images) // images.batch_size, 1)
     sched = make_scheduler(opt, schedule, epochs * steps_per_epoch)
     history: list[EpochResult] = []
@@ -139,8 +146,12 @@ def train_compatible(
             for step, (xb, idx) in enumerate(images.batches(epoch)):
                 if should_stop is not None and should_stop():
                     raise KeyboardInterrupt(f"interrupted at epoch {epoch}, step {step + 1}")
-                xb, tb, yb = xb.to(device), embeddings[idx].to(device), labels[idx].to(device)
-                loss = loss_fn(model(xb), tb, yb)
+                non_blocking = device.type == "cuda"
+                xb = speed.batch(xb.to(device, non_blocking=non_blocking))
+                tb, yb = embeddings[idx].to(device, non_blocking=non_blocking), labels[idx].to(device, non_blocking=non_blocking)
+                with speed.autocast(device):
+                    out = step_model(xb)
+                loss = loss_fn(out.float(), tb, yb)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise TrainingDiverged(
@@ -148,8 +159,13 @@ def train_compatible(
                         f"lower train.lr or check the data."
                     )
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
                 if sched is not None:
                     sched.step()
                 total += value
@@ -160,4 +176,6 @@ def train_compatible(
                 on_epoch(result)
     finally:
         model.eval().cpu()
+        if speed.channels_last:
+            model.to(memory_format=torch.contiguous_format)
     return history

@@ -12,6 +12,11 @@ batches in flight are in memory, never the data set.
   It is a :class:`trainers.TrainingImages`, as is :class:`trainers.TensorImages` (a tensor
   already in memory: tests, the throughput benchmark's reference loop).
 
+A source already in memory as one uint8 array (Fashion-MNIST, digits;
+:meth:`~nas.data.sources.ImageSource.pixels`) skips the loader: each batch is gathered
+from the array and transformed at once on tensors (``apply_batch`` of the transforms, equal
+to PIL's output pixel for pixel), in the training process; ``workers`` does not apply.
+
 ``workers=None`` chooses: no worker process for a source already in memory (nothing to
 decode); otherwise the cores PyTorch's own threads leave free (``CPUs - torch threads``, at
 most 4), so that loader processes do not compete with the training threads. On a 2-core
@@ -129,6 +134,20 @@ def _checked(batches: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]
         yield batch
 
 
+def _in_memory(source: ImageSource, indices: np.ndarray, transform: Transform, keys: _Keys) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of ``keys`` from an array source, each transformed at once (see the module docstring)."""
+    for batch in keys:
+        positions = np.fromiter((p for p, _ in batch), dtype=np.int64, count=len(batch))
+        pixels = source.pixels(indices[positions])
+        yield transform.apply_batch(pixels, [seed for _, seed in batch]), torch.from_numpy(positions)
+
+
+def _batches(source: ImageSource, indices: np.ndarray, transform: Transform, keys: _Keys, workers: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if transform.batched and source.pixels(indices[:1]) is not None:
+        return _in_memory(source, indices, transform, keys)
+    return _checked(_loader(source, indices, transform, keys, workers))
+
+
 def eval_batches(
     source: ImageSource, indices: Sequence[int] | np.ndarray, transform: EvalTransform, batch_size: int, workers: int | None = None
 ) -> Iterator[torch.Tensor]:
@@ -136,7 +155,7 @@ def eval_batches(
     indices = np.asarray(indices, dtype=np.int64)
     if not len(indices):
         return
-    for x, _ in _checked(_loader(source, indices, transform, _Keys(len(indices), batch_size), workers)):
+    for x, _ in _batches(source, indices, transform, _Keys(len(indices), batch_size), workers):
         yield x
 
 
@@ -163,7 +182,7 @@ class StreamingImages:
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         keys = _Keys(len(self.indices), self.batch_size, shuffle_seed=self.seed, drop_last=True)
         keys.epoch = epoch
-        batches = _checked(_loader(self.source, self.indices, self.transform, keys, self.workers))
+        batches = _batches(self.source, self.indices, self.transform, keys, self.workers)
         if self.desc is None:
             return batches
         return progress(batches, len(keys) * self.batch_size if len(self.indices) >= self.batch_size else len(self.indices), f"{self.desc}, epoch {epoch}", scale=self.batch_size)

@@ -119,6 +119,11 @@ class ImageSource(abc.ABC):
         """How an error names image ``index``."""
         return f"image {index}"
 
+    def pixels(self, indices: np.ndarray) -> np.ndarray | None:
+        """Images ``indices`` as one uint8 array ``(B, H, W, C)`` when the source holds them so (in memory, all of
+        one size): the loaders then transform whole batches on tensors. ``None``: decode one at a time."""
+        return None
+
     def check_headers(self) -> None:
         """Read every image's header (not its pixels): a missing, unrecognised or too large file is an
         :class:`ImageReadError` now, before any training; a file corrupt past its header is one when decoded."""
@@ -149,6 +154,9 @@ class ArrayImages(ImageSource):
 
     def __len__(self) -> int:
         return len(self.array)
+
+    def pixels(self, indices: np.ndarray) -> np.ndarray:
+        return self.array[indices]
 
     def open(self, index: int, min_side: int | None = None) -> PILImage:
         from PIL import Image

@@ -21,7 +21,7 @@ from nas.errors import BudgetError, ConfigError
 from nas.gallery import GalleryEmbeddings, GalleryNet, gallery_embeddings, open_gallery
 from nas.hardware import Budget, check_budgets, make_budgets
 from search_spaces import SearchSpace, build, create_space
-from trainers import CompatibilityLoss, GalleryTargets, create_loss_from_config
+from trainers import CompatibilityLoss, GalleryTargets, Speed, create_loss_from_config, resolve_precision
 
 __all__ = ["Context", "prepare", "ensure_gallery", "check_reachable", "resolve_device", "gallery_targets", "Log"]
 
@@ -70,6 +70,16 @@ class Context:
     @property
     def workers(self) -> int | None:
         return self.config.data.workers
+
+    @property
+    def speed(self) -> Speed:
+        """Precision, memory format and compilation of every training step (``train.precision`` etc., ``auto`` resolved for the device)."""
+        tc = self.config.train
+        try:
+            precision = resolve_precision(tc.precision, self.device)
+        except ValueError as exc:
+            raise ConfigError(f"train.precision: {exc}") from None
+        return Speed(precision, tc.channels_last, tc.compile)
 
     @property
     def split(self) -> Split:

@@ -145,7 +145,7 @@ class Evaluator(abc.ABC):
         train_compatible(
             model, images, ctx.targets, ctx.loss, epochs=epochs, batch_size=tc.batch_size, optimizer=tc.optimizer, lr=lr,
             weight_decay=tc.weight_decay, momentum=tc.momentum, schedule=tc.schedule, device=ctx.device, seed=seed,
-            on_epoch=after_epoch, should_stop=should_stop, freeze_bn=freeze_bn,
+            on_epoch=after_epoch, should_stop=should_stop, freeze_bn=freeze_bn, speed=ctx.speed,
         )
         train_seconds = time.perf_counter() - start
         return self.final_metrics(last_val, self.score(model, "query"), train_seconds)

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, help="sampler seed (search.seed)")
     search.add_argument("--sampler", help="search.sampler, a registered Optuna sampler (default tpe)")
     search.add_argument("--objectives", help="comma-separated search.objectives, e.g. mAP,mflops (default mAP)")
-    search.add_argument("--threads", type=int, help="torch threads for training (search.threads)")
+    search.add_argument("--threads", type=int, help="torch threads for training (search.threads; default: the cores other jobs leave free)")
+    search.add_argument("--device", help="train.device: auto, cpu, cuda or cuda:N")
     search.add_argument("--workers", type=_int_in(1), default=1, help="run N worker processes on this machine (default 1)")
 
     worker = sub.add_parser("worker", help="join a shared study and run trials until it holds its trial budget")
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--request", help="count --trials toward this request id instead of the study's total (set by nas search --workers)")
     worker.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     worker.add_argument("--threads", type=int, help="torch threads for training")
+    worker.add_argument("--device", help="train.device: auto, cpu, cuda or cuda:N (one GPU per worker process on a multi-GPU machine)")
 
     gallery = sub.add_parser("gallery", help="gallery model commands")
     gsub = gallery.add_subparsers(dest="gallery_command", required=True)
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     strain = supsub.add_parser("train", help="train (or resume) the supernet of CONFIG; 'nas search' with search.strategy one_shot reuses it")
     _add_config_overrides(strain)
     strain.add_argument("--threads", type=int, help="torch threads for training")
+    strain.add_argument("--device", help="train.device: auto, cpu, cuda or cuda:N")
 
     for name, help_text in (
         ("export", "export a trial's query network (arch, weights, TorchScript, ONNX, card)"),
@@ -201,6 +204,7 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, object]:
         "tracking.uri": args.tracking_uri,
         "search.timeout": getattr(args, "timeout", None),
         "search.threads": args.threads,
+        "train.device": getattr(args, "device", None),
     }
 
 

@@ -37,6 +37,7 @@ from nas.data import LEGACY_PREPROCESSING, Augmentation, ImageSet, Preprocessing
 from nas.errors import ConfigError, GalleryError
 from nas.progress_bars import progress
 from nas.scoring import embed
+from nas.threads import ThreadSizer, apply_threads
 from search_spaces import EmbeddingHead, L2Normalise
 
 __all__ = [
@@ -211,8 +212,11 @@ def train_gallery(
     seed: int = 0,
     log: Callable[[str], None] = print,
     workers: int | None = None,
+    threads: ThreadSizer | None = None,
 ) -> GalleryNet:
     """Train a gallery model on the train split (normalised-softmax cross-entropy) and save it.
+
+    ``threads`` sizes torch's threads to the free cores before every epoch (:mod:`nas.threads`).
 
     The cosine classifier with a fixed scale is the normalised-softmax loss of
     Zhai & Wu, "Classification is a Strong Baseline for Deep Metric Learning" (BMVC 2019).
@@ -228,19 +232,20 @@ def train_gallery(
     tc = config.train
     # random horizontal flip only: garments, digits and photos keep their class
     transform = model.preprocessing.train_transform(config.resolution, Augmentation(crop_scale=(1.0, 1.0), hflip=0.5))
-    images = StreamingImages(data.images, split.train, transform, tc.batch_size, seed, workers)
+    images = StreamingImages(data.images, split.train, transform, tc.batch_size, seed, workers, for_gpu=device.type == "cuda")
     y = torch.from_numpy(data.labels[split.train])
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     steps_per_epoch = max(len(images) // tc.batch_size, 1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.lr, total_steps=tc.epochs * steps_per_epoch, pct_start=0.15)
     for epoch in range(1, tc.epochs + 1):
+        apply_threads(threads)
         start = time.perf_counter()
         model.train()
         total, correct, loss_sum = 0, 0, 0.0
         for xb, idx in progress(images.batches(epoch), len(images), f"gallery epoch {epoch}/{tc.epochs}", scale=tc.batch_size):
             if len(idx) < 2:
                 continue
-            xb, yb = xb.to(device), y[idx].to(device)
+            xb, yb = xb.to(device, non_blocking=True), y[idx].to(device)
             logits = model.logits(model(xb), tc.scale)
             loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
@@ -452,6 +457,7 @@ def open_gallery(
     retrain: bool = False,
     may_train: bool = True,
     workers: int | None = None,
+    threads: ThreadSizer | None = None,
 ) -> tuple[GalleryNet, str, Path | None] | None:
     """The configured gallery model, the SHA-256 identifying its weights, and its checkpoint file
     (None for weights not written by us). Without checkpoint, weights or pretrained, the model
@@ -472,5 +478,5 @@ def open_gallery(
     if not may_train:
         return None
     log(f"Gallery model: no checkpoint configured; training {config.model} on {len(split.train)} images -> {path}")
-    model = train_gallery(config, data, split, path, device, seed=seed, log=log, workers=workers)
+    model = train_gallery(config, data, split, path, device, seed=seed, log=log, workers=workers, threads=threads)
     return model, file_sha256(path), path

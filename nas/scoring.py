@@ -51,10 +51,11 @@ def embed(
     device = device or torch.device("cpu")
     was_training = model.training
     model.eval()
-    batches = eval_batches(source, rows, preprocessing.for_channels(source.channels).eval_transform(resolution), batch_size, workers)
+    gpu = device.type == "cuda"
+    batches = eval_batches(source, rows, preprocessing.for_channels(source.channels).eval_transform(resolution), batch_size, workers, for_gpu=gpu)
     if desc is not None:
         batches = progress(batches, len(rows), desc, scale=batch_size)
-    out = [model(batch.to(device)).float().cpu() for batch in batches]
+    out = [model(batch.to(device, non_blocking=gpu)).float().cpu() for batch in batches]
     model.train(was_training)
     if not out:
         return np.zeros((0, 0), dtype=np.float32)

@@ -172,7 +172,8 @@ def recalibrated(ctx: Context, model: QueryNet) -> QueryNet:
     if frozen_batch_norm(ctx):
         return model
     transform = ctx.preprocessing.for_channels(ctx.data.channels).eval_transform(model.arch.resolution)
-    batches = eval_batches(ctx.data.images, recalibration_indices(ctx), transform, ctx.config.train.batch_size, ctx.workers)
+    batches = eval_batches(ctx.data.images, recalibration_indices(ctx), transform, ctx.config.train.batch_size, ctx.workers,
+                           for_gpu=ctx.device.type == "cuda")
     recalibrate_bn(model, batches, ctx.device)
     return model.cpu()
 
@@ -289,7 +290,8 @@ def train_supernet(
     fits = None if cap is None else (lambda member: supernet.mflops(member) <= cap)
     top_res = max(space.extreme(smallest=False).resolution, smallest.resolution)  # random members may use the highest
     transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(top_res, ctx.augmentation)
-    images = StreamingImages(ctx.data.images, ctx.split.train, transform, c.train.batch_size, seed, ctx.workers, desc="supernet")
+    images = StreamingImages(ctx.data.images, ctx.split.train, transform, c.train.batch_size, seed, ctx.workers, desc="supernet",
+                             for_gpu=ctx.device.type == "cuda")
     targets, labels = ctx.targets.targets, ctx.targets.labels
     loss_fn = ctx.loss
     loss_fn.bind(ctx.targets)
@@ -322,6 +324,7 @@ def train_supernet(
     torch.manual_seed(seed)
     try:
         for epoch in range(start_epoch, sc.epochs + 1):
+            ctx.threads.resize()
             began = time.perf_counter()
             supernet.train()
             totals = {"loss_largest": 0.0, "loss_smallest": 0.0, "loss_random": 0.0}

@@ -292,8 +292,10 @@ def test_recalibration_uses_training_images_only(one_shot_study, monkeypatch: py
     supernet = Supernet(ctx.space)
     opened: list[int] = []
     source = ctx.data.images
-    original = type(source).open
+    original, original_pixels = type(source).open, type(source).pixels
     monkeypatch.setattr(type(source), "open", lambda self, i, *a, **k: (opened.append(int(i)), original(self, i, *a, **k))[1])
+    # an in-memory source hands whole batches over (ImageSource.pixels); a file source opens image by image
+    monkeypatch.setattr(type(source), "pixels", lambda self, rows: (opened.extend(int(i) for i in rows), original_pixels(self, rows))[1])
     for arch in _members(ctx.space, 2):
         opened.clear()
         member_network(ctx, supernet, arch)

@@ -156,7 +156,10 @@ def main() -> None:
                         help="only fine-tune the fidelity members standalone, into the cache (e.g. on one core beside the supernet's training)")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference rows (the unpruned gallery model fine-tuned)")
     parser.add_argument("--cache", default=None, help="folder of the gallery-embedding cache (default: --out), e.g. to share it between runs")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores other jobs leave free)")
+    parser.add_argument("--device", default="auto", help="train.device: auto, cpu or cuda[:N]")
+    parser.add_argument("--supernet-epochs", type=int, default=None, help="supernet.epochs (default: the experiment file's)")
+    parser.add_argument("--fine-tune-epochs", type=int, default=None, help="train.epochs of the fine-tuning (default: the experiment file's)")
     args = parser.parse_args()
     out = Path(args.out)
     weights = REPO / "weights" / "tf_efficientnet_lite2.safetensors"
@@ -164,7 +167,8 @@ def main() -> None:
         convert_variant(VARIANTS["lite2"], weights)
     config = load_config(REPO / "experiments" / "cub100_one_shot.yaml",
                          {"out": str(out), "data.path": args.data, "gallery.weights": str(weights), "search.study_name": "cub100-one-shot",
-                          "cache": args.cache or str(out), "search.threads": args.threads})
+                          "cache": args.cache or str(out), "search.threads": args.threads, "train.device": args.device,
+                          "supernet.epochs": args.supernet_epochs, "train.epochs": args.fine_tune_epochs})
     log = lambda text: print(text, flush=True)  # noqa: E731
     results_file = out / "one_shot_cub100.json"
     result: dict = json.loads(results_file.read_text()) if results_file.exists() else {}  # a second run adds only what is missing

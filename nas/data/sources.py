@@ -95,7 +95,8 @@ class ImageSource(abc.ABC):
 
     #: 1 (grey) or 3 (RGB): the mode every image is converted to.
     channels: int
-    #: Whether the pixels are already in memory (no decoding: loaders need no worker processes).
+    #: Whether the pixels are already in memory as one array (no decoding: loaders need no worker processes,
+    #: and batches are gathered with :meth:`pixels` and transformed at once).
     in_memory: bool = False
 
     @abc.abstractmethod
@@ -120,8 +121,8 @@ class ImageSource(abc.ABC):
         return f"image {index}"
 
     def pixels(self, indices: np.ndarray) -> np.ndarray | None:
-        """Images ``indices`` as one uint8 array ``(B, H, W, C)`` when the source holds them so (in memory, all of
-        one size): the loaders then transform whole batches on tensors. ``None``: decode one at a time."""
+        """Images ``indices`` as one uint8 array ``(B, H, W, C)``, for a source :attr:`in_memory` (all of one size):
+        the loaders then transform whole batches on tensors. Other sources: ``None`` (decoded one at a time)."""
         return None
 
     def check_headers(self) -> None:

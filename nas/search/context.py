@@ -10,7 +10,7 @@ index).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from nas.data import Augmentation, ImageSet, Preprocessing, RetrievalData, Split
 from nas.errors import BudgetError, ConfigError
 from nas.gallery import GalleryEmbeddings, GalleryNet, gallery_embeddings, open_gallery
 from nas.hardware import Budget, check_budgets, make_budgets
+from nas.threads import ThreadSizer
 from search_spaces import SearchSpace, build, create_space
 from trainers import CompatibilityLoss, GalleryTargets, Speed, create_loss_from_config, resolve_precision
 
@@ -52,6 +53,7 @@ class Context:
     loss: CompatibilityLoss
     device: torch.device
     smallest: dict[str, float]  # budgets measured on the space's smallest member
+    threads: ThreadSizer = field(default_factory=ThreadSizer)  # torch's threads: search.threads, or sized to the free cores
 
     @property
     def data(self) -> ImageSet:
@@ -86,12 +88,15 @@ class Context:
         return self.retrieval.split
 
 
-def ensure_gallery(config: ExperimentConfig, data: ImageSet, split: Split, log: Log = print, retrain: bool = False) -> tuple[GalleryNet, str, Path | None]:
+def ensure_gallery(
+    config: ExperimentConfig, data: ImageSet, split: Split, log: Log = print, retrain: bool = False, threads: ThreadSizer | None = None
+) -> tuple[GalleryNet, str, Path | None]:
     """The configured gallery model (see :func:`nas.gallery.open_gallery`), trained under ``<out>/gallery`` if
     none is configured and none is there: the model, the SHA-256 of its weights and its checkpoint file (if any)."""
     device = resolve_device(config.train.device)
     opened = open_gallery(
-        config.gallery, data, split, config.out_dir, device, seed=config.data.seed, log=log, retrain=retrain, workers=config.data.workers
+        config.gallery, data, split, config.out_dir, device, seed=config.data.seed, log=log, retrain=retrain, workers=config.data.workers,
+        threads=threads or ThreadSizer(config.search.threads),
     )
     assert opened is not None  # may_train: a model is always returned
     return opened
@@ -136,8 +141,8 @@ def _create_space(config: ExperimentConfig, embed_dim: int, in_chans: int) -> Se
 
 def prepare(config: ExperimentConfig, log: Log = print) -> Context:
     """Load data, split, gallery model and its cached embeddings; build space, budgets and loss."""
-    if config.search.threads:
-        torch.set_num_threads(config.search.threads)
+    threads = ThreadSizer(config.search.threads)
+    threads.resize()
     retrieval = load_retrieval_data(config.data)
     data, split = retrieval.data, retrieval.split
     mode = "query = gallery, own entry excluded" if split.query_is_gallery else "query and gallery disjoint"
@@ -154,7 +159,7 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
         )
     budgets = make_budgets(config.budgets)
     smallest = check_reachable(space, budgets)  # before any gallery training: fail fast
-    gallery, sha, _ = ensure_gallery(config, data, split, log)
+    gallery, sha, _ = ensure_gallery(config, data, split, log, threads=threads)
     log(f"Preprocessing (gallery and query side): {gallery.preprocessing.describe()}")
     if config.gallery.embed_dim is None:  # the space must project to the backbone's own width
         space = _create_space(config, gallery.embed_dim, data.channels)
@@ -170,4 +175,4 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
         loss.bind(targets)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return Context(config, retrieval, gallery, sha, emb, targets, space, budgets, loss, device, smallest)
+    return Context(config, retrieval, gallery, sha, emb, targets, space, budgets, loss, device, smallest, threads)

@@ -132,7 +132,8 @@ class Evaluator(abc.ABC):
         :func:`trainers.train_compatible`."""
         ctx, tc = self.ctx, self.ctx.config.train
         transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(model.arch.resolution, ctx.augmentation)
-        images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, seed, ctx.workers, desc=desc)
+        images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, seed, ctx.workers, desc=desc,
+                                 for_gpu=ctx.device.type == "cuda")
         start = time.perf_counter()
         last_val: dict[str, float] = {}
 
@@ -141,7 +142,9 @@ class Evaluator(abc.ABC):
             last_val = self.score(model, "val")
             if on_epoch is not None:
                 on_epoch(result, last_val)
+            ctx.threads.resize()  # for the next epoch: the cores other jobs leave free now
 
+        ctx.threads.resize()
         train_compatible(
             model, images, ctx.targets, ctx.loss, epochs=epochs, batch_size=tc.batch_size, optimizer=tc.optimizer, lr=lr,
             weight_decay=tc.weight_decay, momentum=tc.momentum, schedule=tc.schedule, device=ctx.device, seed=seed,

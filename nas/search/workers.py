@@ -1,7 +1,8 @@
 """Several worker processes on one machine, sharing one study.
 
 ``nas search CONFIG --workers N`` writes the effective configuration and starts N ``nas
-worker`` processes with the CPU threads split between them, all counting toward one new
+worker`` processes with the CPU threads split between them (and, on a machine with several
+GPUs and ``train.device`` ``auto`` or ``cuda``, one GPU each, in turn), all counting toward one new
 request: together they add ``search.trials`` counted trials to the study, as a
 single-process ``nas search`` would, whatever other processes add meanwhile (see
 :mod:`nas.search.coordination`). The study storage and its locks coordinate them; there is
@@ -26,6 +27,15 @@ from nas.secrets import masked_config_dict, url_for_child
 __all__ = ["run_local_workers"]
 
 
+def _gpus(device: str) -> int:
+    """How many GPUs the workers take turns on: all of them for ``auto`` or ``cuda``, none for a named one or the CPU."""
+    if device not in ("auto", "cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def run_local_workers(config: ExperimentConfig, workers: int) -> optuna.Study:
     """Start ``workers`` worker processes for ``config`` and wait for all of them."""
     if workers < 1:
@@ -44,7 +54,8 @@ def run_local_workers(config: ExperimentConfig, workers: int) -> optuna.Study:
     print(f"Starting {workers} workers ({threads} thread(s) each) to add {config.search.trials} trials to study "
           f"{config.search.study_name!r}.", flush=True)
     command = [sys.executable, "-m", "nas.cli", "worker", str(effective), "--trials", str(config.search.trials), "--request", request]
-    procs = [subprocess.Popen(command, env=env) for _ in range(workers)]
+    gpus = _gpus(config.train.device)
+    procs = [subprocess.Popen(command + ([f"--device=cuda:{i % gpus}"] if gpus > 1 else []), env=env) for i in range(workers)]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:

@@ -139,8 +139,6 @@ class TrainConfig:
             not (self.precision == "float16" and self.device == "cpu"),
             "train.precision float16 needs a CUDA device (train.device); on a CPU use bfloat16 or float32.",
         )
-        _check(isinstance(self.channels_last, bool), f"train.channels_last must be true or false, but got {self.channels_last!r}.")
-        _check(isinstance(self.compile, bool), f"train.compile must be true or false, but got {self.compile!r}.")
         _check(self.epochs >= 1, f"train.epochs must be >= 1, but got {self.epochs}.")
         _check(self.batch_size >= 2, f"train.batch_size must be >= 2, but got {self.batch_size}.")
         _check(self.optimizer in ("adamw", "sgd"), f"train.optimizer must be 'adamw' or 'sgd', but got {self.optimizer!r}.")

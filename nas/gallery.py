@@ -20,7 +20,7 @@ import pickle
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from nas.progress_bars import progress
 from nas.scoring import embed
 from nas.threads import ThreadSizer, apply_threads
 from search_spaces import EmbeddingHead, L2Normalise
+from trainers import Speed
 
 __all__ = [
     "GalleryNet",
@@ -213,10 +214,12 @@ def train_gallery(
     log: Callable[[str], None] = print,
     workers: int | None = None,
     threads: ThreadSizer | None = None,
+    speed: Speed | None = None,
 ) -> GalleryNet:
     """Train a gallery model on the train split (normalised-softmax cross-entropy) and save it.
 
-    ``threads`` sizes torch's threads to the free cores before every epoch (:mod:`nas.threads`).
+    ``threads`` sizes torch's threads to the free cores before every epoch (:mod:`nas.threads`);
+    ``speed``: precision and memory format of the steps, as a trial's (``train.*``; not compiled).
 
     The cosine classifier with a fixed scale is the normalised-softmax loss of
     Zhai & Wu, "Classification is a Strong Baseline for Deep Metric Learning" (BMVC 2019).
@@ -229,6 +232,8 @@ def train_gallery(
     torch.manual_seed(seed)
     num_classes = len(data.classes)
     model = create_gallery_net(config, data.channels, num_classes).to(device)
+    speed = replace(speed or Speed(), compile=False)
+    speed.model(model)
     tc = config.train
     # random horizontal flip only: garments, digits and photos keep their class
     transform = model.preprocessing.train_transform(config.resolution, Augmentation(crop_scale=(1.0, 1.0), hflip=0.5))
@@ -245,8 +250,10 @@ def train_gallery(
         for xb, idx in progress(images.batches(epoch), len(images), f"gallery epoch {epoch}/{tc.epochs}", scale=tc.batch_size):
             if len(idx) < 2:
                 continue
-            xb, yb = xb.to(device, non_blocking=True), y[idx].to(device)
-            logits = model.logits(model(xb), tc.scale)
+            xb, yb = speed.batch(xb.to(device, non_blocking=True)), y[idx].to(device)
+            with speed.autocast(device):
+                features = model(xb)
+            logits = model.logits(features.float(), tc.scale)
             loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -256,7 +263,7 @@ def train_gallery(
             correct += int((logits.argmax(1) == yb).sum())
             total += len(idx)
         log(f"  gallery epoch {epoch}/{tc.epochs}: loss {loss_sum / total:.4f}, train accuracy {correct / total:.3f}, {time.perf_counter() - start:.1f}s")
-    model = model.cpu().eval()
+    model = model.cpu().eval().to(memory_format=torch.contiguous_format)
     save_gallery(model, path, config.resolution, data.classes)
     return model
 
@@ -458,6 +465,7 @@ def open_gallery(
     may_train: bool = True,
     workers: int | None = None,
     threads: ThreadSizer | None = None,
+    speed: Speed | None = None,
 ) -> tuple[GalleryNet, str, Path | None] | None:
     """The configured gallery model, the SHA-256 identifying its weights, and its checkpoint file
     (None for weights not written by us). Without checkpoint, weights or pretrained, the model
@@ -478,5 +486,5 @@ def open_gallery(
     if not may_train:
         return None
     log(f"Gallery model: no checkpoint configured; training {config.model} on {len(split.train)} images -> {path}")
-    model = train_gallery(config, data, split, path, device, seed=seed, log=log, workers=workers, threads=threads)
+    model = train_gallery(config, data, split, path, device, seed=seed, log=log, workers=workers, threads=threads, speed=speed)
     return model, file_sha256(path), path

@@ -15,6 +15,11 @@ processes used. :meth:`ThreadSizer.resize` sets torch's threads to the rest (at 
 and is called before each epoch of training and before each trial, so a search adapts as
 other jobs come and go. Where ``/proc/stat`` cannot be read (not Linux), the thread count is
 left as it is.
+
+A thread count chosen by hand is kept: ``search.threads`` (``--threads``), or else the
+environment's ``OMP_NUM_THREADS`` (:func:`chosen_threads`). Float sums split over another
+number of threads can differ in their last bits, so a run repeats bit for bit only with the
+count fixed.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import time
 
 import torch
 
-__all__ = ["ThreadSizer", "cpu_count", "apply_threads"]
+__all__ = ["ThreadSizer", "cpu_count", "apply_threads", "chosen_threads"]
 
 
 def cpu_count() -> int:
@@ -33,6 +38,15 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def chosen_threads(configured: int | None) -> int | None:
+    """The thread count chosen by hand: ``configured`` (``search.threads``), else ``OMP_NUM_THREADS`` when it is a
+    positive number; ``None``: size to the free cores."""
+    if configured:
+        return configured
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def _machine_busy() -> float | None:

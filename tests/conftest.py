@@ -15,6 +15,10 @@ import numpy as np
 import psycopg2
 import pytest
 
+# Searches in the tests keep one thread count (nas.threads: a count chosen by hand is kept), so that runs compared
+# bit for bit are computed alike whatever else loads the machine; the sizing itself is tested in test_threads.py.
+os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+
 
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write ``array`` (uint8) as an idx file, gzipped when ``path`` ends with .gz."""

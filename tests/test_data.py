@@ -635,3 +635,16 @@ def test_class_disjoint_can_hold_out_the_last_classes() -> None:
     assert sorted(set(labels[seeded.query])) != [5, 6, 7, 8, 9]  # the default draws them
     with pytest.raises(ValueError, match="held_out"):
         class_disjoint_split(labels, 0.5, 0.2, 0.1, 0.25, seed=3, held_out="first")
+
+
+def test_loader_workers_for_a_gpu(tmp_path: Path) -> None:
+    """Training on a GPU, the CPU only feeds it: image files get all cores but one (at most 8); memory needs none."""
+    import os
+
+    from nas.data import resolve_workers
+    from nas.data.sources import FileImages
+
+    files = FileImages(tmp_path, ["a.png"])
+    assert resolve_workers(files, None, for_gpu=True) == max(1, min(8, (os.cpu_count() or 1) - 1))
+    assert resolve_workers(files, 3, for_gpu=True) == 3
+    assert resolve_workers(ArrayImages(np.zeros((2, 4, 4, 1), np.uint8)), None, for_gpu=True) == 0

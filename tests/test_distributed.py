@@ -117,7 +117,7 @@ def test_three_workers_finish_exactly_the_trial_budget(tmp_path: Path, tiny_conf
 def test_a_killed_worker_trial_is_failed_and_retried(tmp_path: Path, tiny_config, pg_databases) -> None:
     storage, tracking = pg_databases(), pg_databases()  # MLflow writes straight to a PostgreSQL store
     raw = tiny_config(
-        tmp_path / "run", budgets__max_mflops=None, train__epochs=25, search__study_name="kill",
+        tmp_path / "run", budgets__max_mflops=None, train__epochs=10, search__study_name="kill",
         search__heartbeat_interval=1, search__grace_period=3,
         gallery__train={"epochs": 1, "batch_size": 64, "lr": 0.003},
     )

@@ -642,3 +642,54 @@ def test_train_compatible_binds_the_loss_to_the_bundle_it_was_given(problem: _Pr
         bundle.classifier_scale = 8.0  # type: ignore[misc]
     plain = GalleryTargets(bundle.targets, bundle.labels)
     assert plain.classifier is None and plain.classifier_scale is None
+
+
+# --------------------------------------------------------------------------- precision, memory format, compilation
+
+
+@pytest.mark.parametrize("speed", [trainers.Speed(channels_last=True), trainers.Speed("bfloat16"), trainers.Speed("bfloat16", channels_last=True)])
+def test_every_speed_setting_trains_as_well_and_leaves_the_model_as_it_was(problem: _Problem, speed: trainers.Speed) -> None:
+    """channels-last and bfloat16 autocast reach what float32 NCHW reaches on real data; the model comes back in float32,
+    contiguous, on the CPU (so it can be saved as safetensors and exported)."""
+    reached = {}
+    for setting in (trainers.Speed(), speed):
+        model = _net()
+        train_compatible(model, problem.x_train, problem.gallery(), create_loss("regression"), epochs=4, batch_size=64, lr=3e-3, seed=0,
+                         speed=setting)
+        reached[setting] = problem.asymmetric_map(model)
+        assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
+    assert reached[speed] > 0.55 and abs(reached[speed] - reached[trainers.Speed()]) < 0.05, reached
+
+
+def test_channels_last_changes_the_layout_not_the_function(problem: _Problem) -> None:
+    model = _net()
+    x = problem.x_train[:8]
+    with torch.no_grad():
+        before = model.eval()(x)
+        speed = trainers.Speed(channels_last=True)
+        after = speed.model(model)(speed.batch(x))
+    assert next(p for p in model.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_precision_auto_and_its_errors() -> None:
+    assert trainers.resolve_precision("auto", "cpu") == trainers.CPU_DEFAULT_PRECISION == "float32"
+    assert trainers.resolve_precision("bfloat16", "cpu") == "bfloat16"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        trainers.resolve_precision("float16", "cpu")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        trainers.resolve_precision("fp8", "cpu")
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        trainers.Speed("auto")
+    assert trainers.Speed().scaler(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize(("train", "fragment"), [
+    ({"precision": "half"}, "train.precision must be"),
+    ({"precision": "float16", "device": "cpu"}, "float16 needs a CUDA device"),
+    ({"channels_last": "yes"}, "'train.channels_last' must be true or false"),
+    ({"compile": 1}, "'train.compile' must be true or false"),
+])
+def test_speed_settings_are_validated_with_the_key_named(train: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        config_from_dict({"train": train})

@@ -20,7 +20,7 @@ from nas.data import Augmentation, ImageSet, Preprocessing, RetrievalData, Split
 from nas.errors import BudgetError, ConfigError
 from nas.gallery import GalleryEmbeddings, GalleryNet, gallery_embeddings, open_gallery
 from nas.hardware import Budget, check_budgets, make_budgets
-from nas.threads import ThreadSizer
+from nas.threads import ThreadSizer, chosen_threads
 from search_spaces import SearchSpace, build, create_space
 from trainers import CompatibilityLoss, GalleryTargets, Speed, create_loss_from_config, resolve_precision
 
@@ -36,6 +36,16 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'.")
     return torch.device(name)
+
+
+def training_speed(config: ExperimentConfig, device: torch.device) -> Speed:
+    """``train.precision`` (``auto`` resolved for ``device``), ``train.channels_last`` and ``train.compile``."""
+    tc = config.train
+    try:
+        precision = resolve_precision(tc.precision, device)
+    except ValueError as exc:
+        raise ConfigError(f"train.precision: {exc}") from None
+    return Speed(precision, tc.channels_last, tc.compile)
 
 
 @dataclass
@@ -76,12 +86,7 @@ class Context:
     @property
     def speed(self) -> Speed:
         """Precision, memory format and compilation of every training step (``train.precision`` etc., ``auto`` resolved for the device)."""
-        tc = self.config.train
-        try:
-            precision = resolve_precision(tc.precision, self.device)
-        except ValueError as exc:
-            raise ConfigError(f"train.precision: {exc}") from None
-        return Speed(precision, tc.channels_last, tc.compile)
+        return training_speed(self.config, self.device)
 
     @property
     def split(self) -> Split:
@@ -96,7 +101,7 @@ def ensure_gallery(
     device = resolve_device(config.train.device)
     opened = open_gallery(
         config.gallery, data, split, config.out_dir, device, seed=config.data.seed, log=log, retrain=retrain, workers=config.data.workers,
-        threads=threads or ThreadSizer(config.search.threads),
+        threads=threads or ThreadSizer(chosen_threads(config.search.threads)), speed=training_speed(config, device),
     )
     assert opened is not None  # may_train: a model is always returned
     return opened
@@ -141,7 +146,7 @@ def _create_space(config: ExperimentConfig, embed_dim: int, in_chans: int) -> Se
 
 def prepare(config: ExperimentConfig, log: Log = print) -> Context:
     """Load data, split, gallery model and its cached embeddings; build space, budgets and loss."""
-    threads = ThreadSizer(config.search.threads)
+    threads = ThreadSizer(chosen_threads(config.search.threads))
     threads.resize()
     retrieval = load_retrieval_data(config.data)
     data, split = retrieval.data, retrieval.split

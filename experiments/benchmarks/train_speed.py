@@ -12,7 +12,10 @@ random unit targets, images preprocessed once into memory so that only the step 
   as ``nas.supernet.train_supernet`` takes it, batch 32; images per second count each batch
   once;
 * **quickstart trial (Fashion-MNIST)**: the quickstart's trial, a ``mobilenet`` member at 28
-  px (width 0.75), batch 128, on the quickstart's grey 28 x 28 training images.
+  px (width 0.75), batch 128, on the quickstart's grey 28 x 28 training images;
+* **quickstart gallery (ResNet-18 @32)**: the quickstart's gallery model (timm's ``resnet18``
+  with its 128-d embedding) at 32 px, batch 128, trained like a query network (the gallery's
+  own training adds a cosine classifier on top: the same network cost).
 
 Settings (``trainers.Speed``): float32 NCHW eager (the default); channels-last; bfloat16
 autocast (on a CPU that has it: AVX-512 BF16 or AMX); both; ``torch.compile`` (float32).
@@ -48,9 +51,10 @@ import torch.nn.functional as F
 
 from nas.config import load_config
 from nas.data import LEGACY_PREPROCESSING, Preprocessing, eval_batches, load_image_folder, load_retrieval_data
-from search_spaces import Supernet, build, create_space
+from nas.gallery import create_gallery_net
 from nas.supernet import random_member
-from trainers import GalleryTargets, Speed, TensorImages, create_loss, make_optimizer
+from search_spaces import Supernet, build, create_space
+from trainers import GalleryTargets, Speed, create_loss, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CUB = ROOT.parents[1] / "shared" / "data" / "cub100"
@@ -87,14 +91,16 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int) -> tuple[float
     return max(first - per, 0.0), per
 
 
-def plain_step(space, images: torch.Tensor, batch: int, speed: Speed) -> Callable[[], None]:
-    """A train_compatible step of the space's largest member, as trainers/_train.py takes it."""
+def plain_step(make_model: Callable[[], torch.nn.Module], images: torch.Tensor, batch: int, speed: Speed) -> Callable[[], None]:
+    """A train_compatible step of ``make_model()``, as trainers/_train.py takes it."""
     torch.manual_seed(0)
-    model = build(space.extreme(smallest=False))
+    model = make_model()
     step_model = speed.model(model)
     opt = make_optimizer(model, "adamw", 2e-3, 1e-4, 0.9)
     loss_fn = create_loss("regression")
-    targets = F.normalize(torch.randn(batch, model.arch.embed_dim, generator=torch.Generator().manual_seed(0)), dim=1)
+    with torch.no_grad():
+        embed_dim = model.eval()(images[:2]).shape[1]
+    targets = F.normalize(torch.randn(batch, embed_dim, generator=torch.Generator().manual_seed(0)), dim=1)
     labels = torch.zeros(batch, dtype=torch.int64)
     loss_fn.bind(GalleryTargets(targets, labels))
     rng = np.random.default_rng(0)
@@ -167,6 +173,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, from: " + ", ".join(SETTINGS))
+    parser.add_argument("--workloads", default=None, help="comma-separated workload name prefixes (default: all)")
     parser.add_argument("--quality", action="store_true")
     parser.add_argument("--quality-seeds", default="0,1")
     parser.add_argument("--cub", type=Path, default=CUB)
@@ -182,11 +189,16 @@ def main() -> None:
     fm = load_retrieval_data(quick.data)
     fm28 = torch.cat(list(eval_batches(fm.data.images, fm.split.train[:1024], LEGACY_PREPROCESSING.eval_transform(28), 256)))
     quick_space = mobilenet([28], 0.75, quick.gallery.embed_dim, 1)
+    fm32 = torch.cat(list(eval_batches(fm.data.images, fm.split.train[:1024], LEGACY_PREPROCESSING.eval_transform(32), 256)))
     workloads = {
-        "query net @128 (CUB)": (lambda speed: plain_step(cub_space, cub128, 32, speed), 32),
+        "query net @128 (CUB)": (lambda speed: plain_step(lambda: build(cub_space.extreme(smallest=False)), cub128, 32, speed), 32),
         "supernet step @128 (CUB)": (lambda speed: supernet_step(super_space, cub128, 32, speed), 32),
-        "quickstart trial (Fashion-MNIST)": (lambda speed: plain_step(quick_space, fm28, 128, speed), 128),
+        "quickstart trial (Fashion-MNIST)": (lambda speed: plain_step(lambda: build(quick_space.extreme(smallest=False)), fm28, 128, speed), 128),
+        "quickstart gallery (ResNet-18 @32)": (lambda speed: plain_step(lambda: create_gallery_net(quick.gallery, 1), fm32, 128, speed), 128),
     }
+    if args.workloads:
+        prefixes = [w.strip() for w in args.workloads.split(",")]
+        workloads = {k: v for k, v in workloads.items() if any(k.startswith(p) for p in prefixes)}
     threads = [int(t) for t in args.threads.split(",")]
     results: dict[tuple[str, int, str], list[tuple[float, float]]] = {}
     for _ in range(args.repeats):

@@ -60,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--sampler", help="search.sampler, a registered Optuna sampler (default tpe)")
     search.add_argument("--objectives", help="comma-separated search.objectives, e.g. mAP,mflops (default mAP)")
     search.add_argument("--threads", type=int, help="torch threads for training (search.threads; default: the cores other jobs leave free)")
-    search.add_argument("--device", help="train.device: auto, cpu, cuda or cuda:N")
     search.add_argument("--workers", type=_int_in(1), default=1, help="run N worker processes on this machine (default 1)")
 
     worker = sub.add_parser("worker", help="join a shared study and run trials until it holds its trial budget")
@@ -69,7 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--request", help="count --trials toward this request id instead of the study's total (set by nas search --workers)")
     worker.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     worker.add_argument("--threads", type=int, help="torch threads for training")
-    worker.add_argument("--device", help="train.device: auto, cpu, cuda or cuda:N (one GPU per worker process on a multi-GPU machine)")
 
     gallery = sub.add_parser("gallery", help="gallery model commands")
     gsub = gallery.add_subparsers(dest="gallery_command", required=True)
@@ -84,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     strain = supsub.add_parser("train", help="train (or resume) the supernet of CONFIG; 'nas search' with search.strategy one_shot reuses it")
     _add_config_overrides(strain)
     strain.add_argument("--threads", type=int, help="torch threads for training")
-    strain.add_argument("--device", help="train.device: auto, cpu, cuda or cuda:N")
+    for command in (search, worker, strain):  # e.g. one GPU per worker process on a multi-GPU machine
+        command.add_argument("--device", help="train.device: auto, cpu, cuda or cuda:N")
 
     for name, help_text in (
         ("export", "export a trial's query network (arch, weights, TorchScript, ONNX, card)"),
@@ -206,31 +205,6 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, object]:
         "search.threads": args.threads,
         "train.device": getattr(args, "device", None),
     }
-
-
-def _log_report_to_mlflow(study, files, tracking_uri: str | None = None) -> str:
-    """Log the report files to the study's MLflow parent run (at ``tracking_uri``, default the recorded one), when it has one."""
-    from nas.config import config_from_dict
-    from nas.errors import ConfigError
-    from nas.records import StudyRecord
-    from nas.secrets import mask_url
-    from nas.tracking import MlflowTracker
-
-    info = StudyRecord.load(study)
-    parent, raw = info.mlflow_parent_run_id, info.config
-    if parent is None or raw is None:
-        return "MLflow: the study has no parent run (tracking was off); files not logged."
-    config = config_from_dict({**raw, "out": info.out_dir or raw.get("out")})
-    try:
-        uri = tracking_uri or config.tracking_uri  # a recorded URI whose password was masked: a clear error
-    except ConfigError as exc:
-        return f"MLflow: files not logged: {exc}"
-    experiment = config.tracking.experiment or config.search.study_name
-    tracker = MlflowTracker(uri, experiment, config.out_dir / "mlartifacts", log=print, journal_dir=config.out_dir)
-    for path in files:
-        tracker.log_artifact(parent, path)
-    tracker.flush()
-    return f"MLflow: logged {len(files)} file(s) to the parent run {parent} at {mask_url(tracker.uri)}."
 
 
 def _parse_options(pairs: Sequence[str]) -> dict[str, object]:
@@ -381,7 +355,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"Export written to {args.out}; load it with nas.load_query_model({str(args.out)!r}).")
         return 0
     if args.command == "report":
-        from nas.report import write_report
+        from nas.report import log_report_to_mlflow, write_report
 
         if args.out:
             _output_path(args.out, "--out", folder=True)
@@ -393,7 +367,7 @@ def _run(args: argparse.Namespace) -> int:
         for path in files:
             if path.suffix == ".txt":
                 print(f"== {path.name}\n{path.read_text()}")
-        logged = _log_report_to_mlflow(study, files, args.tracking_uri)
+        logged = log_report_to_mlflow(study, files, args.tracking_uri)
         print("Report files: " + ", ".join(str(p) for p in files))
         print(logged)
         return 0

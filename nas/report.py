@@ -20,10 +20,14 @@ from pathlib import Path
 
 import optuna
 
+from nas.config import config_from_dict
+from nas.errors import ConfigError
 from nas.records import QUERY_MAP, StudyRecord
 from nas.results import baselines_table, feasible_complete, pareto_front, pareto_table, results_table
+from nas.secrets import mask_url
+from nas.tracking import MlflowTracker
 
-__all__ = ["write_report", "importances_table"]
+__all__ = ["write_report", "importances_table", "log_report_to_mlflow"]
 
 
 def _plot(study: optuna.Study, path: Path, cost: str, label: str) -> None:
@@ -109,3 +113,22 @@ def write_report(study: optuna.Study, folder: str | Path, top: int = 10) -> list
             _plot(study, path, cost, label)
             files.append(path)
     return files
+
+
+def log_report_to_mlflow(study, files, tracking_uri: str | None = None) -> str:
+    """Log the report files to the study's MLflow parent run (at ``tracking_uri``, default the recorded one), when it has one."""
+    info = StudyRecord.load(study)
+    parent, raw = info.mlflow_parent_run_id, info.config
+    if parent is None or raw is None:
+        return "MLflow: the study has no parent run (tracking was off); files not logged."
+    config = config_from_dict({**raw, "out": info.out_dir or raw.get("out")})
+    try:
+        uri = tracking_uri or config.tracking_uri  # a recorded URI whose password was masked: a clear error
+    except ConfigError as exc:
+        return f"MLflow: files not logged: {exc}"
+    experiment = config.tracking.experiment or config.search.study_name
+    tracker = MlflowTracker(uri, experiment, config.out_dir / "mlartifacts", log=print, journal_dir=config.out_dir)
+    for path in files:
+        tracker.log_artifact(parent, path)
+    tracker.flush()
+    return f"MLflow: logged {len(files)} file(s) to the parent run {parent} at {mask_url(tracker.uri)}."

@@ -11,6 +11,8 @@ from search_spaces._macs import count_macs
 from search_spaces._mobilenet import MobileNetSpace
 from search_spaces._net import QueryNet, TimmQueryNet, build
 from search_spaces._resnet import ResNetSpace
+from search_spaces._rooted import FAMILIES as ROOT_FAMILIES
+from search_spaces._rooted import PrunedNet, Pruning, Root
 from search_spaces._supernet import Supernet, SupernetError, recalibrate_bn, slice_tensor
 from search_spaces._timm_builder import timm_model_exists
 from search_spaces._timm_models import FAMILIES as TIMM_FAMILIES
@@ -26,8 +28,12 @@ __all__ = [
     "GallerySpace",
     "L2Normalise",
     "MobileNetSpace",
+    "PrunedNet",
+    "Pruning",
     "QueryNet",
+    "ROOT_FAMILIES",
     "ResNetSpace",
+    "Root",
     "RootError",
     "Supernet",
     "SupernetError",

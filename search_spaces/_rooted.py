@@ -11,12 +11,19 @@ group's layers of each channel's squared L2 weight norm (Torch-Pruning's
 the most important ``round(width x size)`` channels (at least one), where ``width`` is its
 stage's width ratio; so a member at width 1 everywhere and full depth *is* the root.
 
-A member is data (:class:`Pruning`: a width ratio per stage, a depth per stage); the stages
-and which blocks may be dropped are the only family-specific facts, one small rule per
-family (:data:`FAMILIES`): ResNet (basic and bottleneck blocks), EfficientNet / EfficientNet-Lite
-and MobileNetV3 (timm's ``EfficientNet`` and ``MobileNetV3`` classes), ConvNeXt. Depth drops
-a stage's trailing residual blocks (blocks that keep their input's shape); the first block
-of a stage is always kept. A model of another family is a ``ValueError`` that names its class.
+A member is data (:class:`Pruning`: a width ratio per stage, a depth per stage; for a ViT
+the heads per block and the resolution); the stages and which blocks may be dropped are the
+only family-specific facts, one small rule per family (:data:`FAMILIES`): ResNet (basic and
+bottleneck blocks), EfficientNet / EfficientNet-Lite and MobileNetV3 (timm's ``EfficientNet``
+and ``MobileNetV3`` classes), ConvNeXt, and the vision transformer (``VisionTransformer``:
+DeiT, ViT). Depth drops a stage's trailing residual blocks (blocks that keep their input's
+shape); the first block of a stage is always kept. Widths apply to every group whose first
+producer lies in the stage (``stem`` before the first stage, ``head`` after the last); a
+ViT's width units are its blocks (the MLP's hidden width), its ``stem`` group is the residual
+stream (patch embedding, class token, position embeddings, every block's output), and an
+attention's ``qkv`` group is cut by whole heads, ranked by the summed importance of their
+query, key and value channels (removing a head computes exactly what zeroing its output
+does). A model of another family is a ``ValueError`` that names its class.
 
 :meth:`Root.member` returns a :class:`PrunedNet`: the pruned backbone through timm's own
 ``forward_features`` and ``forward_head(pre_logits=True)`` (MobileNetV3's head convolution after
@@ -42,12 +49,15 @@ class Family:
     """What one model family needs beyond the dependency graph: its stages and its droppable blocks.
 
     ``classes``: timm model class names of the family. ``stages(model)``: stage name -> the
-    ``nn.Sequential`` of its blocks, in order.
+    ``nn.Sequential`` of its blocks, in order (what depth counts). ``units(model)``: the names
+    that width ratios are given for, where they are not the stages (a ViT's blocks, one by one).
     """
 
     name: str
     classes: tuple[str, ...]
     stages: Callable[[nn.Module], dict[str, nn.Sequential]]
+    #: the names width ratios (and a ViT's heads) are given for; default: the stages
+    units: Callable[[nn.Module], list[str]] | None = None
 
 
 def _resnet_stages(model: nn.Module) -> dict[str, nn.Sequential]:
@@ -62,11 +72,20 @@ def _convnext_stages(model: nn.Module) -> dict[str, nn.Sequential]:
     return {f"stages.{i}": stage.blocks for i, stage in enumerate(model.stages)}
 
 
+def _vit_stages(model: nn.Module) -> dict[str, nn.Sequential]:
+    return {"blocks": model.blocks}
+
+
+def _vit_units(model: nn.Module) -> list[str]:
+    return [f"blocks.{i}" for i in range(len(model.blocks))]
+
+
 #: The supported families, by timm model class.
 FAMILIES = (
     Family("resnet", ("ResNet",), _resnet_stages),
     Family("efficientnet", ("EfficientNet", "MobileNetV3"), _efficientnet_stages),
     Family("convnext", ("ConvNeXt",), _convnext_stages),
+    Family("vit", ("VisionTransformer",), _vit_stages, _vit_units),
 )
 
 
@@ -85,17 +104,22 @@ def family_of(model: nn.Module) -> Family:
 
 @dataclass(frozen=True)
 class Pruning:
-    """A pruning of a root: a width ratio in (0, 1] per stage (missing: 1) and a depth per stage (missing: all blocks)."""
+    """A pruning of a root: a width ratio in (0, 1] per stage (missing: 1), a depth per stage (missing: all
+    blocks), for a ViT the attention heads kept per block (missing: all), and the input resolution (``None``:
+    the root's; a ViT's position embeddings are resampled to it as timm does)."""
 
     widths: Mapping[str, float] = field(default_factory=dict)
     depths: Mapping[str, int] = field(default_factory=dict)
+    heads: Mapping[str, int] = field(default_factory=dict)
+    resolution: int | None = None
 
 
 @dataclass(frozen=True)
 class _Group:
     modules: tuple[str, ...]  # the modules whose output channels form the group, in the dependency graph's order
     stage: str
-    order: tuple[int, ...]  # channel indices, most important first
+    order: tuple[int, ...]  # channel indices (heads, for an attention's qkv), most important first
+    head_dim: int = 0  # an attention's qkv projection: whole heads are kept or removed; 0: channels
 
 
 class PrunedNet(nn.Module):
@@ -125,21 +149,25 @@ class Root:
     """A timm model and its weights, whose structured prunings are the members (see the module docstring).
 
     ``model``: the timm model with its weights and no classifier (``num_classes=0``);
-    ``in_chans`` and ``resolution``: the input the dependency graph is traced with.
+    ``in_chans`` and ``resolution``: the input the dependency graph is traced with (default: a
+    ViT's own image size, 64 px for a convolutional network).
     """
 
-    def __init__(self, model: nn.Module, in_chans: int = 3, resolution: int = 64) -> None:
+    def __init__(self, model: nn.Module, in_chans: int = 3, resolution: int | None = None) -> None:
         import torch_pruning as tp
 
         self.family = family_of(model)
         self.model = model.eval()
-        self.in_chans, self.resolution = in_chans, resolution
-        self.stages = list(self.family.stages(model))
+        patch_embed = getattr(model, "patch_embed", None)
+        self.in_chans = in_chans
+        self.resolution = resolution or (int(patch_embed.img_size[0]) if patch_embed is not None else 64)
+        self.stages = list(self.family.stages(model))  # what depth counts
+        self.units = self.family.units(model) if self.family.units else self.stages  # what widths are given for
         self.num_features = self._features(model).shape[1]
         graph = self._graph(model)
         names = {module: name for name, module in model.named_modules()}
         position = {name: k for k, name in enumerate(names.values())}
-        first_stage_at = min(position[s] for s in position if any(s == st or s.startswith(st + ".") for st in self.stages))
+        first_stage_at = min(position[s] for s in position if any(s == st or s.startswith(st + ".") for st in self.units))
         importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)
         groups = []
         for group in graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
@@ -147,9 +175,17 @@ class Root:
             scores = importance(group)
             if scores is None or not members:
                 continue
-            order = tuple(int(i) for i in torch.argsort(scores, descending=True, stable=True))
             first = min(members, key=position.__getitem__)  # the group's first producer in the model's order decides its stage
-            groups.append(_Group(members, _stage_of(first, self.stages, first_stage_at, position[first]), order))
+            stage = _stage_of(first, self.units, first_stage_at, position[first])
+            attention = _attention_of(model, first)
+            if attention is not None:  # rank whole heads: the sum of their q, k and v channels' importance
+                heads, head_dim = attention.num_heads, attention.head_dim
+                per_head = scores.view(3, heads, head_dim).sum(dim=(0, 2))
+                order = tuple(int(i) for i in torch.argsort(per_head, descending=True, stable=True))
+                groups.append(_Group(members, stage, order, head_dim))
+                continue
+            order = tuple(int(i) for i in torch.argsort(scores, descending=True, stable=True))
+            groups.append(_Group(members, stage, order))
         self.groups = groups
         self._final = self._final_group(model)
 
@@ -165,6 +201,7 @@ class Root:
         import torch_pruning as tp
 
         unwrapped = [(p, 0) for n, p in model.named_parameters() if n.endswith(".gamma") and p.dim() == 1]  # ConvNeXt's layer scale
+        unwrapped += [(p, 2) for n, p in model.named_parameters() if n in ("cls_token", "pos_embed", "reg_token")]  # a ViT's tokens
         try:
             with torch.enable_grad():  # the graph is traced through autograd
                 return tp.DependencyGraph().build_dependency(
@@ -184,6 +221,13 @@ class Root:
     # ------------------------------------------------------------------ members
     def keep(self, group: _Group, pruning: Pruning) -> list[int]:
         """The channels of ``group`` that ``pruning`` keeps (the most important ones), in their original order."""
+        if group.head_dim:  # an attention's qkv: the q, k and v channels of the most important heads
+            heads = len(group.order)
+            n = int(pruning.heads.get(group.stage, heads))
+            if not 1 <= n <= heads:
+                raise ValueError(f"heads of {group.stage!r} must be between 1 and {heads}, but got {n}.")
+            kept = sorted(group.order[:n])
+            return [part * heads * group.head_dim + h * group.head_dim + i for part in range(3) for h in kept for i in range(group.head_dim)]
         width = float(pruning.widths.get(group.stage, 1.0))
         if not 0.0 < width <= 1.0:
             raise ValueError(f"width of stage {group.stage!r} must be in (0, 1], but got {width}.")
@@ -194,9 +238,10 @@ class Root:
         """The pruned network of ``pruning``: a copy of the root with the dropped blocks removed and every group cut."""
         import torch_pruning as tp
 
-        for stage in list(pruning.widths) + list(pruning.depths):
-            if stage not in self.stages and stage not in ("stem", "head"):
-                raise ValueError(f"unknown stage {stage!r}: {type(self.model).__name__} has {', '.join(['stem', *self.stages, 'head'])}.")
+        known = dict.fromkeys(["stem", *self.units, *self.stages, "head"])
+        for stage in [*pruning.widths, *pruning.depths, *pruning.heads]:
+            if stage not in known:
+                raise ValueError(f"unknown stage {stage!r}: {type(self.model).__name__} has {', '.join(known)}.")
         net = copy.deepcopy(self.model)
         for stage, blocks in self.family.stages(net).items():
             depth = pruning.depths.get(stage, len(blocks))
@@ -216,9 +261,24 @@ class Root:
             if root is None:  # every module of the group was in dropped blocks
                 continue
             handler = tp.prune_linear_out_channels if isinstance(root, nn.Linear) else tp.prune_conv_out_channels
-            graph.get_pruning_group(root, handler, idxs=[i for i in range(len(group.order)) if i not in kept]).prune()
+            size = 3 * len(group.order) * group.head_dim if group.head_dim else len(group.order)
+            graph.get_pruning_group(root, handler, idxs=[i for i in range(size) if i not in kept]).prune()
+            attention = _attention_of(net, group.modules[0])
+            if attention is not None:  # the attention reshapes by its head count
+                attention.num_heads = len(kept) // (3 * group.head_dim)
+                attention.attn_dim = attention.num_heads * attention.head_dim
+        if pruning.resolution and hasattr(net, "set_input_size"):  # a ViT: position embeddings resampled as timm does
+            net.set_input_size(img_size=(pruning.resolution, pruning.resolution))
         final = torch.tensor(self.keep(self._final, pruning) if self._final is not None else list(range(self.num_features)))
         return PrunedNet(net, final, self.num_features).eval()
+
+
+def _attention_of(model: nn.Module, name: str) -> nn.Module | None:
+    """The attention module whose ``qkv`` projection module ``name`` is, if it is one."""
+    if not name.endswith(".qkv"):
+        return None
+    attention = model.get_submodule(name.rsplit(".", 1)[0])
+    return attention if hasattr(attention, "num_heads") and hasattr(attention, "head_dim") else None
 
 
 def _keeps_shape(block: nn.Module) -> bool:
@@ -227,7 +287,7 @@ def _keeps_shape(block: nn.Module) -> bool:
         return bool(block.has_skip)
     if hasattr(block, "downsample"):  # timm's ResNet blocks
         return block.downsample is None
-    shortcut = getattr(block, "shortcut", None)  # timm's ConvNeXt blocks
+    shortcut = getattr(block, "shortcut", None)  # timm's ConvNeXt blocks; a ViT block has none and keeps its shape
     return shortcut is None or isinstance(shortcut, nn.Identity)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 from dataclasses import replace
@@ -126,3 +127,41 @@ def test_keeping_the_important_channels_of_pretrained_weights_stays_closer_to_th
             near = float((F.normalize(root.member(pruning)(x), dim=1) * target).sum(1).mean())
             far = float((F.normalize(reverse.member(pruning)(x), dim=1) * target).sum(1).mean())
             assert near > far, (stage, near, far)
+
+
+# --------------------------------------------------------------------------- vision transformers
+
+
+@pytest.fixture(scope="module")
+def vit() -> tuple[torch.nn.Module, Root]:
+    model = _model("deit_tiny_patch16_224")
+    return model, Root(model)
+
+
+def test_a_vit_member_prunes_whole_heads_exactly_as_masking_them(vit) -> None:
+    """Heads are ranked and removed whole: the member computes what the root computes with those heads' outputs zeroed."""
+    model, root = vit
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(root.member(Pruning())(x), model(x), atol=1e-5)
+    qkv = next(g for g in root.groups if g.modules[0] == "blocks.0.attn.qkv")
+    assert qkv.head_dim == 64 and sorted(qkv.order) == [0, 1, 2]
+    net = root.member(Pruning(heads={"blocks.0": 2}))
+    masked = copy.deepcopy(model)
+    dropped = qkv.order[2]
+    with torch.no_grad():
+        masked.blocks[0].attn.proj.weight[:, dropped * 64 : (dropped + 1) * 64] = 0.0
+        assert net.backbone.blocks[0].attn.num_heads == 2
+        assert torch.allclose(net(x), masked(x), atol=1e-5)
+
+
+def test_a_smaller_vit_member_at_another_resolution(vit) -> None:
+    model, root = vit
+    pruning = Pruning(widths={"stem": 0.75, "blocks.2": 0.5}, depths={"blocks": 6}, heads={"blocks.1": 1}, resolution=112)
+    net = root.member(pruning)
+    assert len(net.backbone.blocks) == 6 and net.backbone.pos_embed.shape[1] == 1 + (112 // 16) ** 2
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 112, 112)).shape == (1, root.num_features)
+    assert count_mflops(net, 112, 3) < count_mflops(root.member(Pruning(resolution=112)), 112, 3) < count_mflops(model, 224, 3)
+    with pytest.raises(ValueError, match="heads of 'blocks.3' must be between 1 and 3"):
+        root.member(Pruning(heads={"blocks.3": 4}))

@@ -27,9 +27,10 @@ does). A model of another family is a ``ValueError`` that names its class.
 
 :meth:`Root.member` returns a :class:`PrunedNet`: the pruned backbone through timm's own
 ``forward_features`` and ``forward_head(pre_logits=True)`` (MobileNetV3's head convolution after
-pooling included), then a linear map back into the root's feature space, initialised as the
-selection of the kept output channels: the member's output lives where the root's does, and
-equals it exactly for the unpruned member.
+pooling included), then, where output channels were cut, a linear map back into the root's
+feature space, initialised as the selection of the kept channels (and counted in the
+member's MFLOPs): the member's output lives where the root's does, and the unpruned member
+computes exactly what the root computes.
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ class PrunedNet(nn.Module):
     def __init__(self, backbone: nn.Module, kept: torch.Tensor, root_features: int) -> None:
         super().__init__()
         self.backbone = backbone
+        if len(kept) == root_features:  # every feature kept: nothing to map (and nothing to count)
+            self.to_root: nn.Module = nn.Identity()
+            return
         self.to_root = nn.Linear(len(kept), root_features, bias=False)
         with torch.no_grad():
             self.to_root.weight.zero_()

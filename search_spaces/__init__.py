@@ -9,7 +9,8 @@ from search_spaces._gallery_space import GallerySpace, RootError, mbconv_archite
 from search_spaces._head import EmbeddingHead, L2Normalise
 from search_spaces._macs import count_macs
 from search_spaces._mobilenet import MobileNetSpace
-from search_spaces._net import QueryNet, TimmQueryNet, build
+from search_spaces._net import PrunedQueryNet, QueryNet, TimmQueryNet, build
+from search_spaces._pruned_space import PrunedSpace
 from search_spaces._resnet import ResNetSpace
 from search_spaces._rooted import FAMILIES as ROOT_FAMILIES
 from search_spaces._rooted import PrunedNet, Pruning, Root
@@ -29,6 +30,8 @@ __all__ = [
     "L2Normalise",
     "MobileNetSpace",
     "PrunedNet",
+    "PrunedQueryNet",
+    "PrunedSpace",
     "Pruning",
     "QueryNet",
     "ROOT_FAMILIES",

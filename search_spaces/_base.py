@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 
 from search_spaces._blocks import RESNET_BLOCK_TYPES, decode_block, encode_block, format_number
+from search_spaces._rooted import Pruning
 
 __all__ = ["Architecture", "SearchSpace", "choices"]
 
@@ -30,6 +31,10 @@ class Architecture:
     ``mobilenetv3_small_075``): then it is that model as timm builds it, at ``resolution``,
     with ``width`` scaling its channels where the family allows (see the ``timm_zoo``
     space); ``stages`` is empty and ``stem_chs``/``head_chs`` are 0.
+
+    With ``pruning`` (the text form of a :class:`search_spaces.Pruning`, ``-`` for none), a
+    timm-model architecture is that structured pruning of the model (the ``pruned`` space):
+    its widths, depths and heads cut as the pruning says, at ``resolution``.
 
     ``padding`` ``same`` and ``bn_eps`` 0.001 are the TensorFlow conventions of timm's
     ``tf_*`` models (asymmetric "same" padding of stride-2 convolutions, batch-norm epsilon
@@ -50,6 +55,7 @@ class Architecture:
     timm_model: str = ""
     padding: str = ""
     bn_eps: float = 1e-5
+    pruning: str = ""
 
     def __post_init__(self) -> None:
         if self.padding not in ("", "same"):
@@ -64,6 +70,10 @@ class Architecture:
             raise ValueError(f"Architecture in_chans must be 1 or 3, but got {self.in_chans}.")
         if self.embed_dim < 2:
             raise ValueError(f"Architecture embed_dim must be >= 2, but got {self.embed_dim}.")
+        if self.pruning:
+            if not self.timm_model:
+                raise ValueError(f"A pruning ({self.pruning!r}) is a pruning of a timm model: name it (timm_model).")
+            object.__setattr__(self, "pruning", Pruning.from_text(self.pruning).to_text())  # canonical
         if self.timm_model:
             if self.stages or self.stem_chs or self.head_chs:
                 raise ValueError(
@@ -103,7 +113,7 @@ class Architecture:
         if self.timm_model:
             return (
                 f"space={self.space} res={self.resolution} width={format_number(self.width)} model={self.timm_model} "
-                f"embed={self.embed_dim} in={self.in_chans}"
+                f"embed={self.embed_dim} in={self.in_chans}" + (f" prune={self.pruning}" if self.pruning else "")
             )
         stages = "/".join("+".join(stage) for stage in self.stages)
         text = (
@@ -157,6 +167,7 @@ class Architecture:
             return cls(
                 space=fields["space"], resolution=int(fields["res"]), width=float(fields["width"]), stem_chs=0, stages=(),
                 head_chs=0, embed_dim=int(fields["embed"]), in_chans=int(fields["in"]), timm_model=fields["model"],
+                pruning=fields.get("prune", ""),
             )
         except ValueError as exc:
             raise ValueError(f"Invalid architecture string {text!r}: {exc}") from None

@@ -7,10 +7,11 @@ from torch import nn
 
 from search_spaces._base import Architecture
 from search_spaces._head import EmbeddingHead
+from search_spaces._rooted import Pruning, Root
 from search_spaces._timm_builder import activation, build_stages, create_timm_model, init_weights, scale_channels, stem_conv
 from search_spaces._timm_models import timm_kwargs
 
-__all__ = ["QueryNet", "TimmQueryNet", "build"]
+__all__ = ["QueryNet", "TimmQueryNet", "PrunedQueryNet", "build"]
 
 
 class QueryNet(nn.Module):
@@ -75,10 +76,10 @@ class TimmQueryNet(nn.Module):
     1x1 head conv after pooling); the classifier is replaced by the embedding layer.
     """
 
-    def __init__(self, arch: Architecture) -> None:
+    def __init__(self, arch: Architecture, model: nn.Module | None = None) -> None:
         super().__init__()
         self.arch = arch
-        self.model = create_timm_model(arch.timm_model, arch.in_chans, **timm_kwargs(arch))
+        self.model = model if model is not None else create_timm_model(arch.timm_model, arch.in_chans, **timm_kwargs(arch))
         with torch.no_grad():
             was_training = self.model.training
             self.model.eval()
@@ -150,8 +151,23 @@ class _PreLogits(nn.Module):
         return self.model.forward_head(x, pre_logits=True)
 
 
+class PrunedQueryNet(TimmQueryNet):
+    """A structured pruning of a timm model (``arch.pruning``, see :class:`search_spaces.Root`) with the embedding
+    head of :class:`QueryNet`. Built here with random weights (the structure depends only on how many channels,
+    blocks and heads are kept); the ``pruned`` space's evaluator fills it with the gallery's own."""
+
+    def __init__(self, arch: Architecture, model: nn.Module | None = None) -> None:
+        if model is None:
+            with torch.random.fork_rng(devices=[]):
+                root = Root(create_timm_model(arch.timm_model, arch.in_chans), arch.in_chans)
+                model, _ = root.pruned(Pruning.from_text(arch.pruning, arch.resolution))
+        super().__init__(arch, model)
+
+
 def build(arch: Architecture) -> QueryNet | TimmQueryNet:
     """Build the query network of ``arch`` (randomly initialised)."""
+    if arch.pruning:
+        return PrunedQueryNet(arch)
     if arch.timm_model:
         return TimmQueryNet(arch)
     return QueryNet(arch)

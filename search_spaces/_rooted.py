@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Root", "Pruning", "PrunedNet", "FAMILIES", "Family"]
+__all__ = ["Root", "Pruning", "PrunedNet", "FAMILIES", "Family", "keeps_shape"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,32 @@ class Pruning:
     depths: Mapping[str, int] = field(default_factory=dict)
     heads: Mapping[str, int] = field(default_factory=dict)
     resolution: int | None = None
+
+    #: the text form's key per field
+    _KEYS = (("w", "widths", float), ("d", "depths", int), ("h", "heads", int))
+
+    def to_text(self) -> str:
+        """Canonical text (no resolution): ``w:layer2=0.5,d:layer1=1,h:blocks.0=2``, fields then names sorted;
+        ``-`` for the unpruned member."""
+        parts = [
+            f"{key}:{name}={value:g}" if kind is float else f"{key}:{name}={int(value)}"
+            for key, attr, kind in self._KEYS for name, value in sorted(getattr(self, attr).items())
+        ]
+        return ",".join(parts) or "-"
+
+    @classmethod
+    def from_text(cls, text: str, resolution: int | None = None) -> Pruning:
+        """Parse :meth:`to_text`; ``ValueError`` names a bad part."""
+        fields: dict[str, dict] = {"widths": {}, "depths": {}, "heads": {}}
+        kinds = {key: (attr, kind) for key, attr, kind in cls._KEYS}
+        for part in [] if text in ("", "-") else text.split(","):
+            key, _, rest = part.partition(":")
+            name, _, value = rest.partition("=")
+            if key not in kinds or not name or not value:
+                raise ValueError(f"pruning part {part!r} is not of the form w:STAGE=RATIO, d:STAGE=BLOCKS or h:BLOCK=HEADS.")
+            attr, kind = kinds[key]
+            fields[attr][name] = kind(value)
+        return cls(**fields, resolution=resolution)
 
 
 @dataclass(frozen=True)
@@ -239,7 +265,14 @@ class Root:
         return sorted(group.order[:n])
 
     def member(self, pruning: Pruning) -> PrunedNet:
-        """The pruned network of ``pruning``: a copy of the root with the dropped blocks removed and every group cut."""
+        """The pruned network of ``pruning``: a copy of the root with the dropped blocks removed and every group cut,
+        its features mapped back into the root's."""
+        net, kept = self.pruned(pruning)
+        return PrunedNet(net, kept, self.num_features).eval()
+
+    def pruned(self, pruning: Pruning) -> tuple[nn.Module, torch.Tensor]:
+        """The pruned timm model of ``pruning`` (the root's weights, cut) and which of the root's feature channels
+        its pre-logits features are, in order."""
         import torch_pruning as tp
 
         known = dict.fromkeys(["stem", *self.units, *self.stages, "head"])
@@ -252,7 +285,7 @@ class Root:
             if not 1 <= depth <= len(blocks):
                 raise ValueError(f"depth of stage {stage!r} must be between 1 and {len(blocks)}, but got {depth}.")
             for k in range(len(blocks) - 1, depth - 1, -1):
-                if not _keeps_shape(blocks[k]):
+                if not keeps_shape(blocks[k]):
                     raise ValueError(f"block {stage}.{k} changes its input's shape: stage {stage!r} cannot drop it (depth >= {k + 1}).")
                 del blocks[k]
         graph = self._graph(net)
@@ -274,7 +307,7 @@ class Root:
         if pruning.resolution and hasattr(net, "set_input_size"):  # a ViT: position embeddings resampled as timm does
             net.set_input_size(img_size=(pruning.resolution, pruning.resolution))
         final = torch.tensor(self.keep(self._final, pruning) if self._final is not None else list(range(self.num_features)))
-        return PrunedNet(net, final, self.num_features).eval()
+        return net.eval(), final
 
 
 def _attention_of(model: nn.Module, name: str) -> nn.Module | None:
@@ -285,7 +318,7 @@ def _attention_of(model: nn.Module, name: str) -> nn.Module | None:
     return attention if hasattr(attention, "num_heads") and hasattr(attention, "head_dim") else None
 
 
-def _keeps_shape(block: nn.Module) -> bool:
+def keeps_shape(block: nn.Module) -> bool:
     """Whether ``block`` is residual with an identity shortcut (its output has its input's shape)."""
     if hasattr(block, "has_skip"):  # timm's EfficientNet / MobileNetV3 blocks
         return bool(block.has_skip)

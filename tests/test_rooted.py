@@ -9,13 +9,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
+from nas.config import config_from_dict
+from nas.errors import ConfigError
+from nas.export import export_trial
 from nas.hardware import count_mflops
-from search_spaces import PrunedNet, Pruning, Root
+from nas.records import State, trial_records
+from nas.scoring import embed
+from nas.search.context import prepare
+from nas.search.driver import run_search
+from nas.search.evaluators import FineTunePruned
+from search_spaces import Architecture, PrunedNet, Pruning, Root, build, create_space
 
 FAMILY_MODELS = ["resnet18", "resnet50", "mobilenetv3_large_100", "convnext_atto", "tf_efficientnet_lite0"]
 
@@ -165,3 +174,48 @@ def test_a_smaller_vit_member_at_another_resolution(vit) -> None:
     assert count_mflops(net, 112, 3) < count_mflops(root.member(Pruning(resolution=112)), 112, 3) < count_mflops(model, 224, 3)
     with pytest.raises(ValueError, match="heads of 'blocks.3' must be between 1 and 3"):
         root.member(Pruning(heads={"blocks.3": 4}))
+
+
+# --------------------------------------------------------------------------- the pruned space and its strategy
+
+
+def test_a_pruned_architecture_is_data_that_round_trips_and_builds() -> None:
+    space = create_space("pruned", 32, 1, model="resnet18", resolutions=[32, 48], widths=[0.5, 1.0])
+    arch = space.sample(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1)).ask())
+    assert Architecture.from_string(arch.to_string()) == arch and Architecture.from_json(arch.to_json()) == arch
+    assert arch.pruning and "prune=" in arch.to_string()
+    net = build(arch)
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, arch.resolution, arch.resolution)).shape == (2, 32)
+    smallest, largest = space.extreme(True), space.extreme(False)
+    assert largest.pruning == "-" and count_mflops(build(smallest), 32, 1) < count_mflops(build(largest), 48, 1)
+    with pytest.raises(ValueError, match="pruning part 'x:layer1=1'"):
+        Architecture.from_string(arch.to_string().replace(f"prune={arch.pruning}", "prune=x:layer1=1"))
+
+
+def test_a_search_of_prunings_fine_tunes_them_from_the_gallery_weights(tiny_config, tmp_path: Path) -> None:
+    """The pruned space with the fine_tune_pruned strategy on a ResNet-18 gallery model: the unpruned member starts as the
+    gallery model itself (its val embeddings are the cached gallery ones), every trial trains, and the best exports."""
+    raw = tiny_config(
+        tmp_path / "run", budgets__max_mflops=None, space={"name": "pruned", "options": {"resolutions": [16], "widths": [0.5, 1.0]}},
+        search__strategy="fine_tune_pruned", search__trials=3, search__warm_start="largest", search__study_name="pruned",
+        train__epochs=1,
+    )
+    config = config_from_dict(raw)
+    study = run_search(config, log=lambda _: None)
+    records = trial_records(study)
+    assert sum(r.state == State.COMPLETE for r in records) == 3
+    assert all(Architecture.from_string(r.arch).pruning for r in records)
+    ctx = prepare(config, log=lambda _: None)
+    evaluator = FineTunePruned(ctx, {})
+    unpruned = evaluator.build(ctx.space.extreme(smallest=False), 0)
+    emb = embed(unpruned, ctx.data.images, 16, ctx.preprocessing, indices=ctx.split.val)
+    assert np.allclose(emb, ctx.embeddings.val, atol=1e-4)
+    verification = export_trial(study, "best", tmp_path / "export", log=lambda _: None, register=False)
+    assert verification["passed"]
+
+
+def test_the_pruned_strategy_needs_the_pruned_space(tiny_config, tmp_path: Path) -> None:
+    raw = tiny_config(tmp_path / "run", search__strategy="fine_tune_pruned")
+    with pytest.raises(ConfigError, match="needs space.name 'pruned'"):
+        run_search(config_from_dict(raw), log=lambda _: None)

@@ -136,7 +136,7 @@ def gallery_targets(config: ExperimentConfig, gallery: GalleryNet, data: ImageSe
 
 def _create_space(config: ExperimentConfig, embed_dim: int, in_chans: int) -> SearchSpace:
     options = dict(config.space.options)
-    if config.space.name == "gallery":  # the prunings of the gallery model: its name comes from gallery.model
+    if config.space.name in ("gallery", "pruned"):  # the prunings of the gallery model: its name comes from gallery.model
         options.setdefault("model", config.gallery.model)
     try:
         return create_space(config.space.name, embed_dim=embed_dim, in_chans=in_chans, **options)

@@ -42,14 +42,15 @@ from nas.scoring import embed, score_part
 from nas.records import State, trial_records
 from nas.search.context import Context, Log
 from nas.supernet import frozen_batch_norm, open_supernet, recalibrated, supernet_key
-from search_spaces import Architecture, QueryNet, Supernet, build
+from search_spaces import Architecture, EmbeddingHead, PrunedQueryNet, Pruning, QueryNet, Root, Supernet, build
 from trainers import EpochResult, train_compatible
 
 if TYPE_CHECKING:
     from nas.tracking import Tracker
 
 __all__ = [
-    "Evaluation", "Evaluator", "TrainFromScratch", "OneShot", "FineTuneInherited", "EVALUATORS", "create_evaluator", "build_seeded",
+    "Evaluation", "Evaluator", "TrainFromScratch", "FineTunePruned", "OneShot", "FineTuneInherited", "EVALUATORS", "create_evaluator",
+    "build_seeded",
     "Paragon", "EpochCallback",
 ]
 
@@ -198,6 +199,56 @@ class TrainFromScratch(Evaluator):
     ) -> Evaluation:
         tc = self.ctx.config.train
         return Evaluation(model, self.train_and_score(model, seed, tc.epochs, tc.lr, on_epoch, should_stop, "training"))
+
+
+@EVALUATORS.register("fine_tune_pruned")
+class FineTunePruned(Evaluator):
+    """A structured pruning of the gallery model (the ``pruned`` space) with the gallery's own weights, fine-tuned
+    ``train.epochs`` epochs toward the gallery embeddings, batch-norm statistics kept (the gallery's), scored like a
+    trial of ``train_from_scratch``.
+
+    The embedding layer starts as the gallery's projection restricted to the kept feature channels (or, for a
+    gallery that embeds its pooled features, the selection of them), so the unpruned member starts as the gallery
+    model itself.
+    """
+
+    name = "fine_tune_pruned"
+
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> None:
+        if config.space.name != "pruned":
+            raise ConfigError(
+                f"search.strategy fine_tune_pruned fine-tunes prunings of the gallery model: it needs space.name 'pruned', but "
+                f"space {config.space.name!r} is configured."
+            )
+
+    def __init__(self, ctx: Context, paragon: Paragon) -> None:
+        super().__init__(ctx, paragon)
+        self.root: Root | None = None
+
+    def build(self, arch: Architecture, seed: int) -> QueryNet:
+        gallery = self.ctx.gallery
+        if arch.timm_model != gallery.model_name or not arch.pruning:
+            raise ConfigError(f"{arch.to_string()} is not a pruning of the gallery model {gallery.model_name}.")
+        if self.root is None:
+            self.root = Root(gallery.backbone, gallery.in_chans)
+        backbone, kept = self.root.pruned(Pruning.from_text(arch.pruning, arch.resolution))
+        net = PrunedQueryNet(arch, backbone)
+        with torch.no_grad():
+            if isinstance(gallery.proj, EmbeddingHead):
+                net.embed.weight.copy_(gallery.proj.weight[:, kept])
+                net.embed.bias.copy_(gallery.proj.bias)
+            else:  # the gallery embeds its pooled features: select the kept ones into their places
+                net.embed.weight.zero_()
+                net.embed.weight[kept, torch.arange(len(kept))] = 1.0
+                net.embed.bias.zero_()
+        return net.eval()
+
+    def evaluate(
+        self, model: QueryNet, seed: int, on_epoch: EpochCallback | None = None, should_stop: Callable[[], bool] | None = None
+    ) -> Evaluation:
+        tc = self.ctx.config.train
+        return Evaluation(model, self.train_and_score(model, seed, tc.epochs, tc.lr, on_epoch, should_stop, "fine-tuning", freeze_bn=True))
 
 
 @EVALUATORS.register("one_shot")

@@ -56,7 +56,8 @@ class PrunedSpace(SearchSpace):
             fixed = int(timm_model.patch_embed.patch_size[0])
             if any(r % fixed for r in self.resolutions):
                 raise ValueError(f"pruned resolutions of {model} must be multiples of its patch size {fixed}, but got {list(self.resolutions)}.")
-        self.units = ["stem", *self.root.units, "head"]
+        cut = {g.stage for g in self.root.groups if not g.head_dim}
+        self.units = [u for u in ["stem", *self.root.units, "head"] if u in cut]  # what a width ratio changes
         self.depths: dict[str, tuple[int, ...]] = {}
         for stage, blocks in self.root.family.stages(timm_model).items():
             fixed_blocks = next((k + 1 for k in range(len(blocks) - 1, 0, -1) if not keeps_shape(blocks[k])), 1)

@@ -199,9 +199,10 @@ class Root:
         position = {name: k for k, name in enumerate(names.values())}
         first_stage_at = min(position[s] for s in position if any(s == st or s.startswith(st + ".") for st in self.units))
         importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)
+        out_handlers = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels)
         groups = []
         for group in graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
-            members = tuple(dict.fromkeys(names[d.target.module] for d, _ in group if d.handler in _OUT_HANDLERS(tp) and d.target.module in names))
+            members = tuple(dict.fromkeys(names[d.target.module] for d, _ in group if d.handler in out_handlers and d.target.module in names))
             scores = importance(group)
             if scores is None or not members:
                 continue
@@ -326,7 +327,3 @@ def keeps_shape(block: nn.Module) -> bool:
         return block.downsample is None
     shortcut = getattr(block, "shortcut", None)  # timm's ConvNeXt blocks; a ViT block has none and keeps its shape
     return shortcut is None or isinstance(shortcut, nn.Identity)
-
-
-def _OUT_HANDLERS(tp) -> tuple:  # noqa: N802
-    return (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels)

@@ -35,6 +35,26 @@ def test_no_bars_when_stderr_is_not_a_terminal(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv(QUIET_ENV, raising=False)
     assert not bars_enabled()
     assert list(progress(range(3), 3, "counting")) == [0, 1, 2]
+    assert pipe.getvalue() == ""  # a short step writes nothing into a log
+
+
+def test_a_long_step_writes_plain_lines_into_a_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where standard error is a file, a step longer than LINE_EVERY seconds says how far it is, how fast, and how long is left."""
+    import nas.progress_bars as bars
+
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    monkeypatch.delenv(QUIET_ENV, raising=False)
+    clock = iter(float(t) for t in range(0, 1000, 30))  # 30 s a batch
+    monkeypatch.setattr(bars.time, "monotonic", lambda: next(clock))
+    assert list(progress(range(4), 256, "gallery embedding, query", scale=64)) == [0, 1, 2, 3]
+    lines = pipe.getvalue().splitlines()
+    assert lines[0] == "gallery embedding, query: 128/256 img after 60 s, 2.1 img/s, about 60 s left"
+    assert lines[-1] == "gallery embedding, query: done, 256 img in 2.5 min"
+    monkeypatch.setenv(QUIET_ENV, "1")
+    pipe.truncate(0)
+    clock = iter(float(t) for t in range(0, 1000, 30))
+    assert list(progress(range(4), 256, "quiet", scale=64)) == [0, 1, 2, 3]
     assert pipe.getvalue() == ""
 
 

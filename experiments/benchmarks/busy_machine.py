@@ -22,7 +22,7 @@ a fair share of 2 cores with one other job costs at most 2x for a step that used
 
     .venv/bin/python experiments/benchmarks/busy_machine.py
 
-Cost: about 4 minutes on a quiet 2-core machine with the defaults.
+Cost: about 1-2 minutes on a quiet 2-core machine with the defaults.
 """
 
 from __future__ import annotations

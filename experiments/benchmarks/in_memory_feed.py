@@ -26,7 +26,7 @@ compare rows of one run only.
 
     .venv/bin/python experiments/benchmarks/in_memory_feed.py --repeats 3
 
-Cost: about 25 s per round on a quiet 2-core machine (the gallery epochs dominate).
+Cost: about 30-40 s per round on a quiet 2-core machine (the gallery epochs dominate).
 """
 
 from __future__ import annotations

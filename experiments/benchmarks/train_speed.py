@@ -33,7 +33,8 @@ for seeds 0 and 1, under each of ``--settings`` (``compile`` on the first seed o
 
     .venv/bin/python experiments/benchmarks/train_speed.py --repeats 2 [--quality]
 
-Cost on a quiet 2-core machine: about 4 minutes, and 5 more with ``--quality``.
+Cost on a quiet 2-core machine: about 7 minutes (compiling takes up to 1.5 minutes a workload), and about 3 more
+with ``--quality`` (5 if the quickstart's gallery model has to be trained first).
 """
 
 from __future__ import annotations

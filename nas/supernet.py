@@ -33,6 +33,7 @@ finished one is on disk under ``<cache>/supernet/<key>/`` (``cache:``, default `
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -50,9 +51,9 @@ from safetensors.torch import load_file, save_file
 
 from nas.data import StreamingImages, eval_batches
 from nas.errors import NasError
-from search_spaces import Architecture, GallerySpace, QueryNet, SearchSpace, Supernet, build, recalibrate_bn
+from search_spaces import Architecture, GallerySpace, PrunedQueryNet, PrunedSpace, QueryNet, RootedSupernet, SearchSpace, Supernet, build, recalibrate_bn, supernet_over
 from search_spaces._head import EmbeddingHead
-from trainers import TrainingDiverged, make_optimizer, make_scheduler
+from trainers import CheckpointError, TrainingDiverged, load_checkpoint, make_optimizer, make_scheduler, save_checkpoint
 
 if TYPE_CHECKING:  # the context imports this module's users
     from nas.config import ExperimentConfig
@@ -62,6 +63,7 @@ __all__ = ["sandwich_mflops", "sandwich_largest", "frozen_batch_norm", "rooted",
 
 Log = Callable[[str], None]
 FORMAT = "asymnas-supernet-v1"
+CHECKPOINT = "checkpoint.safetensors"  # after every epoch; removed when the training ends
 
 
 @dataclass
@@ -178,7 +180,7 @@ def recalibrated(ctx: Context, model: QueryNet) -> QueryNet:
     return model.cpu()
 
 
-def member_network(ctx: Context, supernet: Supernet, arch: Architecture) -> QueryNet:
+def member_network(ctx: Context, supernet: Supernet | RootedSupernet, arch: Architecture) -> QueryNet:
     """``arch`` extracted from ``supernet`` (copied weights) with its batch-norm statistics recalibrated on training images."""
     return recalibrated(ctx, supernet.extract(arch))
 
@@ -189,7 +191,7 @@ def member_network(ctx: Context, supernet: Supernet, arch: Architecture) -> Quer
 def rooted(ctx: Context, space: SearchSpace | None = None) -> bool:
     """Whether the supernet over ``space`` (default ``ctx.space``) is rooted in the gallery model."""
     space = ctx.space if space is None else space
-    return isinstance(space, GallerySpace) and space.model == ctx.gallery.model_name
+    return isinstance(space, (GallerySpace, PrunedSpace)) and space.model == ctx.gallery.model_name
 
 
 def frozen_batch_norm(ctx: Context) -> bool:
@@ -204,6 +206,16 @@ def root_network(ctx: Context, space: SearchSpace) -> QueryNet | None:
         return None
     gallery = ctx.gallery
     largest = space.extreme(smallest=False)
+    if isinstance(space, PrunedSpace):  # every member a structured pruning of the gallery's own timm model
+        net = PrunedQueryNet(largest, copy.deepcopy(gallery.backbone))
+        with torch.no_grad():
+            if isinstance(gallery.proj, EmbeddingHead):
+                net.embed.weight.copy_(gallery.proj.weight)
+                net.embed.bias.copy_(gallery.proj.bias)
+            else:  # the gallery embeds its pooled features: the identity
+                net.embed.weight.copy_(torch.eye(net.num_features))
+                net.embed.bias.zero_()
+        return net.eval()
     with torch.random.fork_rng(devices=[]):
         net = build(largest)
     state = {k: v for k, v in gallery.backbone.state_dict().items() if not k.startswith("classifier.")}
@@ -267,21 +279,15 @@ def _step_members(
     return members
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train_supernet(
     ctx: Context,
-    supernet: Supernet,
+    supernet: Supernet | RootedSupernet,
     folder: Path,
     log: Log = print,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[dict[str, float]]:
-    """Train ``supernet`` as :class:`nas.config.SupernetConfig` says, resuming from ``folder/checkpoint.pt``; the per-epoch history."""
+    """Train ``supernet`` as :class:`nas.config.SupernetConfig` says, resuming from ``folder/checkpoint.safetensors``; the per-epoch history."""
     c, sc = ctx.config, ctx.config.supernet
     seed = c.search.seed
     space = ctx.space
@@ -306,15 +312,14 @@ def train_supernet(
     opt = make_optimizer(supernet, c.train.optimizer, lr, c.train.weight_decay, c.train.momentum)
     steps_per_epoch = max(len(images) // images.batch_size, 1)
     sched = make_scheduler(opt, c.train.schedule, sc.epochs * steps_per_epoch)
-    checkpoint = folder / "checkpoint.pt"
+    checkpoint = folder / CHECKPOINT
     history: list[dict[str, float]] = []
     start_epoch = 1
     if checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        supernet.net.load_state_dict(state["net"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state["scheduler"] is not None:
-            sched.load_state_dict(state["scheduler"])
+        try:
+            state = load_checkpoint(checkpoint, supernet.net, opt, sched)
+        except CheckpointError as exc:
+            raise NasError(str(exc)) from None
         history = state["history"]
         start_epoch = state["epoch"] + 1
         log(f"Supernet: resuming from its checkpoint after epoch {state['epoch']} of {sc.epochs}.")
@@ -360,11 +365,7 @@ def train_supernet(
             row = {k: v / steps_per_epoch for k, v in totals.items()}
             row.update(epoch=epoch, seconds=time.perf_counter() - began)
             history.append(row)
-            _save_atomic(
-                {"net": supernet.net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
-                 "history": history, "epoch": epoch},
-                checkpoint,
-            )
+            save_checkpoint(checkpoint, supernet.net, opt, sched, {"history": history, "epoch": epoch})
             log(f"Supernet epoch {epoch}/{sc.epochs}: loss largest {row['loss_largest']:.4f}, smallest {row['loss_smallest']:.4f}, "
                 f"random {row['loss_random']:.4f} ({row['seconds']:.0f} s)")
             if on_epoch is not None:
@@ -382,7 +383,7 @@ def open_supernet(
     train: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> tuple[Supernet, SupernetInfo]:
+) -> tuple[Supernet | RootedSupernet, SupernetInfo]:
     """The trained supernet of ``ctx``'s setting: loaded from ``<cache>/supernet/<key>/`` or trained there first.
 
     With ``train=False`` a missing supernet is a :class:`NasError` saying how to train it.
@@ -392,16 +393,16 @@ def open_supernet(
     weights, info_path = folder / "supernet.safetensors", folder / "supernet.json"
     root = root_network(ctx, space)
     largest = root if root is not None else _seeded_largest(space, ctx.config.search.seed)
-    supernet = Supernet(space, largest, frozen_bn=frozen_batch_norm(ctx))
+    supernet = supernet_over(space, largest, frozen_bn=frozen_batch_norm(ctx))
     if weights.exists() and info_path.exists():
-        supernet.net.load_state_dict(load_file(str(weights)))
+        _load_trained(supernet, weights)
         info = SupernetInfo(**json.loads(info_path.read_text()))
         log(f"Supernet: trained one reused from {folder} ({info.epochs} epochs, {'rooted in the gallery model' if info.rooted else 'random start'}).")
         return supernet.eval(), info
     if not train:
         raise NasError(f"No trained supernet for this setting under {folder}; run 'nas supernet train CONFIG' (or 'nas search') first.")
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "checkpoint.pt").exists():
+    if not (folder / CHECKPOINT).exists():
         supernet.sort_channels()  # before any training: the order every later epoch (and a resume) shares
     log(
         f"Supernet: {'rooted in the gallery model ' + ctx.gallery.model_name + ' (its largest member is the gallery model)' if root is not None else 'random start (the gallery model is not an MBConv network of this space)'}; "
@@ -415,9 +416,24 @@ def open_supernet(
     save_file({k: v.detach().contiguous() for k, v in supernet.net.state_dict().items()}, str(tmp))
     os.replace(tmp, weights)
     info_path.write_text(json.dumps(asdict(info), indent=2))
-    (folder / "checkpoint.pt").unlink(missing_ok=True)
+    (folder / CHECKPOINT).unlink(missing_ok=True)
     log(f"Supernet: trained in {time.perf_counter() - began:.0f} s, saved to {weights}")
     return supernet.eval(), info
+
+
+def _load_trained(supernet: Supernet | RootedSupernet, path: Path) -> None:
+    """Load a trained supernet's weights, checked name by name and shape by shape; a damaged file says what to delete."""
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for a cut or foreign file
+        raise NasError(f"The trained supernet {path} cannot be read ({type(exc).__name__}: {exc}); delete its folder {path.parent} "
+                       f"to train it again.") from None
+    expected = supernet.net.state_dict()
+    wrong = sorted(set(state) ^ set(expected)) + [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if wrong:
+        raise NasError(f"The trained supernet {path} does not fit this setting's network ({', '.join(wrong[:3])}); delete its folder "
+                       f"{path.parent} to train it again.")
+    supernet.net.load_state_dict(state)
 
 
 def _seeded_largest(space: SearchSpace, seed: int) -> QueryNet:

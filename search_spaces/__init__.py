@@ -15,6 +15,7 @@ from search_spaces._resnet import ResNetSpace
 from search_spaces._rooted import FAMILIES as ROOT_FAMILIES
 from search_spaces._rooted import PrunedNet, Pruning, Root
 from search_spaces._supernet import Supernet, SupernetError, recalibrate_bn, slice_tensor
+from search_spaces._rooted_supernet import RootedSupernet, supernet_over
 from search_spaces._timm_builder import timm_model_exists
 from search_spaces._timm_models import FAMILIES as TIMM_FAMILIES
 from search_spaces._timm_models import timm_architecture
@@ -37,6 +38,7 @@ __all__ = [
     "ROOT_FAMILIES",
     "ResNetSpace",
     "Root",
+    "RootedSupernet",
     "RootError",
     "Supernet",
     "SupernetError",
@@ -54,6 +56,7 @@ __all__ = [
     "recalibrate_bn",
     "register_space",
     "slice_tensor",
+    "supernet_over",
     "space_options",
     "timm_architecture",
     "timm_model_exists",

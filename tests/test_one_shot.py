@@ -35,7 +35,7 @@ from nas.search.optuna_setup import load_existing_study
 from nas.hardware.measure import count_mflops
 from nas.supernet import _step_members, frozen_batch_norm, member_network, random_member, recalibration_indices, root_network, sandwich_largest
 from search_spaces import Architecture, Supernet, SupernetError, build, create_space, recalibrate_bn
-from trainers import GalleryTargets, create_loss, train_compatible
+from trainers import GalleryTargets, checkpoint_extra, create_loss, train_compatible
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -329,7 +329,7 @@ def test_family_export_searches_exports_and_verifies_one_network_per_device(one_
 
 def test_one_shot_config_errors(tiny_config, tmp_path: Path) -> None:
     raw = _one_shot(tiny_config, tmp_path / "resnet", space={"name": "resnet", "options": {}})
-    with pytest.raises(ConfigError, match="one_shot needs a space of MBConv blocks"):
+    with pytest.raises(ConfigError, match="one_shot needs a space a supernet can hold"):
         run_search(config_from_dict(raw), log=lambda _: None)  # before any data: the data path is not even read
     assert not (tmp_path / "resnet" / "cache").exists()
     with pytest.raises(ConfigError, match="supernet.epochs must be >= 1"):
@@ -364,11 +364,11 @@ def test_family_export_needs_a_one_shot_study(tiny_config, tmp_path: Path) -> No
 
 
 def _checkpoint_epoch(folder: Path) -> int:
-    paths = list(folder.glob("supernet/*/checkpoint.pt"))
+    paths = list(folder.glob("supernet/*/checkpoint.safetensors"))
     if not paths:
         return 0
     try:
-        return int(torch.load(paths[0], map_location="cpu", weights_only=False)["epoch"])
+        return int(checkpoint_extra(paths[0])["epoch"])
     except Exception:  # being written
         return 0
 
@@ -405,7 +405,7 @@ def test_a_killed_supernet_train_resumes_where_it_stopped(tiny_config, tmp_path:
     assert a.parent.name == b.parent.name  # the same setting: the same key
     wa, wb = load_file(str(a)), load_file(str(b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # resumed = uninterrupted, bit for bit
-    assert not (a.parent / "checkpoint.pt").exists()
+    assert not (a.parent / "checkpoint.safetensors").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("one-shot").experiment_id], filter_string="tags.`asymnas.role` = 'supernet'")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]  # the killed process's run is closed, not left RUNNING

@@ -15,11 +15,16 @@ from trainers._losses import (
     list_losses,
     register_loss,
 )
+from trainers._checkpoint import CheckpointError, checkpoint_extra, load_checkpoint, save_checkpoint
 from trainers._speed import CPU_DEFAULT_PRECISION, PRECISIONS, Speed, resolve_precision
 from trainers._train import EpochResult, TensorImages, TrainingDiverged, TrainingImages, make_optimizer, make_scheduler, train_compatible
 
 __all__ = [
     "BackwardCompatibleLoss",
+    "CheckpointError",
+    "checkpoint_extra",
+    "load_checkpoint",
+    "save_checkpoint",
     "CPU_DEFAULT_PRECISION",
     "PRECISIONS",
     "Speed",

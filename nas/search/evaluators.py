@@ -261,14 +261,14 @@ class OneShot(Evaluator):
     """
 
     name = "one_shot"
-    #: The spaces of MBConv blocks a supernet can hold.
-    SPACES = ("mobilenet", "efficientnet", "gallery")
+    #: The spaces a supernet can hold: MBConv blocks, and the prunings of any supported timm model (`pruned`).
+    SPACES = ("mobilenet", "efficientnet", "gallery", "pruned")
 
     @classmethod
     def check_config(cls, config: ExperimentConfig) -> None:
         if config.space.name not in cls.SPACES:
             raise ConfigError(
-                f"search.strategy one_shot needs a space of MBConv blocks ({', '.join(cls.SPACES)}), but space "
+                f"search.strategy one_shot needs a space a supernet can hold ({', '.join(cls.SPACES)}), but space "
                 f"{config.space.name!r} is configured; use one of those or search.strategy: train_from_scratch."
             )
 

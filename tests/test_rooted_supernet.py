@@ -1,0 +1,138 @@
+"""search_spaces.RootedSupernet: one set of weights (a timm root's) shared by every structured pruning of it, per family."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nas.data.transforms import LEGACY_PREPROCESSING
+from nas.export import load_query_model
+from nas.export.formats import OnnxExporter, StateDictExporter, TorchScriptExporter
+from nas.hardware import count_mflops
+from nas.supernet import random_member
+from search_spaces import PrunedQueryNet, Pruning, RootedSupernet, SupernetError, create_space, supernet_over
+
+#: one model per family the issue names; a ViT at its own 224 px and smaller resolutions
+FAMILIES = {
+    "resnet18": dict(resolutions=[48, 64]),
+    "resnet50": dict(resolutions=[48, 64]),
+    "mobilenetv3_large_100": dict(resolutions=[48, 64]),
+    "convnext_atto": dict(resolutions=[48, 64]),
+    "tf_efficientnet_lite0": dict(resolutions=[48, 64]),
+    "deit_tiny_patch16_224": dict(resolutions=[96, 224], heads=[1, 2]),
+}
+
+
+@functools.cache
+def _supernet(model: str) -> RootedSupernet:
+    torch.manual_seed(0)
+    space = create_space("pruned", embed_dim=24, in_chans=3, model=model, widths=[0.5, 0.75, 1.0], **FAMILIES[model])
+    return RootedSupernet(space).eval()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def supernet(request) -> RootedSupernet:
+    return _supernet(request.param)
+
+
+def _reference(supernet: RootedSupernet, arch) -> PrunedQueryNet:
+    """The member as Torch-Pruning cuts it from the supernet's weights, its embedding restricted to the kept features."""
+    backbone, kept = supernet.root.pruned(Pruning.from_text(arch.pruning, arch.resolution))
+    net = PrunedQueryNet(arch, backbone)
+    with torch.no_grad():
+        net.embed.weight.copy_(supernet.net.embed.weight[:, kept])
+        net.embed.bias.copy_(supernet.net.embed.bias)
+    return net.eval()
+
+
+def _cosine(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    return float(F.cosine_similarity(torch.as_tensor(a), torch.as_tensor(b), dim=1).min())
+
+
+def test_the_largest_member_is_the_root(supernet: RootedSupernet) -> None:
+    largest = supernet.space.extreme(smallest=False)
+    x = torch.randn(2, 3, largest.resolution, largest.resolution, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _cosine(supernet(x, largest), supernet.net(x)) >= 0.9999
+        assert _cosine(supernet.extract(largest)(x), supernet.net(x)) >= 0.9999
+    assert not supernet._member(largest).gathers  # nothing gathered: the root's own tensors
+
+
+def test_members_are_the_torch_pruning_members_of_the_shared_weights(supernet: RootedSupernet) -> None:
+    """The supernet's view of a member, the extracted member and Torch-Pruning's cut of the same weights agree."""
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        arch = random_member(supernet.space, rng)
+        x = torch.randn(2, 3, arch.resolution, arch.resolution, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            reference = _reference(supernet, arch)(x)
+            assert (supernet(x, arch) - reference).abs().max() <= 1e-4
+            extracted = supernet.extract(arch)
+            assert isinstance(extracted, PrunedQueryNet) and extracted.arch == arch
+            assert (extracted(x) - reference).abs().max() <= 1e-4
+
+
+def _mflops_agree(supernet: RootedSupernet, members: int) -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(members):
+        arch = random_member(supernet.space, rng)
+        assert supernet.mflops(arch) == pytest.approx(count_mflops(supernet.extract(arch), arch.resolution, 3), rel=1e-9, abs=1e-9)
+
+
+def test_mflops_of_members_are_fvcores(supernet: RootedSupernet) -> None:
+    _mflops_agree(supernet, 5)
+
+
+@pytest.mark.slow
+def test_mflops_of_20_members_are_fvcores(supernet: RootedSupernet) -> None:
+    _mflops_agree(supernet, 20)
+
+
+@pytest.mark.parametrize("model", [m if m in ("resnet18", "deit_tiny_patch16_224") else pytest.param(m, marks=pytest.mark.slow) for m in FAMILIES])
+def test_an_extracted_member_exports_to_files_that_embed_alike(model: str, tmp_path: Path) -> None:
+    """safetensors (rebuilt by load_query_model), TorchScript and ONNX of a pruned member embed as the module does
+    (by default for a ResNet and a ViT; every family in the slow run)."""
+    supernet = _supernet(model)
+    arch = random_member(supernet.space, np.random.default_rng(4))
+    model = supernet.extract(arch)
+    x = torch.randn(3, 3, arch.resolution, arch.resolution, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(x)
+    context = SimpleNamespace(preprocessing=LEGACY_PREPROCESSING)
+    StateDictExporter().write(model, tmp_path, context)
+    with torch.no_grad():
+        assert _cosine(load_query_model(tmp_path)(x), expected) >= 0.9999
+    for exporter in (TorchScriptExporter(), OnnxExporter()):
+        path = exporter.write(model, tmp_path, context)
+        assert _cosine(exporter.embed(path, [x]), expected) >= 0.9999, exporter.name
+
+
+def test_gradients_of_every_member_land_on_the_shared_weights() -> None:
+    torch.manual_seed(0)
+    space = create_space("pruned", embed_dim=16, in_chans=1, model="resnet18", resolutions=[32], widths=[0.5, 1.0])
+    supernet = RootedSupernet(space).train()
+    small = space.extreme(smallest=True)
+    direction = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    (supernet(torch.randn(4, 1, 32, 32), small) * direction).sum().backward()
+    conv = supernet.net.model.conv1.weight  # the stem (timm's ResNet blocks start with a zero last batch-norm scale)
+    kept = supernet.root.kept_indices(Pruning.from_text(small.pruning))["conv1.weight"][0]
+    touched = conv.grad.abs().sum(dim=(1, 2, 3)) > 0
+    assert touched[kept].all() and not touched[np.setdiff1d(np.arange(conv.shape[0]), kept)].any()
+    assert supernet.net.model.layer1[1].conv1.weight.grad is None  # a dropped block takes no gradient
+
+
+def test_other_spaces_and_foreign_architectures_are_refused() -> None:
+    space = create_space("pruned", embed_dim=16, in_chans=1, model="resnet18", resolutions=[32])
+    supernet = supernet_over(space)
+    assert isinstance(supernet, RootedSupernet)
+    other = create_space("pruned", embed_dim=16, in_chans=1, model="resnet50", resolutions=[32]).extreme(True)
+    with pytest.raises(SupernetError, match="is not a member of this supernet"):
+        supernet.mflops(other)
+    with pytest.raises(SupernetError, match="not of space 'mobilenet'"):
+        RootedSupernet(create_space("mobilenet", embed_dim=16, in_chans=1, resolutions=[16]))

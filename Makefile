@@ -1,13 +1,14 @@
 # The two commands of the README:
 #   make quickstart   set up (venv, pinned packages, Fashion-MNIST), search, export
 #   make test         set up, then run the test suite (slow tests excluded)
+#   make quickstart-one-shot   the same data, gallery and budget, searched one-shot over prunings of the gallery model
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data quickstart test test-slow clean
+.PHONY: setup data quickstart quickstart-one-shot test test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +30,12 @@ quickstart: setup data
 	@echo
 	@echo "Exported query network: runs/quickstart/export (MODEL_CARD.md, arch.json, weights.safetensors, model.onnx, model.torchscript.pt)"
 	@echo "Browse the trials:      $(BIN)/nas ui --study-name quickstart   (MLflow UI on http://127.0.0.1:5000)"
+
+quickstart-one-shot: setup data
+	$(BIN)/nas search experiments/quickstart_one_shot.yaml
+	$(BIN)/nas export --study-name quickstart-one-shot --run-dir runs/quickstart --out runs/quickstart/export-one-shot
+	@echo
+	@echo "Exported query network: runs/quickstart/export-one-shot (a pruning of the ResNet-18 gallery model)"
 
 test: setup
 	$(BIN)/python -m pytest

@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     sshow.add_argument("--config", help="take the space's options, embedding size and channels from this experiment YAML")
     sshow.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a space option as YAML, e.g. widths=[0.5,1.0]")
     sshow.add_argument("--embed-dim", type=int, default=128, help="embedding dimension of the head (default 128)")
-    sshow.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="input channels (default 1)")
+    sshow.add_argument("--in-chans", type=int, choices=(1, 3), help="input channels (default 1; 3 with --gallery-model)")
+    sshow.add_argument("--gallery-model", help="gallery/pruned: the timm model rooting the space (any supported family)")
+    sshow.add_argument("--resolution", type=int, help="gallery/pruned: the one input resolution to show")
     baseline = sub.add_parser("baseline", help="train off-the-shelf timm models like a trial and record them beside the study's trials")
     _add_config_overrides(baseline)
     baseline.add_argument(
@@ -231,7 +233,7 @@ def _space_from_args(args: argparse.Namespace):
     from search_spaces import create_space
 
     options: dict[str, object] = {}
-    embed_dim, in_chans = args.embed_dim, args.in_chans
+    embed_dim, in_chans = args.embed_dim, args.in_chans or (3 if args.gallery_model else 1)
     if args.config:
         config = load_config(args.config)
         if config.space.name == args.name:
@@ -239,8 +241,19 @@ def _space_from_args(args: argparse.Namespace):
         embed_dim = config.gallery.embed_dim or embed_dim
         in_chans = config.data.resolved_channels
     options.update(_parse_options(args.option))
+    if args.gallery_model:
+        options["model"] = args.gallery_model
+    if args.resolution:
+        options["resolutions"] = [args.resolution]
     try:
-        return create_space(args.name, embed_dim=embed_dim, in_chans=in_chans, **options)
+        return create_space(args.name, embed_dim=embed_dim, in_chans=in_chans, **options), ""
+    except (ValueError, TypeError) as exc:
+        if args.name != "gallery" or "cannot root the gallery space" not in str(exc):
+            raise ConfigError(str(exc)) from None
+        note = f"{exc} Shown instead: its structured prunings, the 'pruned' space (any supported family; space.name: pruned)."
+    pruned = {k: v for k, v in options.items() if k in ("model", "resolutions", "min_depth")}  # what both spaces take
+    try:
+        return create_space("pruned", embed_dim=embed_dim, in_chans=in_chans, **pruned), note
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
 
@@ -446,7 +459,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "space":
         from nas.hardware.profile import space_report
 
-        print(space_report(_space_from_args(args)))
+        space, note = _space_from_args(args)
+        print((f"{note}\n\n" if note else "") + space_report(space))
         return 0
     raise AssertionError(args.command)
 

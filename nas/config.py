@@ -294,9 +294,11 @@ BATCH_NORM_MODES = ("auto", "frozen", "recalibrate")
 class SupernetConfig:
     """The supernet of the one-shot strategy (``search.strategy: one_shot``, ``nas supernet train``).
 
-    One elastic network holds every member of the space (:class:`search_spaces.Supernet`);
-    with the ``gallery`` space and an EfficientNet-layout gallery model its largest member
-    is the gallery model itself, with its weights. It trains ``epochs`` epochs on the
+    One elastic network holds every member of the space (:class:`search_spaces.Supernet`;
+    :class:`search_spaces.RootedSupernet` for the ``pruned`` space); with the ``gallery``
+    space and an EfficientNet-layout gallery model, or the ``pruned`` space and any
+    supported timm gallery model, its largest member is the gallery model itself, with its
+    weights. It trains ``epochs`` epochs on the
     training images with the configured compatibility loss, optimizer, batch size and
     augmentation (``train.*``; ``lr`` null: ``train.lr``), by the sandwich rule: every
     step the largest member, the smallest and ``random_subnets`` random ones, each at its
@@ -307,8 +309,9 @@ class SupernetConfig:
     ``batch_norm``: ``recalibrate`` (as just said; members train with batch statistics),
     ``frozen`` (every batch-norm layer keeps the largest member's running statistics, in
     supernet training, scoring and fine-tuning alike; no recalibration), or ``auto``:
-    ``frozen`` when the supernet is rooted in the gallery model (whose statistics the
-    gallery embeddings were computed with), ``recalibrate`` otherwise.
+    ``frozen`` when the supernet over the ``gallery`` space is rooted in the gallery model
+    (whose statistics the gallery embeddings were computed with), ``recalibrate``
+    otherwise (the ``pruned`` space's width cuts change every layer's input).
     ``max_mflops`` keeps the sandwich within a budget (MFLOPs, fvcore multiply-accumulates,
     batch 1): its largest member is then the largest within it (the space's largest member
     at the highest resolution that fits, else a greedy shrinking of it) and random members

@@ -36,6 +36,15 @@ class Architecture:
     timm-model architecture is that structured pruning of the model (the ``pruned`` space):
     its widths, depths and heads cut as the pruning says, at ``resolution``.
 
+    ``root``: for a pruning, the first 16 hex digits of the SHA-256 of the weights whose
+    channel ranks chose the kept channels (the gallery model's), so that the string names
+    everything that rebuilds the member from them (text form ``root=``; empty: not recorded).
+
+    ``projection`` False: no embedding layer, the pooled features L2-normalised are the
+    embedding (they must have ``embed_dim`` channels): for a member whose pooled features
+    are those of a gallery model that embeds its own pooled features (``gallery.embed_dim``
+    null), which needs no parameters to land in its space. Text form ``proj=none``.
+
     ``padding`` ``same`` and ``bn_eps`` 0.001 are the TensorFlow conventions of timm's
     ``tf_*`` models (asymmetric "same" padding of stride-2 convolutions, batch-norm epsilon
     1e-3), so that a subnet of such a gallery model (the ``gallery`` space) computes what
@@ -56,6 +65,8 @@ class Architecture:
     padding: str = ""
     bn_eps: float = 1e-5
     pruning: str = ""
+    projection: bool = True
+    root: str = ""
 
     def __post_init__(self) -> None:
         if self.padding not in ("", "same"):
@@ -70,6 +81,8 @@ class Architecture:
             raise ValueError(f"Architecture in_chans must be 1 or 3, but got {self.in_chans}.")
         if self.embed_dim < 2:
             raise ValueError(f"Architecture embed_dim must be >= 2, but got {self.embed_dim}.")
+        if self.root and (not self.pruning or len(self.root) != 16 or any(c not in "0123456789abcdef" for c in self.root)):
+            raise ValueError(f"Architecture root must be 16 lower-case hex digits of a pruning's root weights, but got {self.root!r}.")
         if self.pruning:
             if not self.timm_model:
                 raise ValueError(f"A pruning ({self.pruning!r}) is a pruning of a timm model: name it (timm_model).")
@@ -114,6 +127,7 @@ class Architecture:
             return (
                 f"space={self.space} res={self.resolution} width={format_number(self.width)} model={self.timm_model} "
                 f"embed={self.embed_dim} in={self.in_chans}" + (f" prune={self.pruning}" if self.pruning else "")
+                + (f" root={self.root}" if self.root else "") + ("" if self.projection else " proj=none")
             )
         stages = "/".join("+".join(stage) for stage in self.stages)
         text = (
@@ -124,6 +138,8 @@ class Architecture:
             text += f" pad={self.padding}"
         if self.bn_eps != 1e-5:
             text += f" bn_eps={format_number(self.bn_eps)}"
+        if not self.projection:
+            text += " proj=none"
         return text
 
     @classmethod
@@ -154,6 +170,7 @@ class Architecture:
                 act=fields.get("act", "hard_swish"),
                 padding=fields.get("pad", ""),
                 bn_eps=float(fields.get("bn_eps", 1e-5)),
+                projection=_projection(fields),
             )
         except ValueError as exc:
             raise ValueError(f"Invalid architecture string {text!r}: {exc}") from None
@@ -168,6 +185,8 @@ class Architecture:
                 space=fields["space"], resolution=int(fields["res"]), width=float(fields["width"]), stem_chs=0, stages=(),
                 head_chs=0, embed_dim=int(fields["embed"]), in_chans=int(fields["in"]), timm_model=fields["model"],
                 pruning=fields.get("prune", ""),
+                root=fields.get("root", ""),
+                projection=_projection(fields),
             )
         except ValueError as exc:
             raise ValueError(f"Invalid architecture string {text!r}: {exc}") from None
@@ -200,6 +219,13 @@ class Architecture:
     def arch_id(self) -> str:
         """A stable 16-hex-digit hash of the canonical string."""
         return hashlib.sha256(self.to_string().encode()).hexdigest()[:16]
+
+
+def _projection(fields: dict[str, str]) -> bool:
+    value = fields.get("proj", "linear")
+    if value not in ("linear", "none"):
+        raise ValueError(f"Architecture field proj must be 'none' (no embedding layer) or absent, but got {value!r}.")
+    return value == "linear"
 
 
 class SearchSpace(abc.ABC):

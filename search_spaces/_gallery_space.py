@@ -131,7 +131,9 @@ class GallerySpace(SearchSpace):
     e.g. ``nas space show gallery``, it defaults to ``tf_efficientnet_lite0``). Per
     stage of the model: depths ``min_depth`` .. its depth, the ``kernels`` up to its
     kernel, the ``expansions`` up to its expansion ratio (stages of one block, or of
-    depthwise-separable blocks, keep theirs).
+    depthwise-separable blocks, keep theirs). ``identity_head`` (set in a config when
+    ``gallery.embed_dim`` is null: the gallery embeds its pooled features): members have no
+    embedding layer, their pooled features (the gallery's width) are the embedding.
     """
 
     def __init__(
@@ -143,8 +145,10 @@ class GallerySpace(SearchSpace):
         kernels: Sequence[int] = (3, 5, 7),
         expansions: Sequence[float] = (3, 4, 6),
         min_depth: int = 1,
+        identity_head: bool = False,
     ) -> None:
         super().__init__(embed_dim, in_chans)
+        self.identity_head = bool(identity_head)
         if not model:
             raise ValueError("The gallery space needs option 'model': the timm name of the gallery model it prunes (filled in from gallery.model in a config).")
         self.model = model
@@ -188,7 +192,7 @@ class GallerySpace(SearchSpace):
             if depth not in depths or kernel not in ks or exp not in es:
                 raise ValueError(f"stage choice {(depth, kernel, exp)} is outside depths {depths}, kernels {ks}, expansions {es}")
             blocks.append((encode_block(type(spec)(**{**spec.__dict__, "repeats": depth, "kernel": kernel, "exp_ratio": float(exp)})),))
-        return Architecture(**{**self.root.__dict__, "resolution": int(resolution), "stages": tuple(blocks)})
+        return Architecture(**{**self.root.__dict__, "resolution": int(resolution), "stages": tuple(blocks), "projection": not self.identity_head})
 
     def sample(self, trial: optuna.trial.BaseTrial) -> Architecture:
         resolution = trial.suggest_categorical("resolution", list(self.resolutions))
@@ -216,6 +220,7 @@ class GallerySpace(SearchSpace):
                 {"depths": list(d), "kernels": list(k), "expansions": list(e)} for _, d, k, e in self.stage_choices
             ],
             "embed_dim": self.embed_dim,
+            "identity_head": self.identity_head,
             "in_chans": self.in_chans,
             "num_architectures": len(self.resolutions) * math.prod(len(d) * len(k) * len(e) for _, d, k, e in self.stage_choices),
         }

@@ -6,12 +6,23 @@ import torch
 from torch import nn
 
 from search_spaces._base import Architecture
-from search_spaces._head import EmbeddingHead
+from search_spaces._head import EmbeddingHead, L2Normalise
 from search_spaces._rooted import Pruning, Root
 from search_spaces._timm_builder import activation, build_stages, create_timm_model, init_weights, scale_channels, stem_conv
 from search_spaces._timm_models import timm_kwargs
 
 __all__ = ["QueryNet", "TimmQueryNet", "PrunedQueryNet", "build"]
+
+
+def embedding_layer(features: int, arch: Architecture) -> EmbeddingHead | L2Normalise:
+    """The layer from pooled features to the embedding: a linear projection, or with ``arch.projection`` False none
+    (the features L2-normalised; they must already have ``arch.embed_dim`` channels)."""
+    if arch.projection:
+        return EmbeddingHead(features, arch.embed_dim)
+    if features != arch.embed_dim:
+        raise ValueError(f"{arch.to_string()} has no embedding layer (proj=none), so its {features} pooled features must be the "
+                         f"{arch.embed_dim}-d embedding; give it a projection.")
+    return L2Normalise()
 
 
 class QueryNet(nn.Module):
@@ -40,7 +51,7 @@ class QueryNet(nn.Module):
             self.num_features = chs
             self.conv_head, self.bn2, self.act2 = nn.Identity(), nn.Identity(), nn.Identity()
         self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.embed = EmbeddingHead(self.num_features, arch.embed_dim)
+        self.embed = embedding_layer(self.num_features, arch)
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +97,7 @@ class TimmQueryNet(nn.Module):
             probe = self.model.forward_head(self.model.forward_features(torch.zeros(1, arch.in_chans, arch.resolution, arch.resolution)), pre_logits=True)
             self.model.train(was_training)
         self.num_features = int(probe.shape[1])
-        self.embed = EmbeddingHead(self.num_features, arch.embed_dim)
+        self.embed = embedding_layer(self.num_features, arch)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
@@ -125,7 +136,7 @@ class _Head(nn.Module):
     Built from the net's own layers, so its ``repr`` spells out what it computes.
     """
 
-    def __init__(self, pool: nn.Module, embed: EmbeddingHead) -> None:
+    def __init__(self, pool: nn.Module, embed: EmbeddingHead | L2Normalise) -> None:
         super().__init__()
         self.pool, self.embed = pool, embed
 

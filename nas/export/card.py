@@ -20,6 +20,12 @@ CARD_METRICS = ["mAP", "mAP@R", "R@1", "R@5", "R@10"]
 CARD_METRICS += [f"{m}_{p}" for p in ("easy", "medium", "hard") for m in ("mAP", "mP@1", "mP@5", "mP@10")]  # revisited Oxford/Paris
 
 
+def _embedding_layer(arch: Architecture) -> str:
+    if not arch.projection:
+        return "none: the pooled features, L2-normalised, are the embedding (they are the gallery model's own; no parameters)"
+    return f"a linear projection of the pooled features to {arch.embed_dim} dimensions (its parameters are counted below)"
+
+
 def model_card(
     study: StudyRecord,
     trial: TrialRecord,
@@ -46,6 +52,9 @@ def model_card(
         f"- `{arch.to_string()}` (id `{arch.arch_id}`)",
         f"- input: {arch.in_chans} x {arch.resolution} x {arch.resolution}; preprocessing (the gallery model's, `arch.json`): {preprocessing.describe()}",
         f"- output: {arch.embed_dim}-d L2-normalised embedding, searchable against the gallery model's index",
+        f"- embedding layer: {_embedding_layer(arch)}",
+        *([f"- a structured pruning of `{arch.timm_model}` (`{arch.pruning}`), its channels ranked by the weights with SHA-256 "
+           f"`{arch.root}...`"] if arch.pruning and arch.root else []),
         "",
         "## Budgets",
         f"- MFLOPs: {b['mflops']:.4f} (millions of multiply-accumulates, fvcore, batch 1, at {arch.resolution}x{arch.resolution})",

@@ -134,10 +134,13 @@ def gallery_targets(config: ExperimentConfig, gallery: GalleryNet, data: ImageSe
     )
 
 
-def _create_space(config: ExperimentConfig, embed_dim: int, in_chans: int) -> SearchSpace:
+def _create_space(config: ExperimentConfig, embed_dim: int, in_chans: int, gallery_sha: str = "") -> SearchSpace:
     options = dict(config.space.options)
+    if config.space.name == "pruned" and gallery_sha:  # members name the weights that ranked their channels
+        options.setdefault("root_sha", gallery_sha)
     if config.space.name in ("gallery", "pruned"):  # the prunings of the gallery model: its name comes from gallery.model
         options.setdefault("model", config.gallery.model)
+        options.setdefault("identity_head", config.gallery.embed_dim is None)  # the gallery embeds its pooled features
     try:
         return create_space(config.space.name, embed_dim=embed_dim, in_chans=in_chans, **options)
     except ValueError as exc:
@@ -166,8 +169,8 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
     smallest = check_reachable(space, budgets)  # before any gallery training: fail fast
     gallery, sha, _ = ensure_gallery(config, data, split, log, threads=threads)
     log(f"Preprocessing (gallery and query side): {gallery.preprocessing.describe()}")
-    if config.gallery.embed_dim is None:  # the space must project to the backbone's own width
-        space = _create_space(config, gallery.embed_dim, data.channels)
+    if config.gallery.embed_dim is None or config.space.name == "pruned":  # the gallery's width; the pruned space: its weights
+        space = _create_space(config, gallery.embed_dim, data.channels, sha)
     device = resolve_device(config.train.device)
     emb, cached = gallery_embeddings(
         gallery, sha, data, split, config.gallery.resolution, config.cache_dir / "cache", config.gallery.batch_size, device, log,

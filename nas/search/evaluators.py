@@ -235,6 +235,8 @@ class FineTunePruned(Evaluator):
         backbone, kept = self.root.pruned(Pruning.from_text(arch.pruning, arch.resolution))
         net = PrunedQueryNet(arch, backbone)
         with torch.no_grad():
+            if not isinstance(net.embed, EmbeddingHead):  # no embedding layer: its pooled features are all of the gallery's
+                return net.eval()
             if isinstance(gallery.proj, EmbeddingHead):
                 net.embed.weight.copy_(gallery.proj.weight[:, kept])
                 net.embed.bias.copy_(gallery.proj.bias)

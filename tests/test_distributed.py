@@ -84,6 +84,7 @@ def _children(tracking: str, study: optuna.Study) -> list:
     return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
 
 
+@pytest.mark.slow  # about 45 s on 2 quiet cores; the killed-worker test below keeps PostgreSQL workers in the default run
 def test_three_workers_finish_exactly_the_trial_budget(tmp_path: Path, tiny_config, pg_databases, mlflow_server: str) -> None:
     storage = pg_databases()
     raw = tiny_config(tmp_path / "run", budgets__max_mflops=None, train__epochs=4, search__study_name="dist")

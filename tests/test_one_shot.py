@@ -374,6 +374,7 @@ def _checkpoint_epoch(folder: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # three supernet trainings in subprocesses: about 40 s on 2 quiet cores
 def test_a_killed_supernet_train_resumes_where_it_stopped(tiny_config, tmp_path: Path, one_shot_study) -> None:
     gallery = str(one_shot_study[0] / "gallery" / "gallery.safetensors")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

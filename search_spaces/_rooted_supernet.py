@@ -36,14 +36,13 @@ from dataclasses import dataclass
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
-from torch.func import functional_call
 
 from search_spaces._base import Architecture
 from search_spaces._head import EmbeddingHead, L2Normalise
 from search_spaces._net import PrunedQueryNet, build
 from search_spaces._pruned_space import PrunedSpace
 from search_spaces._rooted import Pruning, Root
-from search_spaces._supernet import Supernet, SupernetError
+from search_spaces._supernet import Supernet, SupernetError, run_member
 
 __all__ = ["RootedSupernet", "supernet_over"]
 
@@ -192,15 +191,7 @@ class RootedSupernet(nn.Module):
 
     def forward(self, x: torch.Tensor, arch: Architecture) -> torch.Tensor:
         """Member ``arch``'s embeddings of ``x`` with the shared weights (batch norm as :class:`Supernet` does)."""
-        skeleton = self._member(arch).skeleton
-        skeleton.train(self.training)
-        if self.frozen_bn:
-            for bn in _batch_norms(skeleton):
-                bn.eval()
-        tensors = self.member_tensors(arch)
-        if self.training and not self.frozen_bn:  # running statistics are the member's own business: updates go to copies
-            tensors = {k: (v.clone() if k.endswith(("running_mean", "running_var", "num_batches_tracked")) else v) for k, v in tensors.items()}
-        return functional_call(skeleton, tensors, (x,), strict=True)
+        return run_member(self._member(arch).skeleton, self.member_tensors(arch), x, self.training, self.frozen_bn)
 
     def extract(self, arch: Architecture) -> PrunedQueryNet:
         """A standalone network of ``arch`` with the shared weights copied in (an ordinary ``PrunedQueryNet``)."""
@@ -281,10 +272,6 @@ def _fit(module: nn.Module) -> None:
         module.num_heads = module.qkv.weight.shape[0] // (3 * module.head_dim)
         if hasattr(module, "attn_dim"):
             module.attn_dim = module.num_heads * module.head_dim
-
-
-def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def _structure(arch: Architecture) -> str:

@@ -39,7 +39,7 @@ from torch.func import functional_call
 from search_spaces._base import Architecture, SearchSpace
 from search_spaces._net import QueryNet, build
 
-__all__ = ["Supernet", "SupernetError", "recalibrate_bn", "slice_tensor"]
+__all__ = ["Supernet", "SupernetError", "recalibrate_bn", "run_member", "slice_tensor"]
 
 _SKELETONS = 64  # members whose module structure is kept (built on the meta device; no memory for weights)
 
@@ -64,6 +64,18 @@ def slice_tensor(big: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torc
         else:
             index.append(slice(0, s))
     return big[tuple(index)]
+
+
+def run_member(skeleton: nn.Module, tensors: dict[str, torch.Tensor], x: torch.Tensor, training: bool, frozen_bn: bool) -> torch.Tensor:
+    """``skeleton`` run on ``tensors`` (views of, or gathered from, shared weights): batch statistics in training (running
+    statistics updated on copies, never on the shared ones), running statistics in eval mode and always with ``frozen_bn``."""
+    skeleton.train(training)
+    if frozen_bn:
+        for bn in _batch_norms(skeleton):
+            bn.eval()
+    if training and not frozen_bn:  # running statistics are the member's own business: updates go to copies
+        tensors = {k: (v.clone() if k.endswith(("running_mean", "running_var", "num_batches_tracked")) else v) for k, v in tensors.items()}
+    return functional_call(skeleton, tensors, (x,), strict=True)
 
 
 def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -194,15 +206,7 @@ class Supernet(nn.Module):
         are left untouched; in eval mode, and always with ``frozen_bn``, the running
         statistics (slices) are used.
         """
-        skeleton = self._skeleton(arch)
-        skeleton.train(self.training)
-        if self.frozen_bn:
-            for bn in _batch_norms(skeleton):
-                bn.eval()
-        tensors = self.member_tensors(arch)
-        if self.training and not self.frozen_bn:  # running statistics are the member's own business: updates go to copies
-            tensors = {k: (v.clone() if k.endswith(("running_mean", "running_var", "num_batches_tracked")) else v) for k, v in tensors.items()}
-        return functional_call(skeleton, tensors, (x,), strict=True)
+        return run_member(self._skeleton(arch), self.member_tensors(arch), x, self.training, self.frozen_bn)
 
     def extract(self, arch: Architecture) -> QueryNet:
         """A standalone network of ``arch`` with the supernet's weights copied in (an ordinary ``QueryNet``)."""

@@ -42,7 +42,7 @@ from search_spaces._head import EmbeddingHead, L2Normalise
 from search_spaces._net import PrunedQueryNet, build
 from search_spaces._pruned_space import PrunedSpace
 from search_spaces._rooted import Pruning, Root
-from search_spaces._supernet import Supernet, SupernetError, run_member
+from search_spaces._supernet import Supernet, SupernetError, layer_positions, run_member
 
 __all__ = ["RootedSupernet", "supernet_over"]
 
@@ -207,24 +207,8 @@ class RootedSupernet(nn.Module):
         tokens), which every member shares (a dropped block has none; a cut channel changes no position)."""
         counts = self._positions.get(resolution)
         if counts is None:
-            counts = {}
             largest = dataclasses.replace(self.largest_arch, resolution=resolution, projection=True)  # every layer a member may have
-            skeleton = self._member(largest).skeleton.eval()
-
-            def record(name: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-                if isinstance(module, nn.Conv2d):
-                    counts[name] = out.shape[-2] * out.shape[-1]
-                else:
-                    counts[name] = inputs[0].numel() // inputs[0].shape[-1]
-
-            hooks = [m.register_forward_hook(lambda m, i, o, name=n: record(name, m, i, o))
-                     for n, m in skeleton.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-            try:
-                with torch.no_grad():
-                    skeleton(torch.empty(1, self.space.in_chans, resolution, resolution, device="meta"))
-            finally:
-                for hook in hooks:
-                    hook.remove()
+            counts = layer_positions(self._member(largest).skeleton.eval(), self.space.in_chans, resolution)
             self._positions[resolution] = counts
         return counts
 

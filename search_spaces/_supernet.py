@@ -39,7 +39,7 @@ from torch.func import functional_call
 from search_spaces._base import Architecture, SearchSpace
 from search_spaces._net import QueryNet, build
 
-__all__ = ["Supernet", "SupernetError", "recalibrate_bn", "run_member", "slice_tensor"]
+__all__ = ["Supernet", "SupernetError", "layer_positions", "recalibrate_bn", "run_member", "slice_tensor"]
 
 _SKELETONS = 64  # members whose module structure is kept (built on the meta device; no memory for weights)
 
@@ -64,6 +64,26 @@ def slice_tensor(big: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torc
         else:
             index.append(slice(0, s))
     return big[tuple(index)]
+
+
+def layer_positions(skeleton: nn.Module, in_chans: int, resolution: int) -> dict[str, int]:
+    """Per convolution of ``skeleton`` (a network on the meta device) at ``resolution``: its output positions
+    (height x width); per linear layer: the vectors it maps (tokens; 1 after pooling). Its multiply-accumulates are
+    its weight's size times that (fvcore's count)."""
+    counts: dict[str, int] = {}
+
+    def record(name: str, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        counts[name] = out.shape[-2] * out.shape[-1] if isinstance(module, nn.Conv2d) else inputs[0].numel() // inputs[0].shape[-1]
+
+    hooks = [m.register_forward_hook(lambda m, i, o, name=n: record(name, m, i, o))
+             for n, m in skeleton.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            skeleton(torch.empty(1, in_chans, resolution, resolution, device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts
 
 
 def run_member(skeleton: nn.Module, tensors: dict[str, torch.Tensor], x: torch.Tensor, training: bool, frozen_bn: bool) -> torch.Tensor:
@@ -157,18 +177,7 @@ class Supernet(nn.Module):
         """
         positions = self._positions.get(resolution)
         if positions is None:
-            positions = {}
-            skeleton = self._skeleton(self.largest_arch).eval()
-            hooks = [
-                module.register_forward_hook(lambda _m, _i, out, name=name: positions.__setitem__(name, out.shape[-2] * out.shape[-1]))
-                for name, module in skeleton.named_modules() if isinstance(module, nn.Conv2d)
-            ]
-            try:
-                with torch.no_grad():
-                    skeleton(torch.empty(1, self.largest_arch.in_chans, resolution, resolution, device="meta"))
-            finally:
-                for hook in hooks:
-                    hook.remove()
+            positions = layer_positions(self._skeleton(self.largest_arch).eval(), self.largest_arch.in_chans, resolution)
             self._positions[resolution] = positions
         return positions
 

@@ -197,6 +197,7 @@ class RootedSupernet(nn.Module):
         """A standalone network of ``arch`` with the shared weights copied in (an ordinary ``PrunedQueryNet``)."""
         skeleton = self._member(arch).skeleton
         model = copy.deepcopy(skeleton).to_empty(device="cpu")
+        model.arch = arch  # a skeleton serves every resolution of its structure: the member's own
         with torch.no_grad():
             model.load_state_dict({k: v.detach().clone() for k, v in self.member_tensors(arch).items()})
         return model.eval()

@@ -190,3 +190,12 @@ def test_a_one_shot_search_over_prunings_of_a_resnet_gallery(tiny_config, tmp_pa
     unpruned = untrained.extract(ctx.space.extreme(smallest=False))  # the gallery model itself, before any training
     emb = embed(unpruned, ctx.data.images, 16, ctx.preprocessing, indices=ctx.split.val)
     assert np.allclose(emb, ctx.embeddings.val, atol=1e-4)
+
+
+def test_an_extracted_member_is_at_its_own_resolution() -> None:
+    """One skeleton serves a structure at every resolution; the extracted network carries the asked one."""
+    space = create_space("pruned", embed_dim=16, in_chans=1, model="resnet18", resolutions=[16, 32])
+    supernet = RootedSupernet(space)
+    for res in (32, 16):
+        arch = space.extreme(smallest=True, resolution=res)
+        assert supernet.extract(arch).arch == arch

@@ -32,7 +32,7 @@ finished one is on disk under ``<cache>/supernet/<key>/`` (``cache:``, default `
   to fit them; no recalibration. A supernet from random weights has no statistics worth
   keeping: batch statistics in training, recalibration before scoring; nor, for its members,
   one over the ``pruned`` space, whose width cuts change what every normalisation layer sees
-  (the quickstart's one-shot search: 0.927 of the paragon frozen, 0.981 recalibrated).
+  (measured on the quickstart, 0.927 of the paragon frozen and 0.981 recalibrated, before a fix to the members' resolution; to repeat).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def frozen_batch_norm(ctx: Context) -> bool:
     """Whether members keep the largest member's batch-norm statistics (``supernet.batch_norm``; ``auto``: when rooted)."""
     mode = ctx.config.supernet.batch_norm
     # auto: frozen for the gallery space's members, whose channels are the gallery's; the pruned space's width cuts change
-    # every normalisation layer's input, so its members recalibrate (quickstart_one_shot.yaml: 0.927 of the paragon
+    # every normalisation layer's input, so its members recalibrate (quickstart_one_shot.yaml, before a fix to members' resolutions: 0.927 of the paragon
     # frozen, 0.981 recalibrated)
     return mode == "frozen" or (mode == "auto" and rooted(ctx) and not isinstance(ctx.space, PrunedSpace))
 

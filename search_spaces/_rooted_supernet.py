@@ -163,7 +163,6 @@ class RootedSupernet(nn.Module):
             _fit(module)
         if not arch.projection:
             skeleton.embed = L2Normalise()
-        skeleton.arch = arch
         if self._vit and arch.resolution != self.root.resolution:
             skeleton.model.set_input_size(img_size=(arch.resolution, arch.resolution))
             member.shapes["model.pos_embed"] = skeleton.model.pos_embed.shape
@@ -178,8 +177,11 @@ class RootedSupernet(nn.Module):
         tensors = {}
         for name in member.names:
             t = ours[name]
-            for dim, idx in member.gathers.get(name, ()):
-                t = t.index_select(dim, idx.to(t.device))
+            gathers = member.gathers.get(name, ())
+            if gathers and gathers[0][1].device != t.device:  # the indices move to the weights' device once, not every step
+                gathers = member.gathers[name] = [(dim, idx.to(t.device)) for dim, idx in gathers]
+            for dim, idx in gathers:
+                t = t.index_select(dim, idx)
             tensors[name] = t
         if self._vit and arch.resolution != self.root.resolution:
             model = self.net.model
@@ -197,7 +199,7 @@ class RootedSupernet(nn.Module):
         """A standalone network of ``arch`` with the shared weights copied in (an ordinary ``PrunedQueryNet``)."""
         skeleton = self._member(arch).skeleton
         model = copy.deepcopy(skeleton).to_empty(device="cpu")
-        model.arch = arch  # a skeleton serves every resolution of its structure: the member's own
+        model.arch = arch  # a skeleton serves every resolution of its structure (it holds the root's arch): the member's own
         with torch.no_grad():
             model.load_state_dict({k: v.detach().clone() for k, v in self.member_tensors(arch).items()})
         return model.eval()

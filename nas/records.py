@@ -136,6 +136,7 @@ class TrialRecord:
     pid_scope: str | None = None
     request: str | None = None
     retry_of: int | None = None
+    fingerprint: str | None = None  # the digest of what its scores were measured under (nas.search.fingerprint)
 
     @classmethod
     def from_trial(cls, trial: FrozenTrial) -> TrialRecord:
@@ -172,6 +173,7 @@ class TrialRecord:
             pid_scope=a.get("pid_scope"),
             request=a.get("request"),
             retry_of=trial.system_attrs.get("failed_trial"),
+            fingerprint=a.get("fingerprint"),
         )
 
     @property
@@ -253,10 +255,16 @@ class TrialWriter:
     def val_curve(self, curve: Mapping[str, float]) -> None:
         self.trial.set_user_attr("val_curve", dict(curve))
 
-    def outcome(self, state: State, reason: str | None = None, metrics: Mapping[str, float] | None = None, weights: str | None = None) -> None:
-        """The trial's result: state, and the reason, final metrics and kept weights where there are any."""
+    def outcome(
+        self, state: State, reason: str | None = None, metrics: Mapping[str, float] | None = None, weights: str | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
+        """The trial's result: state, and the reason, final metrics (with the fingerprint digest they were measured
+        under) and kept weights where there are any."""
         if metrics is not None:
             self.trial.set_user_attr("metrics", dict(metrics))
+            if fingerprint is not None:
+                self.trial.set_user_attr("fingerprint", fingerprint)
         if weights is not None:
             self.trial.set_user_attr("weights", weights)
         self.trial.set_user_attr("state", state.value)
@@ -269,6 +277,8 @@ class TrialWriter:
         for key, value in {"budgets": original.budgets, "metrics": original.metrics}.items():
             if value:
                 self.trial.set_user_attr(key, dict(value))
+        if original.fingerprint is not None:
+            self.trial.set_user_attr("fingerprint", original.fingerprint)
         self.trial.set_user_attr("state", State.DUPLICATE.value)
         self.trial.set_user_attr("reason", reason)
         self.trial.set_user_attr("duplicate_of", original.number)
@@ -320,6 +330,7 @@ class StudyRecord:
     warm_started: tuple[str, ...] = ()
     mlflow_parent_run_id: str | None = None
     preprocessing: dict[str, Any] | None = None  # nas.data.Preprocessing.to_dict(); None: studies before it was recorded
+    fingerprint: dict[str, str] | None = None  # what its numbers depend on, part by part (nas.search.fingerprint); None: older studies
 
     @classmethod
     def load(cls, study: optuna.Study) -> StudyRecord:
@@ -337,6 +348,7 @@ class StudyRecord:
             warm_started=tuple(a.get("warm_started", [])),
             mlflow_parent_run_id=a.get("mlflow_parent_run_id"),
             preprocessing=a.get("preprocessing"),
+            fingerprint=a.get("fingerprint"),
         )
 
     @property
@@ -365,7 +377,11 @@ class StudyWriter:
         self.study.set_user_attr("space", dict(space))
         self.study.set_user_attr("gallery_budgets", dict(gallery_budgets))
 
-    def paragon(self, gallery_sha256: str, gallery_model: str, paragon: Mapping[str, Mapping[str, float]]) -> None:
+    def paragon(
+        self, gallery_sha256: str, gallery_model: str, paragon: Mapping[str, Mapping[str, float]], fingerprint: Mapping[str, str],
+    ) -> None:
+        """The paragon scores with what they were measured under (``fingerprint``: part -> description)."""
+        self.study.set_user_attr("fingerprint", dict(fingerprint))
         self.study.set_user_attr("gallery_sha256", gallery_sha256)
         self.study.set_user_attr("gallery_model", gallery_model)
         self.study.set_user_attr("paragon", {k: dict(v) for k, v in paragon.items()})

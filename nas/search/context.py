@@ -20,6 +20,7 @@ from nas.data import Augmentation, ImageSet, Preprocessing, RetrievalData, Split
 from nas.errors import BudgetError, ConfigError
 from nas.gallery import GalleryEmbeddings, GalleryNet, gallery_embeddings, open_gallery
 from nas.hardware import Budget, check_budgets, make_budgets
+from nas.search.fingerprint import Fingerprint, early_parts, full_parts
 from nas.threads import ThreadSizer, chosen_threads
 from search_spaces import SearchSpace, build, create_space
 from trainers import CompatibilityLoss, GalleryTargets, Speed, create_loss_from_config, resolve_precision
@@ -64,6 +65,7 @@ class Context:
     device: torch.device
     smallest: dict[str, float]  # budgets measured on the space's smallest member
     threads: ThreadSizer = field(default_factory=ThreadSizer)  # torch's threads: search.threads, or sized to the free cores
+    fingerprint: Fingerprint = field(default_factory=lambda: Fingerprint({}))  # what the numbers depend on (nas.search.fingerprint)
 
     @property
     def data(self) -> ImageSet:
@@ -147,8 +149,11 @@ def _create_space(config: ExperimentConfig, embed_dim: int, in_chans: int, galle
         raise ConfigError(str(exc)) from None
 
 
-def prepare(config: ExperimentConfig, log: Log = print) -> Context:
-    """Load data, split, gallery model and its cached embeddings; build space, budgets and loss."""
+def prepare(config: ExperimentConfig, log: Log = print, check_study: Callable[[Fingerprint], None] | None = None) -> Context:
+    """Load data, split, gallery model and its cached embeddings; build space, budgets and loss.
+
+    ``check_study`` is called with the fingerprint's parts known before the gallery model
+    (data, split, loss, protocol), so a resume with changed data is refused before any gallery work."""
     threads = ThreadSizer(chosen_threads(config.search.threads))
     threads.resize()
     retrieval = load_retrieval_data(config.data)
@@ -165,6 +170,9 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
             f"train.loss {loss.name!r} uses class labels, but the training images of {data.name} have none; "
             f"use a loss that needs no labels (regression or csd)."
         )
+    early = early_parts(data, split, config.data.resolved_protocol, config.train.loss, config.train.loss_options)
+    if check_study is not None:
+        check_study(early)
     budgets = make_budgets(config.budgets)
     smallest = check_reachable(space, budgets)  # before any gallery training: fail fast
     gallery, sha, _ = ensure_gallery(config, data, split, log, threads=threads)
@@ -183,4 +191,5 @@ def prepare(config: ExperimentConfig, log: Log = print) -> Context:
         loss.bind(targets)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return Context(config, retrieval, gallery, sha, emb, targets, space, budgets, loss, device, smallest, threads)
+    fingerprint = full_parts(early, gallery.preprocessing, config.gallery.model, sha, config.gallery.resolution, gallery.embed_dim)
+    return Context(config, retrieval, gallery, sha, emb, targets, space, budgets, loss, device, smallest, threads, fingerprint)

@@ -20,7 +20,7 @@ import yaml
 from optuna.storages._heartbeat import get_heartbeat_thread
 
 from nas.config import ExperimentConfig
-from nas.errors import ConfigError, GalleryError
+from nas.errors import ConfigError, GalleryError, NasError
 from nas.hardware import check_budgets
 from nas.locks import file_lock, study_lock
 from nas.records import State, StudyRecord, StudyWriter, TrialRecord, TrialWriter, enqueue_architecture
@@ -31,7 +31,8 @@ from nas.search.context import Context, Log, prepare
 from nas.search.coordination import Goal, ask_next, fail_dead_local_trials, new_request_id, this_process
 from nas.search.evaluators import EVALUATORS, OneShot, Paragon, create_evaluator
 from nas.search.objective import Objective
-from nas.search.optuna_setup import StaleTrialCallback, check_storage, open_study
+from nas.search.fingerprint import ATTR as FINGERPRINT_ATTR, Fingerprint, check_fingerprint, recorded_fingerprint
+from nas.search.optuna_setup import StaleTrialCallback, check_storage, load_existing_study, open_study
 from nas.search.progress import Progress
 from nas.secrets import mask_url, masked_config_dict
 from nas.tracking import NullTracker, Tracker, check_tracking_uri, flatten, make_tracker
@@ -42,9 +43,13 @@ __all__ = ["run_search", "open_tracked_study", "study_paragon", "warm_start_arch
 
 
 def study_paragon(ctx: Context, study: optuna.Study) -> Paragon:
-    """Symmetric scores of the gallery model: computed once and stored on the study.
+    """Symmetric scores of the gallery model: computed once and stored on the study with the
+    fingerprint of what they were measured under (:mod:`nas.search.fingerprint`).
 
-    A study searched against other gallery weights is refused: its trials are not comparable.
+    A study whose recorded fingerprint differs from this run's (other data, split, loss,
+    protocol, preprocessing or gallery model) is refused, every changed part named: its paragon
+    and trials are not comparable with new ones. A study from before fingerprints were recorded
+    is checked by its gallery weights' hash alone, and gets this run's fingerprint.
     """
     info = StudyRecord.load(study)
     if info.gallery_sha256 is not None and info.gallery_sha256 != ctx.gallery_sha:
@@ -52,11 +57,23 @@ def study_paragon(ctx: Context, study: optuna.Study) -> Paragon:
             f"Study {study.study_name!r} was searched against gallery weights {info.gallery_sha256[:12]}, but the configured gallery "
             f"model hashes to {ctx.gallery_sha[:12]}: its trials are not comparable. Use a new --study-name or the original checkpoint."
         )
+    check_fingerprint(study.study_name, info.fingerprint, ctx.fingerprint)
     if info.paragon is not None:
+        if info.fingerprint is None:
+            study.set_user_attr(FINGERPRINT_ATTR, dict(ctx.fingerprint.parts))
         return info.paragon
     paragon = paragon_scores(ctx.retrieval, ctx.embeddings)
-    StudyWriter(study).paragon(ctx.gallery_sha, ctx.config.gallery.model, paragon)
+    StudyWriter(study).paragon(ctx.gallery_sha, ctx.config.gallery.model, paragon, ctx.fingerprint.parts)
     return paragon
+
+
+def check_recorded_study(config: ExperimentConfig, early: Fingerprint) -> None:
+    """Before any gallery work: refuse to resume a study recorded under other data, split, loss or protocol."""
+    try:
+        study = load_existing_study(config.storage_url, config.search.study_name)
+    except NasError:  # no database or no such study yet: a new study, nothing to compare
+        return
+    check_fingerprint(study.study_name, recorded_fingerprint(study), early)
 
 
 def open_tracked_study(
@@ -88,6 +105,7 @@ def open_tracked_study(
         params=flatten({**recorded, "split": ctx.split.sizes()}),
         tags={
             "gallery.sha256": ctx.gallery_sha,
+            "fingerprint": ctx.fingerprint.digest,
             "gallery.model": config.gallery.model,
             "preprocessing": ctx.preprocessing.describe(),
             "budgets": "; ".join(b.describe() for b in ctx.budgets),
@@ -264,7 +282,7 @@ def run_search(
     if config.tracking.enabled:
         check_tracking_uri(config.tracking_uri)
     with file_lock(config.out_dir / ".gallery.lock"):  # the first worker builds, the others wait and load
-        ctx = prepare(config, log)
+        ctx = prepare(config, log, check_study=lambda early: check_recorded_study(config, early))
     tracker: Tracker = NullTracker()  # replaced under the study lock below
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -393,7 +411,7 @@ def train_study_supernet(config: ExperimentConfig, log: Log = print) -> None:
     if config.tracking.enabled:
         check_tracking_uri(config.tracking_uri)
     with file_lock(config.out_dir / ".gallery.lock"):
-        ctx = prepare(config, log)
+        ctx = prepare(config, log, check_study=lambda early: check_recorded_study(config, early))
     with study_lock(config.storage_url, config.search.study_name, config.out_dir):
         tracker = make_tracker(config, log)
         study, parent, paragon, _ = open_tracked_study(config, ctx, tracker, log, describe=False)

@@ -204,11 +204,13 @@ class Objective:
         evaluation = evaluator.evaluate(model, seed, on_epoch, should_stop=self.interrupt.requested)
         metrics = evaluation.metrics
         if evaluation.inherited:  # scored with a supernet's weights: re-extracted when needed, not kept
-            record.outcome(State.INHERITED, "scored with weights inherited from the supernet (not trained)", metrics=metrics)
+            record.outcome(State.INHERITED, "scored with weights inherited from the supernet (not trained)", metrics=metrics,
+                           fingerprint=self.ctx.fingerprint.digest)
             self.tracker.log(run_id, tags={"asymnas.inherited": "true"})
             self.tracker.end_trial(run_id, State.INHERITED.value, None, metrics)
             return self._values(metrics[VAL_MAP], budgets)
-        record.outcome(State.COMPLETE, metrics=metrics, weights=str(self._save_weights(trial.number, evaluation.model)))
+        record.outcome(State.COMPLETE, metrics=metrics, weights=str(self._save_weights(trial.number, evaluation.model)),
+                       fingerprint=self.ctx.fingerprint.digest)
         # val_mAP is already in the run, once per epoch; the last epoch's value is the final one
         self.tracker.end_trial(run_id, State.COMPLETE.value, None, {k: v for k, v in metrics.items() if k != VAL_MAP})
         return self._values(metrics[VAL_MAP], budgets)

@@ -22,7 +22,7 @@ from nas.hardware import check_budgets, make_budgets
 from nas.locks import file_lock, study_lock
 from nas.records import QUERY_MAP, QUERY_MAP_RATIO, StudyRecord, StudyWriter, baseline_seed
 from nas.search.context import prepare
-from nas.search.driver import open_tracked_study
+from nas.search.driver import check_recorded_study, open_tracked_study
 from nas.search.evaluators import TrainFromScratch
 from nas.search.optuna_setup import check_storage
 from nas.tracking import make_tracker
@@ -51,7 +51,7 @@ def run_baselines(config: ExperimentConfig, models: Sequence[str], resolutions: 
         raise ConfigError(f"Baseline resolutions must be >= 32 (timm's nets downsample 32x), but got {small}.")
     check_storage(config.storage_url)  # a storage typo or a damaged database: before the gallery model is trained
     with file_lock(config.out_dir / ".gallery.lock"):
-        ctx = prepare(config, log)
+        ctx = prepare(config, log, check_study=lambda early: check_recorded_study(config, early))
     with study_lock(config.storage_url, config.search.study_name, config.out_dir):
         tracker = make_tracker(config, log)
         study, parent, paragon, _ = open_tracked_study(config, ctx, tracker, log, describe=False)

@@ -42,7 +42,8 @@ from nas.export.verify import MAX_MAP_DIFF, MIN_COSINE, gallery_index, verify_ex
 from nas.records import QUERY_MAP, QUERY_MAP_RATIO, QUERY_R1, State, StudyRecord, TrialRecord, trial_records
 from nas.results import best_trial, front_cost, pareto_front
 from nas.search.context import prepare
-from nas.search.evaluators import Paragon, create_evaluator
+from nas.search.fingerprint import check_fingerprint
+from nas.search.evaluators import create_evaluator
 from nas.tracking import check_tracking_uri, register_onnx_model
 from search_spaces import Architecture, QueryNet, build
 
@@ -98,11 +99,14 @@ def select_trial(study: optuna.Study, which: str = "best") -> TrialRecord:
 # --------------------------------------------------------------------------- the trained module
 
 
-def _retrain(config: ExperimentConfig, arch: Architecture, seed: int, paragon: Paragon, log: Log,
+def _retrain(config: ExperimentConfig, arch: Architecture, seed: int, study: StudyRecord, log: Log,
              fine_tune_of: int | None = None) -> tuple[QueryNet, dict[str, float]]:
     """Build and train ``arch`` with ``seed`` as the search did (the study's evaluator, and for a one-shot
-    study's fine-tuned trial its trained supernet); its module and metrics."""
+    study's fine-tuned trial its trained supernet); its module and metrics. Data, split or gallery that
+    changed since the study scored it are refused (:func:`nas.search.fingerprint.check_fingerprint`)."""
     ctx = prepare(config, log=log)
+    check_fingerprint(study.name, study.fingerprint, ctx.fingerprint)
+    paragon = study.paragon
     evaluator = create_evaluator(ctx, paragon)
     evaluator.prepare(log, train=False)
     evaluator = evaluator.for_trial(fine_tune_of)
@@ -120,7 +124,7 @@ def _trial_model(study: StudyRecord, trial: TrialRecord, config: ExperimentConfi
         return model.eval(), trial.metrics, False
     seed = trial.seed_for(config.search.seed)
     log(f"The weights of trial {trial.number} were not kept (the search keeps the best search.keep_best); retraining it with seed {seed}.")
-    model, metrics = _retrain(config, arch, seed, study.paragon, log, trial.fine_tune_of)
+    model, metrics = _retrain(config, arch, seed, study, log, trial.fine_tune_of)
     log(f"Retrained: query mAP {metrics[QUERY_MAP]:.4f} (the trial had {trial.metrics[QUERY_MAP]:.4f}).")
     return model.cpu().eval(), metrics, True  # exported and verified on the CPU, wherever it was trained
 

@@ -39,7 +39,7 @@ from nas.tracking import NullTracker, Tracker, check_tracking_uri, flatten, make
 from search_spaces import Architecture, build, timm_architecture
 from trainers import TrainingDiverged
 
-__all__ = ["run_search", "open_tracked_study", "study_paragon", "warm_start_architectures", "train_study_supernet"]
+__all__ = ["run_search", "open_tracked_study", "study_paragon", "check_recorded_study", "warm_start_architectures", "train_study_supernet"]
 
 
 def study_paragon(ctx: Context, study: optuna.Study) -> Paragon:

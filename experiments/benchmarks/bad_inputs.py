@@ -38,6 +38,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
+from nas.data import LEGACY_PREPROCESSING
 from nas.export.loading import WEIGHTS_FILE, write_arch
 from search_spaces import build, create_space
 
@@ -142,7 +143,7 @@ def study_db(path: Path, trials: int = 60, running: bool = False) -> Path:
 def export_folder(folder: Path) -> Path:
     arch = create_space("mobilenet", embed_dim=16, in_chans=1, resolutions=[16], widths=[0.35]).extreme(smallest=True)
     folder.mkdir(parents=True)
-    write_arch(arch, folder)
+    write_arch(arch, folder, LEGACY_PREPROCESSING)
     save_file(build(arch).state_dict(), str(folder / WEIGHTS_FILE))
     return folder
 
@@ -196,6 +197,10 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
     embed_huge = digit_folder(root / "embed_huge", [4], per_class=3)
     huge_png(embed_huge / "huge.png")
     (root / "gallery.safetensors").write_bytes(b"not a checkpoint")
+    stale = root / "run-stale" / "optuna.db"  # a study recorded under another split (as after data.max_per_class 100 -> 120)
+    study_db(stale, trials=2)
+    optuna.load_study(study_name="kept", storage=f"sqlite:///{stale}").set_user_attr(
+        "fingerprint", {"split": "train 1, val 1, query 1, gallery 1, sha256 000000000000"})
 
     cfg = {
         "two": experiment(root, "two", folder),
@@ -213,6 +218,7 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         "seed": experiment(root, "seed", folder, search__seed=-5),
         "dataseed": experiment(root, "dataseed", folder, data__seed=-1),
         "gbs": experiment(root, "gbs", folder, gallery__batch_size=0),
+        "stale": experiment(root, "stale", folder, search__study_name="kept"),
     }
     files = {"empty.yaml": b"", "comments.yaml": b"# settings to come\n", "list.yaml": b"- data\n- search\n", "binary.yaml": bytes(range(128, 200)), "invalid.yaml": b"data: [unclosed\n"}
     for name, content in files.items():
@@ -303,6 +309,8 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         Case("nas ui on a port in use", ["ui", "--run-dir", str(root), "--port", str(busy_port)]),
         Case("nas baseline --models ''", ["baseline", two_cfg, "--models", ""]),
         Case("nas baseline --resolutions 8", ["baseline", two_cfg, "--resolutions", "8"]),
+        # studies resumed under other settings
+        Case("resume a study recorded under another data split", ["search", str(cfg["stale"])], absent=no_gallery("stale"), unchanged=[stale]),
     ]
 
 

@@ -52,6 +52,7 @@ def run_baselines(config: ExperimentConfig, models: Sequence[str], resolutions: 
     check_storage(config.storage_url)  # a storage typo or a damaged database: before the gallery model is trained
     with file_lock(config.out_dir / ".gallery.lock"):
         ctx = prepare(config, log, check_study=lambda early: check_recorded_study(config, early))
+        config = ctx.config  # budgets written relative to the gallery model are absolute from here on
     with study_lock(config.storage_url, config.search.study_name, config.out_dir):
         tracker = make_tracker(config, log)
         study, parent, paragon, _ = open_tracked_study(config, ctx, tracker, log, describe=False)

@@ -35,6 +35,14 @@ def _int_in(low: int, high: int | None = None):
     return parse
 
 
+def _limit(text: str) -> float | str:
+    """A budget limit: a number, or a fraction of the gallery model's figure (``1/10``, ``10%``), checked with the config."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _add_config_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML file, e.g. experiments/quickstart.yaml")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal anyway)")
@@ -52,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_overrides(search)
     search.add_argument("--trials", type=int, help="number of trials this run adds to the study")
     search.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
-    search.add_argument("--max-mflops", type=float, help="budget: millions of multiply-accumulates (fvcore, batch 1)")
-    search.add_argument("--max-latency-ms", type=float, help="budget: median latency in ms on budgets.latency.runtime")
-    search.add_argument("--max-params-m", type=float, help="budget: millions of parameters")
-    search.add_argument("--max-memory-mb", type=float, help="budget: MiB peak memory of one forward pass (weights + activations)")
+    search.add_argument("--max-mflops", type=_limit, help="budget (or a fraction of the gallery model's, 1/10): millions of multiply-accumulates (fvcore, batch 1)")
+    search.add_argument("--max-latency-ms", type=_limit, help="budget (or a fraction of the gallery model's, 1/10): median latency in ms on budgets.latency.runtime")
+    search.add_argument("--max-params-m", type=_limit, help="budget (or a fraction of the gallery model's, 1/10): millions of parameters")
+    search.add_argument("--max-memory-mb", type=_limit, help="budget (or a fraction of the gallery model's, 1/10): MiB peak memory of one forward pass (weights + activations)")
     search.add_argument("--seed", type=int, help="sampler seed (search.seed)")
     search.add_argument("--sampler", help="search.sampler, a registered Optuna sampler (default tpe)")
     search.add_argument("--objectives", help="comma-separated search.objectives, e.g. mAP,mflops (default mAP)")

@@ -16,7 +16,7 @@ import yaml
 
 from nas.data_config import AugmentConfig, DataConfig, GalleryConfig, GalleryTrainConfig, PreprocessingConfig
 from nas.errors import ConfigError
-from nas.hardware.budgets import BUDGETS
+from nas.hardware.budgets import BUDGETS, relative_fraction
 from nas.hardware.runtimes import RUNTIMES
 from nas.search.optuna_setup import PRUNERS, SAMPLERS
 from nas.secrets import resolve_url
@@ -84,18 +84,43 @@ class BudgetConfig:
     ``max_latency_ms`` the median latency on ``latency.runtime``; ``max_memory_mb`` the peak
     MiB of one inference forward pass (parameters and buffers + live activations) at
     ``latency.batch_size``.
+
+    Each limit may instead be a fraction of the gallery model's own figure, measured the
+    same way at ``gallery.resolution``: ``"1/10"`` or ``"10%"``. Such a limit is resolved
+    once the gallery model is loaded (:meth:`resolved`); ``relative`` then records what was
+    written (``{"max_mflops": "1/10"}``) beside the absolute limit it became.
     """
 
-    max_mflops: float | None = None
-    max_params_m: float | None = None
-    max_latency_ms: float | None = None
+    max_mflops: Any = None
+    max_params_m: Any = None
+    max_latency_ms: Any = None
     latency: LatencyConfig = field(default_factory=LatencyConfig)
-    max_memory_mb: float | None = None
+    max_memory_mb: Any = None
+    relative: dict[str, str] = field(default_factory=dict)
+
+    LIMITS = ("max_mflops", "max_params_m", "max_latency_ms", "max_memory_mb")
 
     def __post_init__(self) -> None:
-        for name in ("max_mflops", "max_params_m", "max_latency_ms", "max_memory_mb"):
+        for name in self.LIMITS:
             value = getattr(self, name)
-            _check(value is None or value > 0, f"budgets.{name} must be > 0 or null, but got {value}.")
+            if relative_fraction(value) is not None:
+                continue
+            _check(
+                value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+                f"budgets.{name} must be > 0, a fraction of the gallery model's own figure ('1/10' or '10%'), or null, but got {value!r}.",
+            )
+
+    @property
+    def unresolved(self) -> dict[str, float]:
+        """The limits still written relative to the gallery model: ``{"max_mflops": 0.1}``."""
+        return {name: fraction for name in self.LIMITS if (fraction := relative_fraction(getattr(self, name))) is not None}
+
+    def resolved(self, gallery: dict[str, float]) -> BudgetConfig:
+        """These budgets with every relative limit made absolute from ``gallery`` (the gallery model's
+        figures by budget name: ``{"mflops": 575.2, ...}``)."""
+        fractions = self.unresolved
+        absolute = {name: fraction * gallery[name.removeprefix("max_")] for name, fraction in fractions.items()}
+        return dataclasses.replace(self, **absolute, relative={**self.relative, **{n: str(getattr(self, n)) for n in fractions}})
 
 
 @dataclass(frozen=True)

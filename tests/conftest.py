@@ -105,6 +105,22 @@ def tiny_config(digits_dir: Path):
     return make
 
 
+@pytest.fixture(scope="session")
+def small_gallery(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> str:
+    """A gallery model checkpoint trained once on :data:`TINY` with 30 images per class (no trial run)."""
+    from nas.config import config_from_dict
+    from nas.search.driver import run_search
+
+    raw = copy.deepcopy(TINY)
+    raw["out"] = str(tmp_path_factory.mktemp("small-gallery"))
+    raw["data"]["path"] = str(digits_dir)
+    raw["data"]["max_per_class"] = 30
+    raw["search"]["trials"] = 0
+    config = config_from_dict(raw)
+    run_search(config, log=lambda _: None)
+    return str(config.out_dir / "gallery" / "gallery.safetensors")
+
+
 #: The local PostgreSQL server of the tests marked ``postgres`` (trust auth).
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 

@@ -18,26 +18,12 @@ from nas.search.optuna_setup import load_existing_study
 SMALL = {"data__max_per_class": 30, "budgets__max_mflops": None, "train__epochs": 1, "search__trials": 1}
 
 
-@pytest.fixture(scope="module")
-def gallery(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> str:
-    from tests.conftest import TINY
-
-    raw = copy.deepcopy(TINY)
-    raw["out"] = str(tmp_path_factory.mktemp("gallery"))
-    raw["data"]["path"] = str(digits_dir)
-    raw["data"]["max_per_class"] = 30
-    raw["search"]["trials"] = 0
-    config = config_from_dict(raw)
-    run_search(config, log=lambda _: None)
-    return str(config.out_dir / "gallery" / "gallery.safetensors")
-
-
 def _cache_files(out: Path) -> set[str]:
     return {str(p.relative_to(out)) for p in (out / "cache").rglob("*") if p.is_file()}
 
 
-def test_a_resume_with_changed_data_is_refused_before_any_gallery_work_and_names_the_change(tmp_path, tiny_config, gallery) -> None:
-    raw = tiny_config(tmp_path, gallery__checkpoint=gallery, **SMALL)
+def test_a_resume_with_changed_data_is_refused_before_any_gallery_work_and_names_the_change(tmp_path, tiny_config, small_gallery) -> None:
+    raw = tiny_config(tmp_path, gallery__checkpoint=small_gallery, **SMALL)
     config = config_from_dict(raw)
     study = run_search(config, log=lambda _: None)
     record = StudyRecord.load(study)
@@ -65,8 +51,8 @@ def test_a_resume_with_changed_data_is_refused_before_any_gallery_work_and_names
     assert len(trial_records(study)) == 2 and {r.fingerprint for r in trial_records(study)} == {digest}
 
 
-def test_a_study_from_before_fingerprints_gets_one_and_is_checked_from_then_on(tmp_path, tiny_config, gallery) -> None:
-    raw = tiny_config(tmp_path, gallery__checkpoint=gallery, **SMALL)
+def test_a_study_from_before_fingerprints_gets_one_and_is_checked_from_then_on(tmp_path, tiny_config, small_gallery) -> None:
+    raw = tiny_config(tmp_path, gallery__checkpoint=small_gallery, **SMALL)
     study = run_search(config_from_dict(raw), log=lambda _: None)
     study.set_user_attr("fingerprint", None)  # as an older study stored it: no fingerprint
     study = run_search(config_from_dict(raw), log=lambda _: None)

@@ -59,7 +59,7 @@ class Device:
         self.name, self.budgets = name, budgets
 
     def describe(self) -> str:
-        return ", ".join(f"{k} {v:g}" for k, v in self.budgets.items() if k.startswith("max_") and v is not None)
+        return ", ".join(f"{k} {v if isinstance(v, str) else format(v, 'g')}" for k, v in self.budgets.items() if k.startswith("max_") and v is not None)
 
 
 def load_family(path: str | Path) -> tuple[list[Device], int, int]:

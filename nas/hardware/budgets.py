@@ -27,6 +27,7 @@ Every budget is an entry of :data:`BUDGETS`, keyed by the name its value is reco
 from __future__ import annotations
 
 import abc
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -189,6 +190,23 @@ class LatencyBudget(Budget):
         if predicted is not None:
             self.table.reconcile(model, resolution, in_chans, predicted, median)
         return Measurement(median, {"latency_p90_ms": p90, **extra})
+
+
+_RELATIVE = re.compile(r"^\s*(?:(?P<num>\d+(?:\.\d+)?)\s*/\s*(?P<den>\d+(?:\.\d+)?)|(?P<pct>\d+(?:\.\d+)?)\s*%)\s*$")
+
+
+def relative_fraction(value: object) -> float | None:
+    """The fraction a budget written relative to the gallery model means (``"1/10"`` -> 0.1, ``"5%"`` -> 0.05),
+    or None when ``value`` is not such a string (a number is an absolute limit)."""
+    if not isinstance(value, str):
+        return None
+    match = _RELATIVE.match(value)
+    if match is None:
+        return None
+    if match.group("pct") is not None:
+        return float(match.group("pct")) / 100
+    den = float(match.group("den"))
+    return float(match.group("num")) / den if den > 0 else None
 
 
 def make_budgets(config: BudgetConfig) -> list[Budget]:

@@ -9,13 +9,15 @@ index).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from nas.config import ExperimentConfig
+from nas.config import BudgetConfig, ExperimentConfig
 from nas.data import Augmentation, ImageSet, Preprocessing, RetrievalData, Split, load_retrieval_data
 from nas.errors import BudgetError, ConfigError
 from nas.gallery import GalleryEmbeddings, GalleryNet, gallery_embeddings, open_gallery
@@ -149,6 +151,21 @@ def _create_space(config: ExperimentConfig, embed_dim: int, in_chans: int, galle
         raise ConfigError(str(exc)) from None
 
 
+def resolve_budgets(config: ExperimentConfig, gallery: nn.Module, channels: int, log: Log = print) -> ExperimentConfig:
+    """``config`` with every budget written relative to the gallery model (``"1/10"``) made absolute: the gallery
+    model measured as candidates are (:func:`nas.hardware.check_budgets`, at ``gallery.resolution``), then scaled."""
+    fractions = config.budgets.unresolved
+    wanted = {name.removeprefix("max_") for name in fractions}
+    meters = [b for b in make_budgets(BudgetConfig(latency=config.budgets.latency)) if b.name in wanted]
+    values = check_budgets(gallery, config.gallery.resolution, channels, meters, measure_all=True).values
+    budgets = config.budgets.resolved(values)
+    units = {b.name: b.unit for b in meters}
+    log("Budgets relative to the gallery model: " + "; ".join(
+        f"{name} {config.budgets.relative.get(name, getattr(config.budgets, name))} of {values[name.removeprefix('max_')]:.4g} = "
+        f"{getattr(budgets, name):.4g} {units[name.removeprefix('max_')]}" for name in fractions))
+    return dataclasses.replace(config, budgets=budgets)
+
+
 def prepare(config: ExperimentConfig, log: Log = print, check_study: Callable[[Fingerprint], None] | None = None) -> Context:
     """Load data, split, gallery model and its cached embeddings; build space, budgets and loss.
 
@@ -173,9 +190,13 @@ def prepare(config: ExperimentConfig, log: Log = print, check_study: Callable[[F
     early = early_parts(data, split, config.data.resolved_protocol, config.train.loss, config.train.loss_options)
     if check_study is not None:
         check_study(early)
-    budgets = make_budgets(config.budgets)
-    smallest = check_reachable(space, budgets)  # before any gallery training: fail fast
+    if not config.budgets.unresolved:
+        smallest = check_reachable(space, make_budgets(config.budgets))  # before any gallery training: fail fast
     gallery, sha, _ = ensure_gallery(config, data, split, log, threads=threads)
+    if config.budgets.unresolved:  # limits written as a fraction of the gallery model's own figures
+        config = resolve_budgets(config, gallery, data.channels, log)
+        smallest = check_reachable(space, make_budgets(config.budgets))
+    budgets = make_budgets(config.budgets)
     log(f"Preprocessing (gallery and query side): {gallery.preprocessing.describe()}")
     if config.gallery.embed_dim is None or config.space.name == "pruned":  # the gallery's width; the pruned space: its weights
         space = _create_space(config, gallery.embed_dim, data.channels, sha)

@@ -283,6 +283,7 @@ def run_search(
         check_tracking_uri(config.tracking_uri)
     with file_lock(config.out_dir / ".gallery.lock"):  # the first worker builds, the others wait and load
         ctx = prepare(config, log, check_study=lambda early: check_recorded_study(config, early))
+        config = ctx.config  # budgets written relative to the gallery model are absolute from here on
     tracker: Tracker = NullTracker()  # replaced under the study lock below
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -412,6 +413,7 @@ def train_study_supernet(config: ExperimentConfig, log: Log = print) -> None:
         check_tracking_uri(config.tracking_uri)
     with file_lock(config.out_dir / ".gallery.lock"):
         ctx = prepare(config, log, check_study=lambda early: check_recorded_study(config, early))
+        config = ctx.config  # budgets written relative to the gallery model are absolute from here on
     with study_lock(config.storage_url, config.search.study_name, config.out_dir):
         tracker = make_tracker(config, log)
         study, parent, paragon, _ = open_tracked_study(config, ctx, tracker, log, describe=False)

@@ -38,6 +38,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
+from nas.data import LEGACY_PREPROCESSING
 from nas.export.loading import WEIGHTS_FILE, write_arch
 from search_spaces import build, create_space
 
@@ -142,7 +143,7 @@ def study_db(path: Path, trials: int = 60, running: bool = False) -> Path:
 def export_folder(folder: Path) -> Path:
     arch = create_space("mobilenet", embed_dim=16, in_chans=1, resolutions=[16], widths=[0.35]).extreme(smallest=True)
     folder.mkdir(parents=True)
-    write_arch(arch, folder)
+    write_arch(arch, folder, LEGACY_PREPROCESSING)
     save_file(build(arch).state_dict(), str(folder / WEIGHTS_FILE))
     return folder
 
@@ -196,6 +197,14 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
     embed_huge = digit_folder(root / "embed_huge", [4], per_class=3)
     huge_png(embed_huge / "huge.png")
     (root / "gallery.safetensors").write_bytes(b"not a checkpoint")
+    embed_deep = root / "embed_deep"  # 16-bit grey PNGs (PIL mode I;16): decoded by their bit depth, not clipped white
+    embed_deep.mkdir()
+    for n in range(3):
+        Image.fromarray((np.arange(256, dtype=np.uint16).reshape(16, 16) * 257) // (n + 1)).save(embed_deep / f"deep{n}.png")
+    floaty = digit_folder(root / "float", [1, 7], per_class=40)
+    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)).save(floaty / "digit7" / "float.tif")
+    embed_float = digit_folder(root / "embed_float", [4], per_class=3)
+    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)).save(embed_float / "float.tif")
 
     cfg = {
         "two": experiment(root, "two", folder),
@@ -213,6 +222,7 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         "seed": experiment(root, "seed", folder, search__seed=-5),
         "dataseed": experiment(root, "dataseed", folder, data__seed=-1),
         "gbs": experiment(root, "gbs", folder, gallery__batch_size=0),
+        "float": experiment(root, "float", {"dataset": "image_folder", "path": str(floaty)}),
     }
     files = {"empty.yaml": b"", "comments.yaml": b"# settings to come\n", "list.yaml": b"- data\n- search\n", "binary.yaml": bytes(range(128, 200)), "invalid.yaml": b"data: [unclosed\n"}
     for name, content in files.items():
@@ -303,6 +313,10 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         Case("nas ui on a port in use", ["ui", "--run-dir", str(root), "--port", str(busy_port)]),
         Case("nas baseline --models ''", ["baseline", two_cfg, "--models", ""]),
         Case("nas baseline --resolutions 8", ["baseline", two_cfg, "--resolutions", "8"]),
+        # image files of every kind: decoded as a viewer shows them, or refused naming the file and its mode
+        Case("16-bit grey PNGs: nas embed decodes them", ["embed", str(export), str(embed_deep), "--out", str(root / "e4.npy")], expect=0),
+        Case("float TIFF (mode F) in training data: nas search", ["search", str(cfg["float"])], absent=no_gallery("float")),
+        Case("float TIFF (mode F): nas embed skips and lists it", ["embed", str(export), str(embed_float), "--out", str(root / "e5.npy")], expect=0),
     ]
 
 

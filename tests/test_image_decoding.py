@@ -14,13 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
+from safetensors.torch import save_file
 
 from nas.config import DataConfig
-from nas.data import load_image_folder, load_retrieval_data
+from nas.data import LEGACY_PREPROCESSING, load_image_folder, load_retrieval_data
 from nas.data import sources
 from nas.data.decoding import decode
 from nas.data.sources import FileImages, ImageReadError, read_image
 from nas.errors import DataError
+from nas.export.loading import WEIGHTS_FILE, embed_folder, write_arch
+from search_spaces import build, create_space
 
 H, W = 24, 40  # not square, so a wrong rotation changes the shape
 
@@ -300,3 +303,23 @@ def test_the_decoding_version_is_part_of_the_fingerprint(tmp_path, monkeypatch):
     before = FileImages(tmp_path, ["a.png"]).fingerprint()
     monkeypatch.setattr(sources, "DECODING_VERSION", sources.DECODING_VERSION + 1)
     assert FileImages(tmp_path, ["a.png"]).fingerprint() != before
+
+
+def test_nas_embed_gives_a_16_bit_or_rotated_file_the_embedding_of_its_8_bit_upright_picture(tmp_path):
+    arch = create_space("mobilenet", embed_dim=16, in_chans=1, resolutions=[16], widths=[0.35]).extreme(smallest=True)
+    export = tmp_path / "export"
+    export.mkdir()
+    write_arch(arch, export, LEGACY_PREPROCESSING)
+    save_file(build(arch).state_dict(), str(export / WEIGHTS_FILE))
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    (tmp_path / "eight").mkdir()
+    (tmp_path / "other").mkdir()
+    Image.fromarray(_rgb()).save(tmp_path / "eight" / "a.png")
+    Image.fromarray(np.ascontiguousarray(STORED[8](_rgb()))).save(tmp_path / "other" / "a.png", exif=exif)
+    Image.fromarray(_grey()).save(tmp_path / "eight" / "b.png")
+    Image.fromarray(_grey().astype(np.uint16) * 257).save(tmp_path / "other" / "b.png")
+    eight, ids, skipped = embed_folder(export, tmp_path / "eight")
+    other, other_ids, other_skipped = embed_folder(export, tmp_path / "other")
+    assert ids == other_ids == ["a.png", "b.png"] and skipped == other_skipped == []
+    assert np.array_equal(eight, other)

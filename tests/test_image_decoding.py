@@ -92,6 +92,12 @@ def test_a_16_bit_grey_file_decodes_to_the_8_bit_picture_it_was_made_from(tmp_pa
     _assert_close(_decoded(path, 3), np.repeat(_grey()[..., None], 3, axis=2))
 
 
+def test_a_12_bit_pgm_is_scaled_by_its_maximum_value(tmp_path):
+    deep = (_grey().astype(np.int64) * 4095 + 127) // 255
+    (tmp_path / "deep.pgm").write_bytes(f"P5\n{W} {H}\n4095\n".encode() + deep.astype(">u2").tobytes())
+    _assert_close(_decoded(tmp_path / "deep.pgm", 1), _grey())
+
+
 def test_a_16_bit_file_of_mid_grey_is_mid_grey_not_white(tmp_path):
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "mid.png")
     assert set(_decoded(tmp_path / "mid.png", 1).ravel().tolist()) == {128}

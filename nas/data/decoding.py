@@ -9,7 +9,8 @@ Every path that reads image files (folder data sets and benchmarks for training 
   transparent colour): composited over a white background, as a web page shows it, rather than
   dropping the alpha channel (which reveals whatever colour the transparent pixels happen to hold).
 * **Integer images of more than 8 bits** (PIL modes ``I;16``, ``I;16B``, ``I;16L``, ``I;16N`` and
-  ``I``: 16-bit PNG, TIFF and PGM/PPM files, 32-bit TIFFs): scaled by their bit depth,
+  ``I``: 16-bit PNG, TIFF and PGM/PPM files, 32-bit TIFFs; PIL scales a PGM/PPM whose maximum value is
+  neither 255 nor 65535, a 12-bit one say, to 16 bits): scaled by their bit depth,
   ``round(value * 255 / (2**bits - 1))``, so 16-bit 65535 is white and 32768 mid-grey (PIL's own
   ``convert`` clips at 255, turning a 16-bit picture all white). A signed image is scaled over its
   non-negative range (``2**(bits-1) - 1``); one with a negative pixel is refused.
@@ -71,7 +72,9 @@ def _integer_depth(img: PILImage) -> tuple[int, bool]:
         return 16, img.mode.endswith("S")
     raw = img.tile[0].args if img.tile else None
     raw = raw[0] if isinstance(raw, tuple) else raw
-    if isinstance(raw, str) and raw.startswith("I;16"):  # a 16-bit PGM/PPM or PNG that PIL holds in mode I
+    if img.format == "PPM":  # PIL scales a PGM/PPM of any maximum value over 255 to 0..65535 in mode I
+        return 16, False
+    if isinstance(raw, str) and raw.startswith("I;16"):  # a 16-bit file that PIL holds in mode I
         return 16, raw.endswith("S")
     if isinstance(raw, str) and raw.startswith("I;32") and not raw.endswith("S"):
         return 32, False  # unsigned 32-bit: PIL stores the same bits in its signed mode I

@@ -201,6 +201,14 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
     study_db(stale, trials=2)
     optuna.load_study(study_name="kept", storage=f"sqlite:///{stale}").set_user_attr(
         "fingerprint", {"split": "train 1, val 1, query 1, gallery 1, sha256 000000000000"})
+    embed_deep = root / "embed_deep"  # 16-bit grey PNGs (PIL mode I;16): decoded by their bit depth, not clipped white
+    embed_deep.mkdir()
+    for n in range(3):
+        Image.fromarray((np.arange(256, dtype=np.uint16).reshape(16, 16) * 257) // (n + 1)).save(embed_deep / f"deep{n}.png")
+    floaty = digit_folder(root / "float", [1, 7], per_class=40)
+    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)).save(floaty / "digit7" / "float.tif")
+    embed_float = digit_folder(root / "embed_float", [4], per_class=3)
+    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)).save(embed_float / "float.tif")
 
     cfg = {
         "two": experiment(root, "two", folder),
@@ -219,6 +227,7 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         "dataseed": experiment(root, "dataseed", folder, data__seed=-1),
         "gbs": experiment(root, "gbs", folder, gallery__batch_size=0),
         "stale": experiment(root, "stale", folder, search__study_name="kept"),
+        "float": experiment(root, "float", {"dataset": "image_folder", "path": str(floaty)}),
     }
     files = {"empty.yaml": b"", "comments.yaml": b"# settings to come\n", "list.yaml": b"- data\n- search\n", "binary.yaml": bytes(range(128, 200)), "invalid.yaml": b"data: [unclosed\n"}
     for name, content in files.items():
@@ -311,6 +320,10 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         Case("nas baseline --resolutions 8", ["baseline", two_cfg, "--resolutions", "8"]),
         # studies resumed under other settings
         Case("resume a study recorded under another data split", ["search", str(cfg["stale"])], absent=no_gallery("stale"), unchanged=[stale]),
+        # image files of every kind: decoded as a viewer shows them, or refused naming the file and its mode
+        Case("16-bit grey PNGs: nas embed decodes them", ["embed", str(export), str(embed_deep), "--out", str(root / "e4.npy")], expect=0),
+        Case("float TIFF (mode F) in training data: nas search", ["search", str(cfg["float"])], absent=no_gallery("float")),
+        Case("float TIFF (mode F): nas embed skips and lists it", ["embed", str(export), str(embed_float), "--out", str(root / "e5.npy")], expect=0),
     ]
 
 

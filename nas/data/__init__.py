@@ -3,6 +3,8 @@
 * :mod:`nas.data.images`: :class:`ImageSet` and :class:`Split`;
 * :mod:`nas.data.sources`: where pixels come from, one image at a time
   (:class:`ArrayImages` in memory, :class:`FileImages` on disk);
+* :mod:`nas.data.decoding`: :func:`~nas.data.decoding.decode`, how every image file becomes the
+  8-bit picture a viewer shows (orientation, transparency, 16-bit images), or is refused by name;
 * :mod:`nas.data.transforms`: :class:`Preprocessing` (the gallery model's data config) and
   :class:`Augmentation`;
 * :mod:`nas.data.loading`: the streaming path, :func:`eval_batches` and

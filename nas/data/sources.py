@@ -11,6 +11,10 @@ mode ``L`` (1 channel) or ``RGB`` (3 channels). Nothing is decoded ahead of time
   optionally cropped to a box (revisited Oxford/Paris queries) and optionally reduced so that
   the shorter side is at most ``max_side`` (JPEGs are then decoded at a reduced scale,
   PIL's ``draft``).
+
+Files are decoded by :func:`read_image`, through :func:`nas.data.decoding.decode`: as an image
+viewer shows them (EXIF orientation applied, transparency over white, 16-bit images scaled to
+8 bits), or refused naming the file.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nas.data.decoding import DECODING_VERSION, UnsupportedImage, check_mode, decode
 from nas.errors import DataError
 from nas.progress_bars import progress
 
@@ -43,6 +48,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "ImageTooLarge",
     "open_image",
+    "read_image",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -59,9 +65,9 @@ class ImageTooLarge(ValueError):
     """An image file over :data:`MAX_IMAGE_PIXELS` pixels (one of :data:`IMAGE_ERRORS`)."""
 
 
-#: What reading an image file raises for a missing, unreadable, corrupt or too large file (PIL's
+#: What reading an image file raises for a missing, unreadable, corrupt, too large or unrenderable file (PIL's
 #: ``UnidentifiedImageError`` is an ``OSError``; its PNG plugin raises ``SyntaxError``;
-#: :class:`ImageTooLarge` is a ``ValueError``).
+#: :class:`ImageTooLarge` and :class:`nas.data.decoding.UnsupportedImage` are ``ValueError``).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError)
 
 
@@ -84,6 +90,16 @@ def open_image(file: str | Path) -> Iterator[PILImage]:
         if width * height > limit:
             raise ImageTooLarge(f"it has {width} x {height} = {width * height:,} pixels, more than {guard}; downscale it")
         yield img
+
+
+def read_image(file: str | Path, mode: str, min_side: int | None = None) -> PILImage:
+    """Image ``file`` as an 8-bit ``mode`` (``"L"`` or ``"RGB"``) image, decoded as a viewer shows it
+    (:func:`nas.data.decoding.decode`). ``min_side``: a JPEG is decoded at a reduced scale no smaller
+    than it (PIL's ``draft``). Raises one of :data:`IMAGE_ERRORS` for the caller to name the file."""
+    with open_image(file) as img:
+        if min_side:
+            img.draft(mode, (min_side, min_side))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale, never below min_side
+        return decode(img, mode)
 
 
 class ImageReadError(DataError):
@@ -183,8 +199,8 @@ class ArrayImages(ImageSource):
 class FileImages(ImageSource):
     """Image files ``root / files[i]``, decoded on demand.
 
-    ``boxes`` maps an index to an ``(x1, y1, x2, y2)`` crop applied first (PIL rounds the
-    box, as the revisited Oxford/Paris code does). ``max_side``: when set, an image whose
+    ``boxes`` maps an index to an ``(x1, y1, x2, y2)`` crop applied first, in the coordinates of
+    the decoded (upright) picture (PIL rounds the box, as the revisited Oxford/Paris code does). ``max_side``: when set, an image whose
     shorter side is longer is reduced to it (bilinear) right after decoding; JPEGs are then
     decoded at a reduced scale no smaller than it. ``listed_in`` names where the file list
     came from, for error messages.
@@ -230,14 +246,13 @@ class FileImages(ImageSource):
         box = self.boxes.get(index)
         target = min(s for s in (min_side, self.max_side) if s) if (min_side or self.max_side) else None
         try:
-            with open_image(path) as img:
-                if box is None and target:
-                    img.draft(mode, (target, target))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale, never below target
-                img = img.convert(mode)
-                if box is not None:
-                    img = img.crop(box)
+            img = read_image(path, mode, None if box is not None else target)
+            if box is not None:
+                img = img.crop(box)  # in the coordinates of the upright picture (EXIF orientation applied)
         except FileNotFoundError:
             raise self._error(index, "the file is missing. Put every listed image in place, or fix data.path.") from None
+        except UnsupportedImage as exc:  # its message says how to convert the file
+            raise self._error(index, str(exc)) from None
         except IMAGE_ERRORS as exc:
             raise self._error(index, f"{exc}. Remove or replace the file.") from None
         shorter = min(img.size)
@@ -250,18 +265,20 @@ class FileImages(ImageSource):
     def check_headers(self) -> None:
         for index in progress(range(len(self.files)), len(self.files), "checking image files"):
             try:
-                with open_image(self.root / self.files[index]):
-                    pass
+                with open_image(self.root / self.files[index]) as img:
+                    check_mode(img)  # a float image is refused now, naming the file, not after training started
             except FileNotFoundError:
                 raise self._error(index, "the file is missing. Put every listed image in place, or fix data.path.") from None
+            except UnsupportedImage as exc:
+                raise self._error(index, str(exc)) from None
             except IMAGE_ERRORS as exc:
                 raise self._error(index, f"{exc}. Remove or replace the file.") from None
 
     def fingerprint(self) -> str:
-        """Path (relative to the root), size and modification time of every file, its box and
-        ``max_side``: a replaced file changes the key without hashing every image's bytes."""
+        """Path (relative to the root), size and modification time of every file, its box,
+        ``max_side`` and the decoding version: a replaced file changes the key without hashing every image's bytes."""
         digest = hashlib.sha256()
-        digest.update(f"files|{self.channels}|{self.max_side}".encode())
+        digest.update(f"files|{self.channels}|{self.max_side}|decoding {DECODING_VERSION}".encode())
         for i, name in enumerate(self.files):
             try:
                 stat = os.stat(self.root / name)

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from nas.data import IMAGE_SUFFIXES, LEGACY_PREPROCESSING, Preprocessing
-from nas.data.sources import IMAGE_ERRORS, open_image
+from nas.data.sources import IMAGE_ERRORS, read_image
 from nas.errors import DataError, NasError
 from search_spaces import Architecture, QueryNet, build
 
@@ -88,8 +88,9 @@ def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int
 
     Returns the embeddings (float32, one row per readable image), their ids (paths
     relative to ``images_dir``), and the ``(path, reason)`` of every image that was
-    skipped because it could not be read (corrupt, not an image, or over
-    :data:`nas.data.sources.MAX_IMAGE_PIXELS`). A folder where no image can be read is a
+    skipped because it could not be read (corrupt, not an image, a floating-point image, or over
+    :data:`nas.data.sources.MAX_IMAGE_PIXELS`). Images are decoded as a viewer shows them
+    (:func:`nas.data.sources.read_image`). A folder where no image can be read is a
     :class:`~nas.errors.DataError` listing them. Images are decoded one batch at a time.
     """
     model = load_query_model(export_dir)
@@ -115,9 +116,7 @@ def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int
 
     for file in files:
         try:
-            with open_image(file) as img:
-                img.draft(mode, (transform.decode_side, transform.decode_side))
-                rgb = img.convert(mode)
+            rgb = read_image(file, mode, transform.decode_side)
         except IMAGE_ERRORS as exc:
             skipped.append((str(file.relative_to(root)), f"{type(exc).__name__}: {exc}"))
             continue

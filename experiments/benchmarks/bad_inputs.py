@@ -38,6 +38,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
+from nas.data import LEGACY_PREPROCESSING
 from nas.export.loading import WEIGHTS_FILE, write_arch
 from search_spaces import build, create_space
 
@@ -142,7 +143,7 @@ def study_db(path: Path, trials: int = 60, running: bool = False) -> Path:
 def export_folder(folder: Path) -> Path:
     arch = create_space("mobilenet", embed_dim=16, in_chans=1, resolutions=[16], widths=[0.35]).extreme(smallest=True)
     folder.mkdir(parents=True)
-    write_arch(arch, folder)
+    write_arch(arch, folder, LEGACY_PREPROCESSING)
     save_file(build(arch).state_dict(), str(folder / WEIGHTS_FILE))
     return folder
 
@@ -213,6 +214,9 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         "seed": experiment(root, "seed", folder, search__seed=-5),
         "dataseed": experiment(root, "dataseed", folder, data__seed=-1),
         "gbs": experiment(root, "gbs", folder, gallery__batch_size=0),
+        "notrials": experiment(root, "notrials", folder, search__trials=0),
+        "warmname": experiment(root, "warmname", folder, search__warm_start=["lcnet_051@32"]),
+        "warmarch": experiment(root, "warmarch", folder, search__warm_start=["space=mobilenet res=16 width=0.35 stages=zz_r1_k3_s1_c16"]),
     }
     files = {"empty.yaml": b"", "comments.yaml": b"# settings to come\n", "list.yaml": b"- data\n- search\n", "binary.yaml": bytes(range(128, 200)), "invalid.yaml": b"data: [unclosed\n"}
     for name, content in files.items():
@@ -303,6 +307,11 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         Case("nas ui on a port in use", ["ui", "--run-dir", str(root), "--port", str(busy_port)]),
         Case("nas baseline --models ''", ["baseline", two_cfg, "--models", ""]),
         Case("nas baseline --resolutions 8", ["baseline", two_cfg, "--resolutions", "8"]),
+        # requests that cannot work: refused before the gallery
+        Case("--trials 0", ["search", two_cfg, "--trials", "0"], absent=[root / "run-two"]),
+        Case("search.trials 0", ["search", str(cfg["notrials"])], absent=[root / "run-notrials"]),
+        Case("search.warm_start: unknown timm model", ["search", str(cfg["warmname"])], absent=[root / "run-warmname"]),
+        Case("search.warm_start: unparsable architecture", ["search", str(cfg["warmarch"])], absent=[root / "run-warmarch"]),
     ]
 
 

@@ -32,10 +32,11 @@ from nas.search.coordination import Goal, ask_next, fail_dead_local_trials, new_
 from nas.search.evaluators import EVALUATORS, OneShot, Paragon, create_evaluator
 from nas.search.objective import Objective
 from nas.search.optuna_setup import StaleTrialCallback, check_storage, open_study
+from nas.search.preflight import check_warm_start, warm_start_entry
 from nas.search.progress import Progress
 from nas.secrets import mask_url, masked_config_dict
 from nas.tracking import NullTracker, Tracker, check_tracking_uri, flatten, make_tracker
-from search_spaces import Architecture, build, timm_architecture
+from search_spaces import Architecture
 from trainers import TrainingDiverged
 
 __all__ = ["run_search", "open_tracked_study", "study_paragon", "warm_start_architectures", "train_study_supernet"]
@@ -126,17 +127,7 @@ def warm_start_architectures(config: ExperimentConfig, ctx: Context, study: optu
         return [ctx.space.extreme(smallest=False, resolution=r) for r in sorted(ctx.space.resolutions)]
     archs = []
     for entry in spec:
-        try:
-            if "space=" in entry:
-                arch = Architecture.from_string(entry)
-            else:
-                name, sep, res = entry.partition("@")
-                if not sep or not res.isdigit():
-                    raise ValueError(f"expected 'timm_model@resolution' (e.g. lcnet_050@32) or an architecture string, but got {entry!r}")
-                arch = timm_architecture(name, int(res), ctx.space.embed_dim, ctx.data.channels)
-                build(arch)  # an unknown timm name fails here, before the search starts
-        except ValueError as exc:
-            raise ConfigError(f"search.warm_start: {exc}") from None
+        arch = warm_start_entry(entry, ctx.space.embed_dim, ctx.data.channels)  # checked before the data too (check_warm_start)
         if (arch.embed_dim, arch.in_chans) != (ctx.space.embed_dim, ctx.data.channels):
             raise ConfigError(
                 f"search.warm_start: {entry!r} has embed={arch.embed_dim} in={arch.in_chans}, but this study needs "
@@ -263,6 +254,7 @@ def run_search(
     check_storage(storage_url)  # a storage URL typo, a damaged database or an unreachable server: before the gallery
     if config.tracking.enabled:
         check_tracking_uri(config.tracking_uri)
+    check_warm_start(config)  # a misspelled warm-start model: before the gallery too
     with file_lock(config.out_dir / ".gallery.lock"):  # the first worker builds, the others wait and load
         ctx = prepare(config, log)
     tracker: Tracker = NullTracker()  # replaced under the study lock below
@@ -287,6 +279,7 @@ def run_search(
     me = this_process()
     mine = goal.request or new_request_id()  # the request this process's trials are recorded under
     lock = lambda: study_lock(config.storage_url, config.search.study_name, config.out_dir)  # noqa: E731
+    opened = time.monotonic()  # the tracking share counts from here: opening the parent run is tracking time too
     with lock():  # first-time creation of the study and tracking tables, one worker at a time
         tracker = make_tracker(config, log)
         study, parent, paragon, gallery_budgets = open_tracked_study(config, ctx, tracker, log, on_stale_trial, describe=total_trials is None)
@@ -364,7 +357,7 @@ def run_search(
         log("Interrupted (Ctrl-C): a trial stopped in training is marked failed (state interrupted); run the same command again to resume the study.")
         raise
     finally:
-        _finish(study, config, tracker, parent, status, time.monotonic() - start, log)
+        _finish(study, config, tracker, parent, status, time.monotonic() - opened, log)
     return study
 
 

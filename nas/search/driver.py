@@ -209,6 +209,14 @@ def _goal(config: ExperimentConfig, total_trials: int | None, request: str | Non
     return Goal(total_trials, request)
 
 
+def _trials_to_run(study: optuna.Study, goal: Goal) -> int:
+    """The counted trials this process expects to run: the waiting ones that count toward ``goal`` (warm starts,
+    retries of its own trials) and the new ones the goal still lacks (the waiting ones are counted already)."""
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    own = sum(1 for t in waiting if goal.counts(TrialRecord.from_trial(t)))
+    return max(goal.trials - goal.done(study), 0) + own
+
+
 class _Streak:
     """Candidates in a row that did not count: over budget or already evaluated."""
 
@@ -284,8 +292,9 @@ def run_search(
         tracker = make_tracker(config, log)
         study, parent, paragon, gallery_budgets = open_tracked_study(config, ctx, tracker, log, on_stale_trial, describe=total_trials is None)
         fail_dead_local_trials(study, on_dead_trial)
-        before, done_before = counted_trials(study), goal.done(study)
+        before = counted_trials(study)
         _warm_start(config, ctx, study, log, mine)  # the enqueued trials are among this run's trials
+        this_run = _trials_to_run(study, goal)
     log(
         f"Paragon (gallery model on both sides): query mAP {paragon['query']['mAP']:.4f}, {recall_text(paragon['query'])}; "
         f"val mAP {paragon['val']['mAP']:.4f}"
@@ -303,7 +312,7 @@ def run_search(
     objective = Objective(create_evaluator(ctx, paragon), study, tracker, parent)
     with file_lock(config.out_dir / ".supernet.lock"), objective.interrupt.installed():  # one worker trains a supernet, the others load it
         objective.evaluator.prepare(log, tracker, parent, study.study_name, should_stop=objective.interrupt.requested)
-    progress = Progress(max(goal.trials - done_before, 0), config.search.timeout, log)
+    progress = Progress(this_run, config.search.timeout, log)
     start = time.monotonic()
     status = "FINISHED"
     streak = _Streak()
@@ -327,6 +336,7 @@ def run_search(
                             break
                         for arch_text, of in follow_ups:
                             enqueue_architecture(study, arch_text, mine, fine_tune_of=of)
+                        progress.extend(len(follow_ups))
                         log(f"Fine-tuning the {len(follow_ups)} best candidate(s) scored with inherited weights: trial(s) "
                             f"{', '.join(str(of) for _, of in follow_ups)}.")
                     with exploring(study, after_duplicate):

@@ -32,7 +32,7 @@ from nas.search.coordination import Goal, ask_next, fail_dead_local_trials, new_
 from nas.search.evaluators import EVALUATORS, OneShot, Paragon, create_evaluator
 from nas.search.objective import Objective
 from nas.search.optuna_setup import StaleTrialCallback, check_storage, open_study
-from nas.search.preflight import check_warm_start, warm_start_entry
+from nas.search.preflight import check_before_data, warm_start_entry
 from nas.search.progress import Progress
 from nas.secrets import mask_url, masked_config_dict
 from nas.tracking import NullTracker, Tracker, check_tracking_uri, flatten, make_tracker
@@ -262,7 +262,7 @@ def run_search(
     check_storage(storage_url)  # a storage URL typo, a damaged database or an unreachable server: before the gallery
     if config.tracking.enabled:
         check_tracking_uri(config.tracking_uri)
-    check_warm_start(config)  # a misspelled warm-start model: before the gallery too
+    check_before_data(config)  # a misspelled warm-start model, pretrained weights out of reach: before the gallery too
     with file_lock(config.out_dir / ".gallery.lock"):  # the first worker builds, the others wait and load
         ctx = prepare(config, log)
     tracker: Tracker = NullTracker()  # replaced under the study lock below

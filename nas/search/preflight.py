@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from nas.config import ExperimentConfig
 from nas.errors import ConfigError
+from nas.pretrained import check_pretrained
 from nas.secrets import mask_url
 from search_spaces import Architecture, timm_architecture, timm_model_exists
 
-__all__ = ["check_search_request", "check_warm_start", "warm_start_entry"]
+__all__ = ["check_search_request", "check_before_data", "check_warm_start", "warm_start_entry"]
 
 
 def warm_start_entry(entry: str, embed_dim: int, in_chans: int) -> Architecture:
@@ -47,6 +48,13 @@ def check_warm_start(config: ExperimentConfig) -> None:
         arch = warm_start_entry(entry, config.gallery.embed_dim or 1, channels)
         if arch.in_chans != channels:
             raise ConfigError(f"search.warm_start: {entry!r} takes in={arch.in_chans} channel(s), but the data has {channels}.")
+
+
+def check_before_data(config: ExperimentConfig) -> None:
+    """What a search checks before the data: the warm start, and that timm's pretrained weights can be had."""
+    check_warm_start(config)
+    if config.gallery.source == "pretrained":
+        check_pretrained(config.gallery.model)  # offline and not cached: at once, not after a minute of retries
 
 
 def check_search_request(config: ExperimentConfig) -> None:

@@ -34,6 +34,7 @@ from nas.search.objective import Objective
 from nas.search.optuna_setup import StaleTrialCallback, check_storage, open_study
 from nas.search.preflight import check_before_data, warm_start_entry
 from nas.search.progress import Progress
+from nas.search.storage_loss import is_storage_lost, storage_lost
 from nas.secrets import mask_url, masked_config_dict
 from nas.tracking import NullTracker, Tracker, check_tracking_uri, flatten, make_tracker
 from search_spaces import Architecture
@@ -366,8 +367,17 @@ def run_search(
         status = "KILLED"
         log("Interrupted (Ctrl-C): a trial stopped in training is marked failed (state interrupted); run the same command again to resume the study.")
         raise
+    except Exception as exc:  # the database went away: the report cannot be read from it; close the parent run and say so
+        if not is_storage_lost(exc):
+            raise
+        status = "LOST"
+        raise storage_lost(storage_url, study.study_name, exc) from None
     finally:
-        _finish(study, config, tracker, parent, status, time.monotonic() - opened, log)
+        if status == "LOST":
+            with contextlib.suppress(Exception):  # the tracking store may be the same server: the error above is the one to show
+                tracker.end_study(parent, status="KILLED")
+        else:
+            _finish(study, config, tracker, parent, status, time.monotonic() - opened, log)
     return study
 
 

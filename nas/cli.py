@@ -315,6 +315,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "search":
         from nas.results import summary
         from nas.search.driver import run_search
+        from nas.search.preflight import check_search_request
         from nas.search.workers import run_local_workers
 
         overrides = {
@@ -329,6 +330,7 @@ def _run(args: argparse.Namespace) -> int:
             "budgets.max_memory_mb": args.max_memory_mb,
         }
         config = load_config(args.config, overrides)
+        check_search_request(config)  # --trials 0, a bad warm start: before any data is loaded
         if args.workers > 1:
             from nas.search.optuna_setup import check_storage
 

@@ -35,6 +35,7 @@ from torch import nn
 from nas.config import GalleryConfig
 from nas.data import LEGACY_PREPROCESSING, Augmentation, ImageSet, Preprocessing, Split, StreamingImages
 from nas.errors import ConfigError, GalleryError
+from nas.pretrained import pretrained_download
 from nas.progress_bars import progress
 from nas.scoring import embed
 from nas.threads import ThreadSizer, apply_threads
@@ -438,7 +439,10 @@ def load_gallery_weights(config: GalleryConfig, in_chans: int, seed: int = 0) ->
         backbone.load_state_dict(state, strict=False)  # every key checked above
     else:
         try:
-            backbone = timm.create_model(config.model, pretrained=True, num_classes=0, in_chans=in_chans)
+            with pretrained_download(config.model):  # no network and nothing cached: a GalleryError at once, not after retries
+                backbone = timm.create_model(config.model, pretrained=True, num_classes=0, in_chans=in_chans)
+        except GalleryError:
+            raise
         except Exception as exc:  # noqa: BLE001 - timm's download raises whatever the hub client raises
             raise GalleryError(
                 f"Could not get timm's pretrained weights for {config.model!r} ({type(exc).__name__}: {exc}). Without a network, "

@@ -201,12 +201,18 @@ def summary(study: optuna.Study, config: ExperimentConfig) -> str:
         )
         lines.append(f"  architecture: {best.arch}")
     lines.append("")
-    lines.append("Browse the trials in the MLflow UI:")
-    if config.tracking.uri:
-        lines.append(f"  .venv/bin/nas ui --tracking-uri {mask_url(config.tracking.uri)}")
+    if not config.tracking.enabled:
+        lines.append("Tracking is off (tracking.enabled: false): no MLflow runs were recorded; set tracking.enabled: true to record the next searches.")
     else:
-        lines.append(f"  .venv/bin/nas ui --run-dir {config.out_dir}")
+        lines.append("Browse the trials in the MLflow UI:")
+        if config.tracking.uri:
+            lines.append(f"  .venv/bin/nas ui --tracking-uri {mask_url(config.tracking.uri)}")
+        else:
+            lines.append(f"  .venv/bin/nas ui --run-dir {config.out_dir}")
     storage = f" --storage {mask_url(config.search.storage)}" if config.search.storage else f" --run-dir {config.out_dir}"
-    lines.append("Export the best query network:")
-    lines.append(f"  .venv/bin/nas export --study-name {study.study_name}{storage} --out {config.out_dir / 'export'}")
+    if best is not None:  # else an export has nothing to export
+        lines.append("Export the best query network:")
+        lines.append(f"  .venv/bin/nas export --study-name {study.study_name}{storage} --out {config.out_dir / 'export'}")
+    else:
+        lines.append(f"No feasible trial to export yet; the trials: .venv/bin/nas results --study-name {study.study_name}{storage}")
     return "\n".join(lines)

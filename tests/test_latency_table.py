@@ -437,6 +437,18 @@ def test_a_disagreement_re_measures_each_piece_once_per_table(config: LatencyCon
     assert not table.reconcile(net, arch.resolution, 1, predicted, predicted * 3) and len(calls) == pieces + 1
 
 
+def test_a_disagreement_names_the_candidate(config: LatencyConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    steady_machine(monkeypatch, spread_check=False)
+    arch = small_arch()
+    net = build(arch)
+    messages: list[str] = []
+    table = LatencyTable(config, log=messages.append)
+    predicted = table.predict(net, arch.resolution, 1)
+    assert table.reconcile(net, arch.resolution, 1, predicted, predicted * 3)
+    line = next(m for m in messages if "re-measuring" in m)
+    assert f"for candidate {arch.to_string()!r} measured at" in line  # the string nas profile --arch takes
+
+
 def test_profile_refresh_re_measures_and_replaces_the_entries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     arch = "space=resnet res=16 width=1 stem=16 stages=bb_r1_k3_s1_c8/bb_r1_k3_s2_c16 head=0 embed=8 in=1 act=relu"
     argv = ["profile", "--arch", arch, "--table-dir", str(tmp_path), "--threads", "1"]

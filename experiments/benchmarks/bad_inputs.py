@@ -58,6 +58,7 @@ class Case:
     secret: str | None = None  # must not be printed
     postgres: bool = False
     close_stdout: bool = False  # the reader of stdout is gone (``nas results | head``)
+    env: dict[str, str] = field(default_factory=dict)  # set for this case only
 
 
 # --------------------------------------------------------------------------- inputs
@@ -228,6 +229,10 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         "gbs": experiment(root, "gbs", folder, gallery__batch_size=0),
         "stale": experiment(root, "stale", folder, search__study_name="kept"),
         "float": experiment(root, "float", {"dataset": "image_folder", "path": str(floaty)}),
+        "notrials": experiment(root, "notrials", folder, search__trials=0),
+        "warmname": experiment(root, "warmname", folder, search__warm_start=["lcnet_051@32"]),
+        "offline": experiment(root, "offline", folder, gallery__model="lcnet_050", gallery__pretrained=True, gallery__embed_dim=None),
+        "warmarch": experiment(root, "warmarch", folder, search__warm_start=["space=mobilenet res=16 width=0.35 stages=zz_r1_k3_s1_c16"]),
     }
     files = {"empty.yaml": b"", "comments.yaml": b"# settings to come\n", "list.yaml": b"- data\n- search\n", "binary.yaml": bytes(range(128, 200)), "invalid.yaml": b"data: [unclosed\n"}
     for name, content in files.items():
@@ -324,6 +329,13 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         Case("16-bit grey PNGs: nas embed decodes them", ["embed", str(export), str(embed_deep), "--out", str(root / "e4.npy")], expect=0),
         Case("float TIFF (mode F) in training data: nas search", ["search", str(cfg["float"])], absent=no_gallery("float")),
         Case("float TIFF (mode F): nas embed skips and lists it", ["embed", str(export), str(embed_float), "--out", str(root / "e5.npy")], expect=0),
+        # requests that cannot work: refused before the gallery
+        Case("--trials 0", ["search", two_cfg, "--trials", "0"], absent=[root / "run-two"]),
+        Case("search.trials 0", ["search", str(cfg["notrials"])], absent=[root / "run-notrials"]),
+        Case("search.warm_start: unknown timm model", ["search", str(cfg["warmname"])], absent=[root / "run-warmname"]),
+        Case("search.warm_start: unparsable architecture", ["search", str(cfg["warmarch"])], absent=[root / "run-warmarch"]),
+        Case("gallery.pretrained, weights host unreachable, nothing cached", ["search", str(cfg["offline"])], absent=no_gallery("offline"),
+             env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(root / "hf-empty")}),
     ]
 
 
@@ -335,6 +347,7 @@ def _digest(path: Path) -> str | None:
 
 
 def run_case(case: Case, cwd: Path, env: dict[str, str], root: Path) -> dict[str, object]:
+    env = {**env, **case.env}
     before = {p: _digest(p) for p in case.unchanged}
     start = time.monotonic()
     command = [sys.executable, "-m", "nas.cli", *case.argv]

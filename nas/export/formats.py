@@ -139,7 +139,9 @@ class TorchScriptExporter(Exporter):
         return path
 
     def embed(self, path: Path, batches: Iterable[torch.Tensor]) -> np.ndarray:
-        scripted = torch.jit.load(str(path))
+        with warnings.catch_warnings():  # TorchScript is the product here: torch's deprecation of torch.jit.load is no news
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+            scripted = torch.jit.load(str(path))
         with torch.inference_mode():
             return torch.cat([scripted(b) for b in batches]).numpy()
 

@@ -434,7 +434,7 @@ class LatencyTable:
         self._rechecked_keys.update(key for _, _, key in todo)
         overhead, self._overhead_rechecked = not self._overhead_rechecked, True
         self._log(
-            f"Latency table {self.path.name}: predicted {predicted:.3f} ms for a candidate measured at {measured_ms:.3f} ms "
+            f"Latency table {self.path.name}: predicted {predicted:.3f} ms for {_candidate(model)} measured at {measured_ms:.3f} ms "
             f"(more than {margin:.0%} apart); re-measuring its {len(todo)} pieces."
         )
         if self._session(todo, overhead):
@@ -463,3 +463,12 @@ class LatencyTable:
             self.rechecked += held
             return True
         return False
+
+
+def _candidate(model: nn.Module) -> str:
+    """``model`` as a log line names it: its architecture string (``nas profile --arch`` takes it), else its timm name."""
+    arch = getattr(model, "arch", None)
+    if arch is not None and hasattr(arch, "to_string"):
+        return f"candidate {arch.to_string()!r}"
+    name = getattr(model, "model_name", None)
+    return f"model {name!r}" if name else f"a {type(model).__name__}"

@@ -39,7 +39,10 @@ def count_mflops(model: nn.Module, resolution: int, in_chans: int) -> float:
     training mode is restored.
     """
     # Deferred: fvcore is a heavy third-party import that only MAC counting needs.
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():
+        # fvcore.nn scripts its focal loss with torch.jit.script when imported (deprecated in torch); MAC counting never uses it
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     was_training = model.training
     model.eval()

@@ -33,10 +33,12 @@ from nas.search.evaluators import EVALUATORS, OneShot, Paragon, create_evaluator
 from nas.search.objective import Objective
 from nas.search.fingerprint import ATTR as FINGERPRINT_ATTR, Fingerprint, check_fingerprint, recorded_fingerprint
 from nas.search.optuna_setup import StaleTrialCallback, check_storage, load_existing_study, open_study
+from nas.search.preflight import check_before_data, warm_start_entry
 from nas.search.progress import Progress
+from nas.search.storage_loss import is_storage_lost, storage_lost
 from nas.secrets import mask_url, masked_config_dict
 from nas.tracking import NullTracker, Tracker, check_tracking_uri, flatten, make_tracker
-from search_spaces import Architecture, build, timm_architecture
+from search_spaces import Architecture
 from trainers import TrainingDiverged
 
 __all__ = ["run_search", "open_tracked_study", "study_paragon", "check_recorded_study", "warm_start_architectures", "train_study_supernet"]
@@ -144,17 +146,7 @@ def warm_start_architectures(config: ExperimentConfig, ctx: Context, study: optu
         return [ctx.space.extreme(smallest=False, resolution=r) for r in sorted(ctx.space.resolutions)]
     archs = []
     for entry in spec:
-        try:
-            if "space=" in entry:
-                arch = Architecture.from_string(entry)
-            else:
-                name, sep, res = entry.partition("@")
-                if not sep or not res.isdigit():
-                    raise ValueError(f"expected 'timm_model@resolution' (e.g. lcnet_050@32) or an architecture string, but got {entry!r}")
-                arch = timm_architecture(name, int(res), ctx.space.embed_dim, ctx.data.channels)
-                build(arch)  # an unknown timm name fails here, before the search starts
-        except ValueError as exc:
-            raise ConfigError(f"search.warm_start: {exc}") from None
+        arch = warm_start_entry(entry, ctx.space.embed_dim, ctx.data.channels)  # checked before the data too (check_warm_start)
         if (arch.embed_dim, arch.in_chans) != (ctx.space.embed_dim, ctx.data.channels):
             raise ConfigError(
                 f"search.warm_start: {entry!r} has embed={arch.embed_dim} in={arch.in_chans}, but this study needs "
@@ -236,6 +228,14 @@ def _goal(config: ExperimentConfig, total_trials: int | None, request: str | Non
     return Goal(total_trials, request)
 
 
+def _trials_to_run(study: optuna.Study, goal: Goal) -> int:
+    """The counted trials this process expects to run: the waiting ones that count toward ``goal`` (warm starts,
+    retries of its own trials) and the new ones the goal still lacks (the waiting ones are counted already)."""
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    own = sum(1 for t in waiting if goal.counts(TrialRecord.from_trial(t)))
+    return max(goal.trials - goal.done(study), 0) + own
+
+
 class _Streak:
     """Candidates in a row that did not count: over budget or already evaluated."""
 
@@ -281,6 +281,7 @@ def run_search(
     check_storage(storage_url)  # a storage URL typo, a damaged database or an unreachable server: before the gallery
     if config.tracking.enabled:
         check_tracking_uri(config.tracking_uri)
+    check_before_data(config)  # a misspelled warm-start model, pretrained weights out of reach: before the gallery too
     with file_lock(config.out_dir / ".gallery.lock"):  # the first worker builds, the others wait and load
         ctx = prepare(config, log, check_study=lambda early: check_recorded_study(config, early))
         config = ctx.config  # budgets written relative to the gallery model are absolute from here on
@@ -306,12 +307,14 @@ def run_search(
     me = this_process()
     mine = goal.request or new_request_id()  # the request this process's trials are recorded under
     lock = lambda: study_lock(config.storage_url, config.search.study_name, config.out_dir)  # noqa: E731
+    opened = time.monotonic()  # the tracking share counts from here: opening the parent run is tracking time too
     with lock():  # first-time creation of the study and tracking tables, one worker at a time
         tracker = make_tracker(config, log)
         study, parent, paragon, gallery_budgets = open_tracked_study(config, ctx, tracker, log, on_stale_trial, describe=total_trials is None)
         fail_dead_local_trials(study, on_dead_trial)
-        before, done_before = counted_trials(study), goal.done(study)
+        before = counted_trials(study)
         _warm_start(config, ctx, study, log, mine)  # the enqueued trials are among this run's trials
+        this_run = _trials_to_run(study, goal)
     log(
         f"Paragon (gallery model on both sides): query mAP {paragon['query']['mAP']:.4f}, {recall_text(paragon['query'])}; "
         f"val mAP {paragon['val']['mAP']:.4f}"
@@ -329,7 +332,7 @@ def run_search(
     objective = Objective(create_evaluator(ctx, paragon), study, tracker, parent)
     with file_lock(config.out_dir / ".supernet.lock"), objective.interrupt.installed():  # one worker trains a supernet, the others load it
         objective.evaluator.prepare(log, tracker, parent, study.study_name, should_stop=objective.interrupt.requested)
-    progress = Progress(max(goal.trials - done_before, 0), config.search.timeout, log)
+    progress = Progress(this_run, config.search.timeout, log)
     start = time.monotonic()
     status = "FINISHED"
     streak = _Streak()
@@ -353,6 +356,7 @@ def run_search(
                             break
                         for arch_text, of in follow_ups:
                             enqueue_architecture(study, arch_text, mine, fine_tune_of=of)
+                        progress.extend(len(follow_ups))
                         log(f"Fine-tuning the {len(follow_ups)} best candidate(s) scored with inherited weights: trial(s) "
                             f"{', '.join(str(of) for _, of in follow_ups)}.")
                     with exploring(study, after_duplicate):
@@ -382,8 +386,17 @@ def run_search(
         status = "KILLED"
         log("Interrupted (Ctrl-C): a trial stopped in training is marked failed (state interrupted); run the same command again to resume the study.")
         raise
+    except Exception as exc:  # the database went away: the report cannot be read from it; close the parent run and say so
+        if not is_storage_lost(exc):
+            raise
+        status = "LOST"
+        raise storage_lost(storage_url, study.study_name, exc) from None
     finally:
-        _finish(study, config, tracker, parent, status, time.monotonic() - start, log)
+        if status == "LOST":
+            with contextlib.suppress(Exception):  # the tracking store may be the same server: the error above is the one to show
+                tracker.end_study(parent, status="KILLED")
+        else:
+            _finish(study, config, tracker, parent, status, time.monotonic() - opened, log)
     return study
 
 

@@ -6,11 +6,11 @@ import time
 
 import optuna
 
-from nas.records import QUERY_MAP, QUERY_MAP_RATIO, VAL_MAP, State, TrialRecord
+from nas.records import QUERY_MAP, QUERY_MAP_RATIO, VAL_MAP, State, TrialRecord, trial_records
 from nas.results import best_trial
 from nas.search.context import Log
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "best_so_far"]
 
 
 class Progress:
@@ -18,7 +18,10 @@ class Progress:
 
     Only a trial that counts toward this process's goal advances ``k``; a candidate rejected
     over budget, a duplicate of an evaluated architecture, and a trial run for another
-    search (a retry of a killed process's trial) are listed without advancing it.
+    search (a retry of a killed process's trial) are listed without advancing it. Trials
+    added beyond the budget (one-shot fine-tuning) raise ``N`` (:meth:`extend`); ``k`` never
+    exceeds it. The best so far is the best feasible complete trial, else (one-shot) the best
+    feasible one scored with inherited weights.
     """
 
     def __init__(self, total: int, timeout: float | None, log: Log) -> None:
@@ -27,6 +30,10 @@ class Progress:
         self.done = 0
         self.rejected = 0
         self.duplicates = 0
+
+    def extend(self, trials: int) -> None:
+        """``trials`` more will run than the budget said (fine-tuning after a one-shot search)."""
+        self.total += trials
 
     def __call__(self, study: optuna.Study, trial: TrialRecord, counted: bool = True) -> None:
         if trial.state == State.INFEASIBLE:
@@ -43,6 +50,7 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         if counted:
             self.done += 1
+            self.total = max(self.total, self.done)  # e.g. a trial of this request that another process began
             label = f"{self.done}/{self.total}"
         else:
             label = f"retry of {trial.retry_of}" if trial.retry_of is not None else "for another search"
@@ -60,14 +68,23 @@ class Progress:
         elif trial.reason is not None:
             detail = trial.reason
         budgets = ", ".join(f"{k} {b[k]:.3g}" for k in ("mflops", "params_m", "latency_ms") if k in b)
-        best = best_trial(study)
-        if best:
-            bb = best.budgets
-            best_text = (f"best #{best.number} val mAP {best.values[0]:.4f} ("
-                         + ", ".join(f"{k} {bb[k]:.3g}" for k in ("mflops", "latency_ms") if k in bb) + ")")
-        else:
-            best_text = "no feasible trial yet"
         self.log(
-            f"[trial {trial.number:>3} | {label}] {trial.state:<10} {detail} [{budgets}] | {best_text} | "
+            f"[trial {trial.number:>3} | {label}] {trial.state:<10} {detail} [{budgets}] | {best_so_far(study)} | "
             f"elapsed {elapsed / 60:.1f} min, ~{remaining / 60:.1f} min left"
         )
+
+
+def best_so_far(study: optuna.Study) -> str:
+    """The best feasible complete trial; without one, the best feasible trial scored with inherited weights (one-shot)."""
+    best = best_trial(study)
+    how = ""
+    if best is None:
+        inherited = [r for r in trial_records(study, states=(optuna.trial.TrialState.COMPLETE,))
+                     if r.state == State.INHERITED and r.feasible and r.values]
+        if not inherited:
+            return "no feasible trial yet"
+        best = max(inherited, key=lambda r: (r.values[0], -r.number))
+        how = " with inherited weights"
+    bb = best.budgets
+    return (f"best #{best.number} val mAP {best.values[0]:.4f}{how} ("
+            + ", ".join(f"{k} {bb[k]:.3g}" for k in ("mflops", "latency_ms") if k in bb) + ")")

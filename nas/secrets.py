@@ -126,7 +126,7 @@ def _known_pattern() -> re.Pattern[str] | None:
     if known != _pattern[0]:
         alternatives = []
         for secret in sorted(known, key=len, reverse=True):  # the longest first: a secret that holds another is hidden whole
-            escaped = re.escape(secret)
+            escaped = re.escape(secret) + r"(?![A-Za-z0-9+.\-]*://)"  # not a URL's scheme (a password "postgres")
             # a short secret only where it stands alone, so that a 2-letter password does not blank every word holding it
             alternatives.append(escaped if len(secret) >= 4 else rf"(?<![A-Za-z0-9]){escaped}(?![A-Za-z0-9])")
         _pattern = (known, re.compile("|".join(alternatives)) if alternatives else None)

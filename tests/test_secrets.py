@@ -260,6 +260,12 @@ def test_query_string_and_named_secrets_are_masked() -> None:
     assert all(secret not in text for secret in ("se cret42", "pw4242", "tk4242")) and "host=h" in text and "user=u" in text
 
 
+def test_a_password_that_is_also_a_word_of_the_url_leaves_its_scheme_readable() -> None:
+    url = "postgresql://postgresql:postgresql@127.0.0.1:5432/db"
+    assert mask_url(url) == "postgresql://postgresql:***@127.0.0.1:5432/db"
+    assert mask_text(f"cannot reach {url} as postgresql") == "cannot reach postgresql://***:***@127.0.0.1:5432/db as ***"
+
+
 def test_environment_secrets_are_masked(monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "env-pw@4242")
     monkeypatch.setenv("PGPASSWORD", "pg%pw 4242")

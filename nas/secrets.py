@@ -307,13 +307,35 @@ class _MaskingRecords:
         return record
 
 
+class _MaskingStream:
+    """``sys.stdout`` or ``sys.stderr`` with :func:`mask_text` applied to every string written; all else is the stream's."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(mask_text(text) if isinstance(text, str) else text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _masking_excepthook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
     sys.stderr.write(mask_text("".join(traceback.format_exception(kind, exc, tb))))
 
 
 def mask_process_output() -> None:
-    """Mask what this process prints through :mod:`logging` (ours, Optuna's, MLflow's, SQLAlchemy's) and the traceback
-    of an unexpected error. Lines printed directly are masked where they are made (:func:`mask_text`)."""
+    """Mask everything this process prints: the lines written to ``sys.stdout`` and ``sys.stderr``, the records of
+    :mod:`logging` (ours, Optuna's, MLflow's, SQLAlchemy's, whatever stream their handlers hold) and the traceback of
+    an unexpected error."""
     if not isinstance(logging.getLogRecordFactory(), _MaskingRecords):
         logging.setLogRecordFactory(_MaskingRecords(logging.getLogRecordFactory()))
     sys.excepthook = _masking_excepthook
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _MaskingStream):
+            setattr(sys, name, _MaskingStream(stream))

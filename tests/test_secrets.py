@@ -285,12 +285,17 @@ def test_a_raw_at_in_the_user_info_is_refused_without_showing_the_password(monke
     assert resolve_url("postgresql://u:pw@h/db?application_name=a@b", "--storage")  # an "@" in the query is not the user info
 
 
-def test_log_records_tracebacks_and_trial_reasons_are_masked(caplog, capsys) -> None:
+def test_printed_lines_log_records_tracebacks_and_trial_reasons_are_masked(caplog, capsys) -> None:
     password = "log@pw4242"
     url = _url(password, encode=False)
-    old_factory, old_hook = logging.getLogRecordFactory(), sys.excepthook
+    old_factory, old_hook, old_out, old_err = logging.getLogRecordFactory(), sys.excepthook, sys.stdout, sys.stderr
     mask_process_output()
     try:
+        print(f"a line that quotes {url} and {password}")
+        print("and a piece of it:", password.split("@")[1], file=sys.stderr)
+        captured = capsys.readouterr()
+        assert "a line that quotes" in captured.out and "piece" in captured.err
+        assert not _leaks(captured.out + captured.err, password)
         with caplog.at_level(logging.WARNING):
             logging.getLogger("sqlalchemy.pool").warning("connection to %s failed for password %r", url, password)
         assert caplog.records and not _leaks(caplog.text, password)
@@ -302,7 +307,7 @@ def test_log_records_tracebacks_and_trial_reasons_are_masked(caplog, capsys) -> 
         assert "RuntimeError" in err and not _leaks(err, password)
     finally:
         logging.setLogRecordFactory(old_factory)
-        sys.excepthook = old_hook
+        sys.excepthook, sys.stdout, sys.stderr = old_hook, old_out, old_err
     study = optuna.create_study()
     trial = study.ask()
     writer = TrialWriter(trial)

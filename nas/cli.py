@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from nas.secrets import mask_process_output, mask_text
+
 # The commands import what they need when they run, so that `nas --help` and a config
 # error answer at once instead of after importing torch, Optuna and MLflow.
 
@@ -480,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in logs
     _quiet_libraries()
+    mask_process_output()  # log lines and an unexpected traceback show no secret
     if getattr(args, "quiet", False):
         os.environ["NAS_QUIET"] = "1"  # nas.progress_bars: this process and the loader workers it starts
     from nas.errors import NasError
@@ -487,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except NasError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume.", file=sys.stderr)

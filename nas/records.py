@@ -21,6 +21,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from nas.secrets import mask_text, mask_value
+
 __all__ = [
     "State",
     "TrialRecord",
@@ -269,7 +271,7 @@ class TrialWriter:
             self.trial.set_user_attr("weights", weights)
         self.trial.set_user_attr("state", state.value)
         if reason is not None:
-            self.trial.set_user_attr("reason", reason)
+            self.trial.set_user_attr("reason", mask_text(reason))  # an error's words may quote a URL or a password
 
     def duplicate(self, original: TrialRecord, reason: str) -> None:
         """A trial not trained because ``original`` has (or is getting) its architecture's result: state
@@ -372,7 +374,7 @@ class StudyWriter:
         preprocessing: Mapping[str, Any],
     ) -> None:
         self.study.set_user_attr("preprocessing", dict(preprocessing))
-        self.study.set_user_attr("config", dict(config))
+        self.study.set_user_attr("config", mask_value(dict(config)))
         self.study.set_user_attr("out_dir", out_dir)
         self.study.set_user_attr("space", dict(space))
         self.study.set_user_attr("gallery_budgets", dict(gallery_budgets))

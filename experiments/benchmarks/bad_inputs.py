@@ -30,6 +30,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import optuna
@@ -43,6 +44,7 @@ from nas.export.loading import WEIGHTS_FILE, write_arch
 from search_spaces import build, create_space
 
 PASSWORD = "s3cret-pw"
+RAW_AT, ODD, UNICODE = "hunter@2024tail", "sl/ash#tag?q%pw 4242", "pässw@rd/€4242"
 POSTGRES = ("127.0.0.1", 5432)
 
 
@@ -336,6 +338,11 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         Case("search.warm_start: unparsable architecture", ["search", str(cfg["warmarch"])], absent=[root / "run-warmarch"]),
         Case("gallery.pretrained, weights host unreachable, nothing cached", ["search", str(cfg["offline"])], absent=no_gallery("offline"),
              env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(root / "hf-empty")}),
+        # passwords holding characters that mean something in a URL: no part of them printed
+        Case("password with a raw '@': nas results", ["results", "--study-name", "x", "--storage", f"postgresql://nobody_h7:{RAW_AT}@127.0.0.1:5432/test"], secret=RAW_AT),
+        Case("password with a raw '@': nas export --tracking-uri", ["export", "--study-name", "kept", "--run-dir", str(running), "--out", str(root / "x5"), "--tracking-uri", f"http://admin:{RAW_AT}@127.0.0.1:9"], absent=[root / "x5"], secret=RAW_AT),
+        Case("password with raw / # ? % and a space: nas results", ["results", "--study-name", "x", "--storage", f"postgresql://nobody_h7:{ODD}@127.0.0.1:5432/test"], secret=ODD, postgres=True),
+        Case("percent-encoded unicode password: nas results", ["results", "--study-name", "x", "--storage", f"postgresql://nobody_h7:{quote(UNICODE, safe='')}@127.0.0.1:5432/test"], secret=UNICODE, postgres=True),
     ]
 
 
@@ -344,6 +351,12 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
 
 def _digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _shows(secret: str, output: str) -> bool:
+    """Whether ``output`` holds ``secret``, raw or percent-encoded, or a piece of it (4+ characters) that a raw '@' splits off."""
+    forms = {secret, quote(secret, safe=""), *(piece for piece in secret.split("@") if len(piece) >= 4)}
+    return any(form in output for form in forms)
 
 
 def run_case(case: Case, cwd: Path, env: dict[str, str], root: Path) -> dict[str, object]:
@@ -368,7 +381,7 @@ def run_case(case: Case, cwd: Path, env: dict[str, str], root: Path) -> dict[str
     message = message.replace(str(root), "<tmp>")
     lost = [str(p) for p in case.absent if (p if p.is_absolute() else cwd / p).exists()]
     lost += [str(p) for p in case.unchanged if _digest(p) != before[p]]
-    if case.secret and case.secret in output:
+    if case.secret and _shows(case.secret, output):
         lost.append("the password was printed")
     return {
         "case": case.name,

@@ -22,7 +22,7 @@ import optuna
 
 from nas.errors import NasError
 from nas.records import StudyRecord, StudyWriter, TrialRecord, TrialWriter
-from nas.secrets import mask_text, mask_url
+from nas.secrets import mask_text, mask_url, mask_value
 from nas.tracking.base import RUN_STATUS, Log, NullTracker, Tracker, mlflow_key
 from nas.tracking.journal import Journal, Record
 from nas.tracking.uris import check_tracking_uri, probe_database
@@ -273,16 +273,16 @@ class MlflowTracker(Tracker):
         record = {
             "op": "log",
             "run": run_id,
-            "params": {k: str(v)[:6000] for k, v in (params or {}).items()},
+            "params": {k: mask_value(str(v))[:6000] for k, v in (params or {}).items()},  # no secret recorded, whatever the caller passed
             "metrics": {mlflow_key(k): float(v) for k, v in (metrics or {}).items() if v is not None},
-            "tags": {k: str(v)[:5000] for k, v in (tags or {}).items()},
+            "tags": {k: mask_value(str(v))[:5000] for k, v in (tags or {}).items()},
             "step": int(step),
             "time": _now_ms(),
         }
         self._submit(record, "metrics and params")
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self._submit({"op": "text", "run": run_id, "text": text, "file": artifact_file}, f"artifact {artifact_file}")
+        self._submit({"op": "text", "run": run_id, "text": mask_text(text), "file": artifact_file}, f"artifact {artifact_file}")
 
     def log_artifact(self, run_id: str, path: str | Path) -> None:
         self._submit({"op": "artifact", "run": run_id, "path": str(Path(path).resolve())}, f"artifact {Path(path).name}")

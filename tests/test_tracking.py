@@ -15,13 +15,14 @@ import json
 
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from nas.cli import main
 from nas.errors import ConfigError, NasError
 from nas.secrets import mask_url
-from nas.tracking import JOURNAL_DIR, Journal, MlflowTracker
+from nas.tracking import JOURNAL_DIR, Journal, MlflowTracker, register_onnx_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,6 +108,14 @@ def test_an_outage_in_the_middle_loses_nothing(tmp_path: Path) -> None:
         b = by_number["1"]
         assert b.data.tags["asymnas.state"] == "infeasible" and b.data.metrics["mflops"] == 9.0
         assert client.get_run(parent).info.status == "FINISHED"
+        # a model exported from the trial still holding its placeholder id is registered to the replayed run
+        onnx_path = tmp_path / "m.onnx"
+        torch.onnx.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),), str(onnx_path), dynamo=True, external_data=False, verbose=False)
+        version = register_onnx_model(uri, run_b, onnx_path, "outage-model", {"trial": 1})
+        assert client.get_model_version("outage-model", version).run_id == b.info.run_id
+        assert client.get_run(b.info.run_id).info.status == "FINISHED"
+        with pytest.raises(NasError, match="has not been written to .* yet: run `nas search`"):
+            register_onnx_model(uri, "pending-never-replayed-0", onnx_path, "outage-model", {})
     finally:
         _stop(server)
 

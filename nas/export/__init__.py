@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from nas.config import ExperimentConfig, config_from_dict
 from nas.data import LEGACY_PREPROCESSING, Preprocessing, load_retrieval_data
-from nas.errors import ConfigError, NasError
+from nas.errors import NasError
 from nas.export.card import model_card
 from nas.export.formats import EXPORTERS, ExportContext, Exporter, resolve_formats
 from nas.export.loading import embed_folder, load_query_model
@@ -209,12 +209,12 @@ def export_trial(
         raise NasError(f"Export verification failed; see {out / 'verification.json'}.")
     run_id = trial.mlflow_run_id or ""
     onnx = EXPORTERS.get("onnx")
-    if register and config.tracking.enabled and onnx in exporters and run_id and not run_id.startswith("pending-"):
+    if register and config.tracking.enabled and onnx in exporters and run_id:
         try:
             uri = tracking_uri or config.tracking_uri
-        except ConfigError as exc:  # e.g. the recorded URI's password is masked
+            verification["registered_model"] = _register(record, trial, arch, config, metrics, out / onnx.filename, log, uri)
+        except NasError as exc:  # the recorded URI's password is masked; the trial's run not replayed into the store yet
             log(f"Not registered in the MLflow model registry: {exc}")
             return verification
-        verification["registered_model"] = _register(record, trial, arch, config, metrics, out / onnx.filename, log, uri)
         (out / "verification.json").write_text(json.dumps(verification, indent=2))
     return verification

@@ -444,6 +444,16 @@ def register_onnx_model(uri: str, run_id: str, onnx_path: str | Path, name: str,
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
+        if run_id.startswith(PENDING):  # recorded while the store was unreachable, created later by a journal replay
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            runs = client.search_runs(experiments, filter_string=f"tags.`{RUN_KEY_TAG}` = '{_run_key(run_id)}'", max_results=1)
+            if not runs:
+                raise NasError(
+                    f"The trial's MLflow run ({run_id}) was recorded while the tracking store was unreachable and has not been "
+                    f"written to {mask_url(uri)} yet: run `nas search` on the study once the store answers (it replays the journal), "
+                    f"then export again to register the model."
+                )
+            run_id = runs[0].info.run_id
         status = client.get_run(run_id).info.status
         with mlflow.start_run(run_id=run_id):
             info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="query_model", registered_model_name=name)

@@ -33,15 +33,21 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import torch
 import yaml
 from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
+from nas.config import GalleryConfig, LatencyConfig
+from nas.data import LEGACY_PREPROCESSING
 from nas.export.loading import WEIGHTS_FILE, write_arch
+from nas.gallery import create_gallery_net, save_gallery
+from nas.hardware.latency_table import default_table_path
 from search_spaces import build, create_space
 
 PASSWORD = "s3cret-pw"
+SMALLEST = "space=resnet res=16 width=1 stem=16 stages=bb_r1_k3_s1_c8/bb_r1_k3_s2_c16 head=0 embed=8 in=1 act=relu"  # a tiny arch to profile
 POSTGRES = ("127.0.0.1", 5432)
 
 
@@ -142,9 +148,17 @@ def study_db(path: Path, trials: int = 60, running: bool = False) -> Path:
 def export_folder(folder: Path) -> Path:
     arch = create_space("mobilenet", embed_dim=16, in_chans=1, resolutions=[16], widths=[0.35]).extreme(smallest=True)
     folder.mkdir(parents=True)
-    write_arch(arch, folder)
+    write_arch(arch, folder, LEGACY_PREPROCESSING)
     save_file(build(arch).state_dict(), str(folder / WEIGHTS_FILE))
     return folder
+
+
+def wrong_shape_gallery(path: Path) -> Path:
+    """A gallery checkpoint of the experiments' gallery model (untrained) whose projection has one row too many."""
+    model = create_gallery_net(GalleryConfig(model="resnet18", embed_dim=16, resolution=16), 1)
+    with torch.no_grad():
+        model.proj.weight = torch.nn.Parameter(torch.cat([model.proj.weight, model.proj.weight[:1]]))
+    return save_gallery(model, path, 16, ("digit1", "digit7"))
 
 
 def postgres_up() -> bool:
@@ -196,6 +210,12 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
     embed_huge = digit_folder(root / "embed_huge", [4], per_class=3)
     huge_png(embed_huge / "huge.png")
     (root / "gallery.safetensors").write_bytes(b"not a checkpoint")
+    wrong_shape_gallery(root / "wide_gallery.safetensors")
+    cut_export = export_folder(root / "cut_export")
+    (cut_export / WEIGHTS_FILE).write_bytes((cut_export / WEIGHTS_FILE).read_bytes()[:300])
+    table = default_table_path(LatencyConfig(runtime="torch", threads=1, batch_size=1, table_dir=str(root / "tables")))
+    table.parent.mkdir(parents=True)
+    table.write_bytes(b'{"header": {"format": 2}, "entries": {"x": {"ms": 1.5, "at": 1')  # cut short while written
 
     cfg = {
         "two": experiment(root, "two", folder),
@@ -210,6 +230,7 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         "truncated": experiment(root, "truncated", folder, out=str(truncated)),
         "nockpt": experiment(root, "nockpt", folder, gallery__checkpoint=str(root / "missing.safetensors")),
         "badckpt": experiment(root, "badckpt", folder, gallery__checkpoint=str(root / "gallery.safetensors")),
+        "wideckpt": experiment(root, "wideckpt", folder, gallery__checkpoint=str(root / "wide_gallery.safetensors")),
         "seed": experiment(root, "seed", folder, search__seed=-5),
         "dataseed": experiment(root, "dataseed", folder, data__seed=-1),
         "gbs": experiment(root, "gbs", folder, gallery__batch_size=0),
@@ -303,6 +324,10 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         Case("nas ui on a port in use", ["ui", "--run-dir", str(root), "--port", str(busy_port)]),
         Case("nas baseline --models ''", ["baseline", two_cfg, "--models", ""]),
         Case("nas baseline --resolutions 8", ["baseline", two_cfg, "--resolutions", "8"]),
+        # weights and caches read back
+        Case("wrong-shape gallery checkpoint", ["search", str(cfg["wideckpt"])], absent=no_gallery("wideckpt"), unchanged=[root / "wide_gallery.safetensors"]),
+        Case("truncated export weights: nas embed", ["embed", str(cut_export), str(embed_huge), "--out", str(root / "e4.npy")], absent=[root / "e4.npy"]),
+        Case("damaged latency table: nas profile starts a fresh one", ["profile", "--arch", SMALLEST, "--table-dir", str(root / "tables"), "--threads", "1"], expect=0),
     ]
 
 

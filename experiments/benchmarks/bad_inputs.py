@@ -39,10 +39,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
-from nas.config import GalleryConfig, LatencyConfig
-from nas.data import LEGACY_PREPROCESSING
+from nas.config import GalleryConfig, LatencyConfig, load_config
+from nas.data import LEGACY_PREPROCESSING, load_retrieval_data
 from nas.export.loading import WEIGHTS_FILE, write_arch
-from nas.gallery import create_gallery_net, save_gallery
+from nas.gallery import create_gallery_net, file_sha256, gallery_embeddings, load_gallery, save_gallery
 from nas.hardware.latency_table import default_table_path
 from search_spaces import build, create_space
 
@@ -161,6 +161,18 @@ def wrong_shape_gallery(path: Path) -> Path:
     return save_gallery(model, path, 16, ("digit1", "digit7"))
 
 
+def damaged_embedding_cache(config_file: Path) -> Path:
+    """The gallery embedding cache ``nas search config_file`` will look for, written as it would, then cut short."""
+    config = load_config(config_file)
+    retrieval = load_retrieval_data(config.data)
+    model = load_gallery(config.gallery, config.gallery.checkpoint, retrieval.data.channels)
+    gallery_embeddings(model, file_sha256(config.gallery.checkpoint), retrieval.data, retrieval.split, config.gallery.resolution,
+                       config.cache_dir / "cache", log=lambda message: None, workers=0)
+    (path,) = (config.cache_dir / "cache").glob("gallery-*.npz")
+    path.write_bytes(path.read_bytes()[:200])
+    return path
+
+
 def postgres_up() -> bool:
     try:
         with socket.create_connection(POSTGRES, timeout=2):
@@ -216,6 +228,7 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
     table = default_table_path(LatencyConfig(runtime="torch", threads=1, batch_size=1, table_dir=str(root / "tables")))
     table.parent.mkdir(parents=True)
     table.write_bytes(b'{"header": {"format": 2}, "entries": {"x": {"ms": 1.5, "at": 1')  # cut short while written
+    untrained = save_gallery(create_gallery_net(GalleryConfig(model="resnet18", embed_dim=16, resolution=16), 1), root / "untrained.safetensors", 16, ("digit1", "digit7"))
 
     cfg = {
         "two": experiment(root, "two", folder),
@@ -231,10 +244,12 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         "nockpt": experiment(root, "nockpt", folder, gallery__checkpoint=str(root / "missing.safetensors")),
         "badckpt": experiment(root, "badckpt", folder, gallery__checkpoint=str(root / "gallery.safetensors")),
         "wideckpt": experiment(root, "wideckpt", folder, gallery__checkpoint=str(root / "wide_gallery.safetensors")),
+        "cutcache": experiment(root, "cutcache", folder, gallery__checkpoint=str(untrained)),
         "seed": experiment(root, "seed", folder, search__seed=-5),
         "dataseed": experiment(root, "dataseed", folder, data__seed=-1),
         "gbs": experiment(root, "gbs", folder, gallery__batch_size=0),
     }
+    damaged_embedding_cache(cfg["cutcache"])
     files = {"empty.yaml": b"", "comments.yaml": b"# settings to come\n", "list.yaml": b"- data\n- search\n", "binary.yaml": bytes(range(128, 200)), "invalid.yaml": b"data: [unclosed\n"}
     for name, content in files.items():
         (root / name).write_bytes(content)
@@ -327,6 +342,7 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         # weights and caches read back
         Case("wrong-shape gallery checkpoint", ["search", str(cfg["wideckpt"])], absent=no_gallery("wideckpt"), unchanged=[root / "wide_gallery.safetensors"]),
         Case("truncated export weights: nas embed", ["embed", str(cut_export), str(embed_huge), "--out", str(root / "e4.npy")], absent=[root / "e4.npy"]),
+        Case("damaged gallery embedding cache: nas search --trials 0 rebuilds it", ["search", str(cfg["cutcache"]), "--trials", "0"], expect=0, absent=no_gallery("cutcache")),
         Case("damaged latency table: nas profile starts a fresh one", ["profile", "--arch", SMALLEST, "--table-dir", str(root / "tables"), "--threads", "1"], expect=0),
     ]
 
@@ -355,6 +371,8 @@ def run_case(case: Case, cwd: Path, env: dict[str, str], root: Path) -> dict[str
     skipped = next((n for n, line in enumerate(lines) if line.startswith("Skipped")), None)
     if message is None and skipped is not None:  # nas embed: the skip and its first listed file
         message = " ".join(lines[skipped : skipped + 2])
+    if message is None:  # a damaged cache: the line reporting it
+        message = next((line for line in lines if "rebuilding it" in line or "starting a fresh one" in line), None)
     message = message or (lines[-1] if lines else "(no output)")
     message = message.replace(str(root), "<tmp>")
     lost = [str(p) for p in case.absent if (p if p.is_absolute() else cwd / p).exists()]

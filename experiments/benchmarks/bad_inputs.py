@@ -341,7 +341,7 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         Case("nas baseline --resolutions 8", ["baseline", two_cfg, "--resolutions", "8"]),
         # weights and caches read back
         Case("wrong-shape gallery checkpoint", ["search", str(cfg["wideckpt"])], absent=no_gallery("wideckpt"), unchanged=[root / "wide_gallery.safetensors"]),
-        Case("truncated export weights: nas embed", ["embed", str(cut_export), str(embed_huge), "--out", str(root / "e4.npy")], absent=[root / "e4.npy"]),
+        Case("truncated export weights: nas embed", ["embed", str(cut_export), str(embed_huge), "--out", str(root / "e_cut.npy")], absent=[root / "e_cut.npy"]),
         Case("damaged gallery embedding cache: nas search --trials 0 rebuilds it", ["search", str(cfg["cutcache"]), "--trials", "0"], expect=0, absent=no_gallery("cutcache")),
         Case("damaged latency table: nas profile starts a fresh one", ["profile", "--arch", SMALLEST, "--table-dir", str(root / "tables"), "--threads", "1"], expect=0),
     ]

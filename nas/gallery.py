@@ -28,7 +28,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -40,7 +40,7 @@ from nas.progress_bars import progress
 from nas.scoring import embed
 from nas.threads import ThreadSizer, apply_threads
 from search_spaces import EmbeddingHead, L2Normalise
-from trainers import Speed
+from trainers import Speed, check_state_dict, read_safetensors
 
 __all__ = [
     "GalleryNet",
@@ -174,34 +174,26 @@ def load_gallery(config: GalleryConfig, path: str | Path, in_chans: int) -> Gall
     path = Path(path)
     if not path.is_file():
         raise GalleryError(f"Gallery checkpoint {path} does not exist. Train one with 'nas gallery train CONFIG' or fix gallery.checkpoint.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise GalleryError(
-            f"Gallery checkpoint {path} is unreadable ({exc}). It must be a safetensors file written by "
-            f"'nas gallery train'; delete it and train again, or point gallery.checkpoint at a valid file."
-        ) from None
+    advice = "delete it and train again ('nas gallery train CONFIG --force'), or point gallery.checkpoint at a file that command wrote"
+    state, metadata = read_safetensors(path, "Gallery checkpoint", advice, GalleryError)
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise GalleryError(f"Gallery checkpoint {path} was not written by 'nas gallery train' (no '{CHECKPOINT_FORMAT}' header).")
-    if metadata["model"] != config.model:
-        raise GalleryError(f"Gallery checkpoint {path} holds a {metadata['model']!r} model, but gallery.model is {config.model!r}.")
-    embed_dim = int(metadata["embed_dim"]) or None
+    try:
+        name, embed_dim, chans, num_classes = metadata["model"], int(metadata["embed_dim"]) or None, int(metadata["in_chans"]), int(metadata["num_classes"])
+        recorded = Preprocessing.from_dict(json.loads(metadata["preprocessing"])) if "preprocessing" in metadata else LEGACY_PREPROCESSING
+        if num_classes != (len(state["classifier"]) if "classifier" in state and state["classifier"].ndim == 2 else 0):
+            raise ValueError(f"num_classes {num_classes} does not match its classifier")
+    except (KeyError, ValueError, TypeError) as exc:
+        raise GalleryError(f"Gallery checkpoint {path} has a damaged header ({type(exc).__name__}: {exc}): {advice}.") from None
+    if name != config.model:
+        raise GalleryError(f"Gallery checkpoint {path} holds a {name!r} model, but gallery.model is {config.model!r}.")
     if embed_dim != config.embed_dim:
         raise GalleryError(f"Gallery checkpoint {path} has embed_dim {embed_dim}, but gallery.embed_dim is {config.embed_dim}.")
-    if int(metadata["in_chans"]) != in_chans:
-        raise GalleryError(f"Gallery checkpoint {path} takes {metadata['in_chans']}-channel images, but the data has {in_chans} channels.")
-    recorded = Preprocessing.from_dict(json.loads(metadata["preprocessing"])) if "preprocessing" in metadata else LEGACY_PREPROCESSING
-    preprocessing = configured_preprocessing(config) or recorded
-    model = GalleryNet(config.model, in_chans, embed_dim, int(metadata["num_classes"]), preprocessing)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    bad_shapes = [k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or bad_shapes:
-        raise GalleryError(
-            f"Gallery checkpoint {path} does not match a {config.model!r} model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shapes {bad_shapes[:5]}."
-        )
+    if chans != in_chans:
+        raise GalleryError(f"Gallery checkpoint {path} takes {chans}-channel images, but the data has {in_chans} channels.")
+    model = GalleryNet(config.model, in_chans, embed_dim, num_classes, configured_preprocessing(config) or recorded)
+    check_state_dict(state, model, f"Gallery checkpoint {path}", advice, GalleryError, f"a {config.model!r} model")
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -291,8 +283,8 @@ def _cache_key(model: GalleryNet, weights_sha: str, data: ImageSet, split: Split
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _read_cache(path: Path, key: str) -> GalleryEmbeddings | None:
-    """The cached embeddings, or ``None`` with the reason when the file is stale or corrupt."""
+def _read_cache(path: Path, key: str, shapes: dict[str, tuple[int, int]]) -> GalleryEmbeddings:
+    """The cached embeddings (float32 arrays of ``shapes``), else :class:`_StaleCache` saying why the file is stale or corrupt."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             meta = json.loads(str(archive["meta"]))
@@ -304,6 +296,9 @@ def _read_cache(path: Path, key: str) -> GalleryEmbeddings | None:
         raise _StaleCache("stale (it belongs to other gallery weights, data, split or resolution)")
     if cached.checksum() != meta.get("checksum"):
         raise _StaleCache("corrupt (its checksum does not match its contents)")
+    wrong = [f"{n} {a.dtype} {a.shape}" for n, a in vars(cached).items() if n in shapes and (a.dtype != np.float32 or a.shape != shapes[n])]
+    if wrong:
+        raise _StaleCache(f"corrupt (it holds {', '.join(wrong)}; expected float32 {shapes})")
     return cached
 
 
@@ -341,7 +336,8 @@ def gallery_embeddings(
     path = Path(cache_dir) / f"gallery-{key[:20]}.npz"
     if path.exists():
         try:
-            return _read_cache(path, key), True
+            shapes = {n: (len(getattr(split, n)), model.embed_dim if len(getattr(split, n)) else 0) for n in ("train", "val", "query", "gallery")}
+            return _read_cache(path, key, shapes), True
         except _StaleCache as reason:
             log(f"Gallery cache {path} is {reason}; rebuilding it.")
     start = time.perf_counter()
@@ -376,8 +372,9 @@ def state_sha256(model: nn.Module) -> str:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a ``.pth``/``.pt``/``.bin`` file (``weights_only``), unwrapped
-    from a ``state_dict`` / ``model`` / ``state_dict_ema`` entry and a ``module.`` prefix."""
+    """A state dict from ``.safetensors`` or a ``.pth``/``.pt``/``.bin`` file, unwrapped from a ``state_dict`` /
+    ``model`` / ``state_dict_ema`` entry and a ``module.`` prefix. A ``.pth`` is read with ``weights_only``:
+    torch's restricted unpickler, which rebuilds tensors and plain containers only and runs no code of the file's."""
     if not path.is_file():
         raise GalleryError(f"Gallery weights file {path} does not exist. Fix gallery.weights, or convert the weights first (README: a pretrained gallery model).")
     try:
@@ -426,16 +423,8 @@ def load_gallery_weights(config: GalleryConfig, in_chans: int, seed: int = 0) ->
         first = str(backbone.pretrained_cfg.get("first_conv") or "") + ".weight"
         if first in state and state[first].ndim == 4 and state[first].shape[1] == 3 and in_chans == 1:
             state[first] = state[first].sum(dim=1, keepdim=True)  # RGB filters summed for grey input (timm does the same)
-        expected = backbone.state_dict()
-        missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]  # a counter, not a weight
-        unexpected = [k for k in state if k not in expected]
-        bad = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-        if missing or unexpected or bad:
-            parts = [f"{what} {keys[:4]} ({len(keys)} in all)" for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", bad)) if keys]
-            raise GalleryError(
-                f"Gallery weights file {path} does not fit timm's {config.model!r}: {'; '.join(parts)}. "
-                f"Check gallery.model names the architecture the weights were trained for."
-            )
+        check_state_dict(state, backbone, f"Gallery weights file {path}", "check gallery.model names the architecture the weights were "
+                         "trained for", GalleryError, f"timm's {config.model!r}", optional=("num_batches_tracked",))  # a counter, not a weight
         backbone.load_state_dict(state, strict=False)  # every key checked above
     else:
         try:

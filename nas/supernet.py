@@ -51,13 +51,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from nas.data import StreamingImages, eval_batches
 from nas.errors import NasError
 from search_spaces import Architecture, GallerySpace, PrunedQueryNet, PrunedSpace, QueryNet, RootedSupernet, SearchSpace, Supernet, build, recalibrate_bn, supernet_over
 from search_spaces._head import EmbeddingHead
-from trainers import CheckpointError, TrainingDiverged, load_checkpoint, make_optimizer, make_scheduler, save_checkpoint
+from trainers import CheckpointError, TrainingDiverged, check_state_dict, load_checkpoint, make_optimizer, make_scheduler, read_safetensors, save_checkpoint
 
 if TYPE_CHECKING:  # the context imports this module's users
     from nas.config import ExperimentConfig
@@ -404,7 +404,11 @@ def open_supernet(
     supernet = supernet_over(space, largest, frozen_bn=frozen_batch_norm(ctx))
     if weights.exists() and info_path.exists():
         _load_trained(supernet, weights)
-        info = SupernetInfo(**json.loads(info_path.read_text()))
+        try:
+            info = SupernetInfo(**json.loads(info_path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:  # cut short, not JSON, or not this record's fields
+            raise NasError(f"The trained supernet's record {info_path} is damaged ({type(exc).__name__}: {exc}); delete its folder "
+                           f"{folder} to train it again.") from None
         log(f"Supernet: trained one reused from {folder} ({info.epochs} epochs, {'rooted in the gallery model' if info.rooted else 'random start'}).")
         return supernet.eval(), info
     if not train:
@@ -431,16 +435,9 @@ def open_supernet(
 
 def _load_trained(supernet: Supernet | RootedSupernet, path: Path) -> None:
     """Load a trained supernet's weights, checked name by name and shape by shape; a damaged file says what to delete."""
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for a cut or foreign file
-        raise NasError(f"The trained supernet {path} cannot be read ({type(exc).__name__}: {exc}); delete its folder {path.parent} "
-                       f"to train it again.") from None
-    expected = supernet.net.state_dict()
-    wrong = sorted(set(state) ^ set(expected)) + [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if wrong:
-        raise NasError(f"The trained supernet {path} does not fit this setting's network ({', '.join(wrong[:3])}); delete its folder "
-                       f"{path.parent} to train it again.")
+    advice = f"delete its folder {path.parent} to train it again"
+    state, _ = read_safetensors(path, "The trained supernet", advice, NasError)
+    check_state_dict(state, supernet.net, f"The trained supernet {path}", advice, NasError, "this setting's network")
     supernet.net.load_state_dict(state)
 
 

@@ -4,7 +4,6 @@ preprocessing recorded in a gallery checkpoint."""
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import pickle
@@ -171,14 +170,14 @@ def test_weights_of_another_architecture_name_the_keys(tmp_path: Path) -> None:
     message = str(info.value)
     assert str(path) in message and f"'{MODEL}'" in message
     expected = timm.create_model(MODEL, pretrained=False, num_classes=0).state_dict()
-    match = re.search(r"missing (\[.*?\]) \((\d+) in all\); unexpected (\[.*?\]) \((\d+) in all\)", message)
+    match = re.search(r"missing (.*?) \((\d+) in all\); unexpected (.*?) \((\d+) in all\)", message)
     assert match, message
-    missing, unexpected = ast.literal_eval(match[1]), ast.literal_eval(match[3])
+    missing, unexpected = match[1].split(", "), match[3].split(", ")
     # every backbone tensor is missing (torch tolerates absent BatchNorm num_batches_tracked buffers)
     required = [k for k in expected if not k.endswith("num_batches_tracked")]
     assert missing == required[: len(missing)] and int(match[2]) == len(required)
     assert unexpected and set(unexpected) <= set(foreign) and int(match[4]) == len(foreign)
-    assert "Check gallery.model" in message
+    assert "check gallery.model" in message
 
 
 @pytest.mark.parametrize("other", ["test_resnet", "mobilenetv3_small_075"])
@@ -187,7 +186,7 @@ def test_weights_with_shared_keys_of_other_shapes_are_gallery_error(tmp_path: Pa
     path = _write(_state(_timm_model(other)), tmp_path / f"{other}.safetensors")
     with pytest.raises(GalleryError) as info:
         load_gallery_weights(_config(path), in_chans=3)
-    assert "wrong shapes" in str(info.value) and "gallery.model" in str(info.value)
+    assert "wrong shape" in str(info.value) and "gallery.model" in str(info.value)
 
 
 def test_missing_weights_file_is_gallery_error(tmp_path: Path) -> None:

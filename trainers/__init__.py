@@ -15,14 +15,17 @@ from trainers._losses import (
     list_losses,
     register_loss,
 )
-from trainers._checkpoint import CheckpointError, checkpoint_extra, load_checkpoint, save_checkpoint
+from trainers._checkpoint import CheckpointError, check_state_dict, checkpoint_extra, load_checkpoint, read_safetensors, save_checkpoint, state_dict_mismatch
 from trainers._speed import CPU_DEFAULT_PRECISION, PRECISIONS, Speed, resolve_precision
 from trainers._train import EpochResult, TensorImages, TrainingDiverged, TrainingImages, make_optimizer, make_scheduler, train_compatible
 
 __all__ = [
     "BackwardCompatibleLoss",
     "CheckpointError",
+    "check_state_dict",
     "checkpoint_extra",
+    "read_safetensors",
+    "state_dict_mismatch",
     "load_checkpoint",
     "save_checkpoint",
     "CPU_DEFAULT_PRECISION",

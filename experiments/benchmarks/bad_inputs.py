@@ -34,17 +34,22 @@ from urllib.parse import quote
 
 import numpy as np
 import optuna
+import torch
 import yaml
 from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
-from nas.data import LEGACY_PREPROCESSING
+from nas.config import GalleryConfig, LatencyConfig, load_config
+from nas.data import LEGACY_PREPROCESSING, load_retrieval_data
 from nas.export.loading import WEIGHTS_FILE, write_arch
+from nas.gallery import create_gallery_net, file_sha256, gallery_embeddings, load_gallery, save_gallery
+from nas.hardware.latency_table import default_table_path
 from search_spaces import build, create_space
 
 PASSWORD = "s3cret-pw"
 RAW_AT, ODD, UNICODE = "hunter@2024tail", "sl/ash#tag?q%pw 4242", "pässw@rd/€4242"
+SMALLEST = "space=resnet res=16 width=1 stem=16 stages=bb_r1_k3_s1_c8/bb_r1_k3_s2_c16 head=0 embed=8 in=1 act=relu"  # a tiny arch to profile
 POSTGRES = ("127.0.0.1", 5432)
 
 
@@ -151,6 +156,26 @@ def export_folder(folder: Path) -> Path:
     return folder
 
 
+def wrong_shape_gallery(path: Path) -> Path:
+    """A gallery checkpoint of the experiments' gallery model (untrained) whose projection has one row too many."""
+    model = create_gallery_net(GalleryConfig(model="resnet18", embed_dim=16, resolution=16), 1)
+    with torch.no_grad():
+        model.proj.weight = torch.nn.Parameter(torch.cat([model.proj.weight, model.proj.weight[:1]]))
+    return save_gallery(model, path, 16, ("digit1", "digit7"))
+
+
+def damaged_embedding_cache(config_file: Path) -> Path:
+    """The gallery embedding cache ``nas search config_file`` will look for, written as it would, then cut short."""
+    config = load_config(config_file)
+    retrieval = load_retrieval_data(config.data)
+    model = load_gallery(config.gallery, config.gallery.checkpoint, retrieval.data.channels)
+    gallery_embeddings(model, file_sha256(config.gallery.checkpoint), retrieval.data, retrieval.split, config.gallery.resolution,
+                       config.cache_dir / "cache", log=lambda message: None, workers=0)
+    (path,) = (config.cache_dir / "cache").glob("gallery-*.npz")
+    path.write_bytes(path.read_bytes()[:200])
+    return path
+
+
 def postgres_up() -> bool:
     try:
         with socket.create_connection(POSTGRES, timeout=2):
@@ -212,6 +237,13 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
     Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)).save(floaty / "digit7" / "float.tif")
     embed_float = digit_folder(root / "embed_float", [4], per_class=3)
     Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)).save(embed_float / "float.tif")
+    wrong_shape_gallery(root / "wide_gallery.safetensors")
+    cut_export = export_folder(root / "cut_export")
+    (cut_export / WEIGHTS_FILE).write_bytes((cut_export / WEIGHTS_FILE).read_bytes()[:300])
+    table = default_table_path(LatencyConfig(runtime="torch", threads=1, batch_size=1, table_dir=str(root / "tables")))
+    table.parent.mkdir(parents=True)
+    table.write_bytes(b'{"header": {"format": 2}, "entries": {"x": {"ms": 1.5, "at": 1')  # cut short while written
+    untrained = save_gallery(create_gallery_net(GalleryConfig(model="resnet18", embed_dim=16, resolution=16), 1), root / "untrained.safetensors", 16, ("digit1", "digit7"))
 
     cfg = {
         "two": experiment(root, "two", folder),
@@ -226,6 +258,8 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         "truncated": experiment(root, "truncated", folder, out=str(truncated)),
         "nockpt": experiment(root, "nockpt", folder, gallery__checkpoint=str(root / "missing.safetensors")),
         "badckpt": experiment(root, "badckpt", folder, gallery__checkpoint=str(root / "gallery.safetensors")),
+        "wideckpt": experiment(root, "wideckpt", folder, gallery__checkpoint=str(root / "wide_gallery.safetensors")),
+        "cutcache": experiment(root, "cutcache", folder, gallery__checkpoint=str(untrained)),
         "seed": experiment(root, "seed", folder, search__seed=-5),
         "dataseed": experiment(root, "dataseed", folder, data__seed=-1),
         "gbs": experiment(root, "gbs", folder, gallery__batch_size=0),
@@ -236,6 +270,7 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         "offline": experiment(root, "offline", folder, gallery__model="lcnet_050", gallery__pretrained=True, gallery__embed_dim=None),
         "warmarch": experiment(root, "warmarch", folder, search__warm_start=["space=mobilenet res=16 width=0.35 stages=zz_r1_k3_s1_c16"]),
     }
+    damaged_embedding_cache(cfg["cutcache"])
     files = {"empty.yaml": b"", "comments.yaml": b"# settings to come\n", "list.yaml": b"- data\n- search\n", "binary.yaml": bytes(range(128, 200)), "invalid.yaml": b"data: [unclosed\n"}
     for name, content in files.items():
         (root / name).write_bytes(content)
@@ -343,6 +378,11 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         Case("password with a raw '@': nas export --tracking-uri", ["export", "--study-name", "kept", "--run-dir", str(running), "--out", str(root / "x5"), "--tracking-uri", f"http://admin:{RAW_AT}@127.0.0.1:9"], absent=[root / "x5"], secret=RAW_AT),
         Case("password with raw / # ? % and a space: nas results", ["results", "--study-name", "x", "--storage", f"postgresql://nobody_h7:{ODD}@127.0.0.1:5432/test"], secret=ODD, postgres=True),
         Case("percent-encoded unicode password: nas results", ["results", "--study-name", "x", "--storage", f"postgresql://nobody_h7:{quote(UNICODE, safe='')}@127.0.0.1:5432/test"], secret=UNICODE, postgres=True),
+        # weights and caches read back
+        Case("wrong-shape gallery checkpoint", ["search", str(cfg["wideckpt"])], absent=no_gallery("wideckpt"), unchanged=[root / "wide_gallery.safetensors"]),
+        Case("truncated export weights: nas embed", ["embed", str(cut_export), str(embed_huge), "--out", str(root / "e_cut.npy")], absent=[root / "e_cut.npy"]),
+        Case("damaged gallery embedding cache: nas search rebuilds it", ["search", str(cfg["cutcache"]), "--timeout", "0.001"], expect=0, absent=no_gallery("cutcache")),
+        Case("damaged latency table: nas profile starts a fresh one", ["profile", "--arch", SMALLEST, "--table-dir", str(root / "tables"), "--threads", "1"], expect=0),
     ]
 
 
@@ -377,6 +417,8 @@ def run_case(case: Case, cwd: Path, env: dict[str, str], root: Path) -> dict[str
     skipped = next((n for n, line in enumerate(lines) if line.startswith("Skipped")), None)
     if message is None and skipped is not None:  # nas embed: the skip and its first listed file
         message = " ".join(lines[skipped : skipped + 2])
+    if message is None:  # a damaged cache: the line reporting it
+        message = next((line for line in lines if "rebuilding it" in line or "starting a fresh one" in line), None)
     message = message or (lines[-1] if lines else "(no output)")
     message = message.replace(str(root), "<tmp>")
     lost = [str(p) for p in case.absent if (p if p.is_absolute() else cwd / p).exists()]

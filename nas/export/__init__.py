@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from safetensors.torch import load_file
 
 from nas.config import ExperimentConfig, config_from_dict
 from nas.data import LEGACY_PREPROCESSING, Preprocessing, load_retrieval_data
@@ -46,6 +45,7 @@ from nas.search.fingerprint import check_fingerprint
 from nas.search.evaluators import create_evaluator
 from nas.tracking import check_tracking_uri, register_onnx_model
 from search_spaces import Architecture, QueryNet, build
+from trainers import check_state_dict, read_safetensors
 
 __all__ = [
     "select_trial",
@@ -120,7 +120,10 @@ def _trial_model(study: StudyRecord, trial: TrialRecord, config: ExperimentConfi
     arch = Architecture.from_string(trial.arch)
     if trial.weights and Path(trial.weights).is_file():
         model = build(arch)
-        model.load_state_dict(load_file(trial.weights), strict=True)
+        advice = "delete it and export again: a trial whose weights are gone is retrained with its seed"
+        state, _ = read_safetensors(Path(trial.weights), f"The weights of trial {trial.number}", advice, NasError)
+        check_state_dict(state, model, f"The weights of trial {trial.number} ({trial.weights})", advice, NasError, f"its architecture {arch.to_string()}")
+        model.load_state_dict(state, strict=True)
         return model.eval(), trial.metrics, False
     seed = trial.seed_for(config.search.seed)
     log(f"The weights of trial {trial.number} were not kept (the search keeps the best search.keep_best); retraining it with seed {seed}.")

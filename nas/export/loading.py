@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from nas.data import IMAGE_SUFFIXES, LEGACY_PREPROCESSING, Preprocessing
 from nas.data.sources import IMAGE_ERRORS, read_image
 from nas.errors import DataError, NasError
 from search_spaces import Architecture, QueryNet, build
+from trainers import check_state_dict, read_safetensors
 
 __all__ = ["ARCH_FILE", "WEIGHTS_FILE", "write_arch", "load_query_model", "load_preprocessing", "embed_folder"]
 
@@ -57,17 +56,13 @@ def load_query_model(folder: str | Path) -> QueryNet:
     try:
         meta = json.loads(arch_file.read_text())
         arch = Architecture.from_dict(meta["architecture"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise NasError(f"{arch_file} is not a valid architecture file: {exc}") from None
-    try:
-        state = load_file(str(weights_file))
-    except (SafetensorError, OSError) as exc:
-        raise NasError(f"{weights_file} is unreadable or truncated ({exc}); export the model again.") from None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise NasError(f"{arch_file} is not a valid architecture file ({type(exc).__name__}: {exc}); export the model again ('nas export').") from None
+    advice = "export the model again ('nas export')"
+    state, _ = read_safetensors(weights_file, "The export's weights", advice, NasError)
     model = build(arch)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise NasError(f"{weights_file} does not fit the architecture in {arch_file}: {str(exc).splitlines()[0]}") from None
+    check_state_dict(state, model, f"The export's weights {weights_file}", advice, NasError, f"the architecture in {arch_file}")
+    model.load_state_dict(state, strict=True)
     return model.eval()
 
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -164,7 +165,7 @@ def split_pieces(model: nn.Module) -> list[nn.Module]:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0  # JSON allows Infinity
 
 
 def _valid(entry: Any) -> bool:

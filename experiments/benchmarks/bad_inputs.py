@@ -303,6 +303,13 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         Case("nas ui on a port in use", ["ui", "--run-dir", str(root), "--port", str(busy_port)]),
         Case("nas baseline --models ''", ["baseline", two_cfg, "--models", ""]),
         Case("nas baseline --resolutions 8", ["baseline", two_cfg, "--resolutions", "8"]),
+        Case("nas profile --sample 0", ["profile", "--space", "mobilenet", "--sample", "0"]),
+        Case("nas profile --seed -1", ["profile", "--space", "mobilenet", "--seed", "-1"]),
+        Case("nas profile --resolution 0", ["profile", "--timm", "resnet18", "--resolution", "0"]),
+        Case("nas profile --threads 0", ["profile", "--timm", "resnet18", "--threads", "0"]),
+        Case("nas profile --batch-size -1", ["profile", "--timm", "resnet18", "--batch-size", "-1"]),
+        Case("nas profile --embed-dim 0 of a space", ["profile", "--space", "mobilenet", "--embed-dim", "0"]),
+        Case("missing gallery checkpoint and a budget nothing meets", ["search", str(cfg["nockpt"]), "--max-mflops", "0.0001"]),
     ]
 
 

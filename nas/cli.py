@@ -286,6 +286,8 @@ def _profile(args: argparse.Namespace) -> int:
         profiles = [profile_architecture(arch, latency, log=print, table=table, refresh=args.refresh) for arch in archs]
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None
+    except (RuntimeError, AssertionError) as exc:  # e.g. a ViT built for 224 px asked for another --resolution
+        raise ConfigError(f"The candidate does not run at this input resolution: {str(exc).strip().rstrip('.')}. Pass the --resolution it takes.") from None
     print(profile_table(profiles, latency, table))
     return 0
 

@@ -99,6 +99,11 @@ def test_profile_embed_dim_zero_is_for_a_timm_model_only() -> None:
         profile_candidates(space="mobilenet", embed_dim=0)
 
 
+def test_profile_of_a_model_that_cannot_take_the_resolution_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["profile", "--timm", "vit_tiny_patch16_224", "--resolution", "32", "--table-dir", str(tmp_path)]) == 2
+    assert "does not run at this input resolution" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("flag", "value"), [("--sample", "0"), ("--sample", "-2"), ("--resolution", "0"), ("--threads", "0"), ("--batch-size", "0"), ("--embed-dim", "-1"), ("--seed", "-1")]
 )

@@ -309,6 +309,7 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         Case("nas profile --threads 0", ["profile", "--timm", "resnet18", "--threads", "0"]),
         Case("nas profile --batch-size -1", ["profile", "--timm", "resnet18", "--batch-size", "-1"]),
         Case("nas profile --embed-dim 0 of a space", ["profile", "--space", "mobilenet", "--embed-dim", "0"]),
+        Case("nas profile of a 224 px ViT at 32 px", ["profile", "--timm", "vit_tiny_patch16_224", "--resolution", "32"]),
         Case("missing gallery checkpoint and a budget nothing meets", ["search", str(cfg["nockpt"]), "--max-mflops", "0.0001"]),
     ]
 

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     sshow.add_argument("name", help="a registered space (see 'nas spaces')")
     sshow.add_argument("--config", help="take the space's options, embedding size and channels from this experiment YAML")
     sshow.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a space option as YAML, e.g. widths=[0.5,1.0]")
-    sshow.add_argument("--embed-dim", type=int, default=128, help="embedding dimension of the head (default 128)")
+    sshow.add_argument("--embed-dim", type=_int_in(2), help="embedding dimension of the head (default 128, or the config's)")
     sshow.add_argument("--in-chans", type=int, choices=(1, 3), help="input channels (default 1; 3 with --gallery-model)")
     sshow.add_argument("--gallery-model", help="gallery/pruned: the timm model rooting the space (any supported family)")
     sshow.add_argument("--resolution", type=int, help="gallery/pruned: the one input resolution to show")
@@ -151,17 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--arch", help="an architecture string (as 'nas results' prints) or an arch.json file")
     what.add_argument("--timm", help="a timm model name, e.g. mobilenetv3_small_050")
     what.add_argument("--space", help="profile --sample random members of this registered space")
-    profile.add_argument("--sample", type=int, default=5, help="with --space: how many members (default 5)")
-    profile.add_argument("--seed", type=int, default=0, help="with --space: sampling seed")
-    profile.add_argument("--resolution", type=int, help="input resolution (--timm: default 32; --arch: override)")
+    profile.add_argument("--sample", type=_int_in(1), default=5, help="with --space: how many members (default 5)")
+    profile.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0, help="with --space: sampling seed")
+    profile.add_argument("--resolution", type=_int_in(8), help="input resolution (--timm: default 32, or gallery.resolution for the config's gallery model)")
     profile.add_argument("--config", help="take latency settings, embedding size, channels and space options from this experiment YAML")
     profile.add_argument("--runtime", help="a registered latency runtime (default: the config's, else torch)")
-    profile.add_argument("--threads", type=int, help="threads of the runtime")
-    profile.add_argument("--batch-size", type=int, help="batch size of the latency and memory measurements")
+    profile.add_argument("--threads", type=_int_in(1), help="threads of the runtime")
+    profile.add_argument("--batch-size", type=_int_in(1), help="batch size of the latency and memory measurements")
     profile.add_argument("--table-dir", help="folder of the latency lookup tables")
     profile.add_argument("--refresh", action="store_true", help="re-measure the lookup table's entries for these candidates and replace them")
-    profile.add_argument("--embed-dim", type=int, default=128, help="embedding size (default 128, or the config's)")
-    profile.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="input channels (default 1, or the config's)")
+    profile.add_argument("--embed-dim", type=_int_in(0), help="embedding size (default 128, or the config's; 0 with --timm: no embedding layer)")
+    profile.add_argument("--in-chans", type=int, choices=(1, 3), help="input channels (default 1, or the config's)")
     return parser
 
 
@@ -240,30 +240,34 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, object]:
 def _space_from_args(args: argparse.Namespace):
     from nas.config import load_config
     from nas.errors import ConfigError
+    from nas.study_nets import gallery_width, space_options
     from search_spaces import create_space
 
     options: dict[str, object] = {}
-    embed_dim, in_chans = args.embed_dim, args.in_chans or (3 if args.gallery_model else 1)
-    if args.config:
+    embed_dim, in_chans = args.embed_dim or 128, args.in_chans or (3 if args.gallery_model else 1)
+    assumed = [f"{in_chans} input channel(s)" if not args.in_chans else "", "a 128-d embedding projection" if not args.embed_dim else ""]
+    said = "" if args.config or not any(assumed) else f"Assumed (no --config): {', '.join(a for a in assumed if a)}."
+    if args.config:  # shaped as the study shapes it
         config = load_config(args.config)
-        if config.space.name == args.name:
-            options.update(config.space.options)
-        embed_dim = config.gallery.embed_dim or embed_dim
+        options.update(space_options(config, args.name))
         in_chans = config.data.resolved_channels
+        embed_dim = gallery_width(config.gallery, in_chans)
     options.update(_parse_options(args.option))
     if args.gallery_model:
+        if options.get("model", args.gallery_model) != args.gallery_model:  # not the config's gallery: it projects to the embedding
+            options["identity_head"] = False
         options["model"] = args.gallery_model
     if args.resolution:
         options["resolutions"] = [args.resolution]
     try:
-        return create_space(args.name, embed_dim=embed_dim, in_chans=in_chans, **options), ""
+        return create_space(args.name, embed_dim=embed_dim, in_chans=in_chans, **options), said
     except (ValueError, TypeError) as exc:
         if args.name != "gallery" or "cannot root the gallery space" not in str(exc):
             raise ConfigError(str(exc)) from None
         note = f"{exc} Shown instead: its structured prunings, the 'pruned' space (any supported family; space.name: pruned)."
-    pruned = {k: v for k, v in options.items() if k in ("model", "resolutions", "min_depth")}  # what both spaces take
+    pruned = {k: v for k, v in options.items() if k in ("model", "resolutions", "min_depth", "identity_head")}  # what both spaces take
     try:
-        return create_space("pruned", embed_dim=embed_dim, in_chans=in_chans, **pruned), note
+        return create_space("pruned", embed_dim=embed_dim, in_chans=in_chans, **pruned), f"{note}\n\n{said}".strip()
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
 
@@ -271,42 +275,29 @@ def _space_from_args(args: argparse.Namespace):
 def _profile(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import optuna
-
     from nas.config import LatencyConfig, load_config
     from nas.errors import ConfigError
     from nas.hardware.latency_table import LatencyTable
     from nas.hardware.profile import profile_architecture, profile_table
-    from search_spaces import Architecture, create_space, timm_architecture
+    from nas.study_nets import profile_candidates
 
-    latency, embed_dim, in_chans, space_options = LatencyConfig(), args.embed_dim, args.in_chans, {}
-    if args.config:
-        config = load_config(args.config)
-        latency, embed_dim, in_chans = config.budgets.latency, config.gallery.embed_dim or embed_dim, config.data.resolved_channels
-        space_options = dict(config.space.options) if args.space == config.space.name else {}
+    config = load_config(args.config) if args.config else None
+    latency = config.budgets.latency if config is not None else LatencyConfig()
     changes = {"runtime": args.runtime, "threads": args.threads, "batch_size": args.batch_size, "table_dir": args.table_dir}
     try:
         latency = dataclasses.replace(latency, **{k: v for k, v in changes.items() if v is not None})
-        if args.arch:
-            text = Path(args.arch).read_text() if args.arch.endswith(".json") else args.arch
-            arch = Architecture.from_json(text) if args.arch.endswith(".json") else Architecture.from_string(text)
-            if args.resolution:
-                arch = dataclasses.replace(arch, resolution=args.resolution)
-            archs = [arch]
-        elif args.timm:
-            archs = [timm_architecture(args.timm, args.resolution or 32, embed_dim, in_chans)]
-        else:
-            space = create_space(args.space, embed_dim=embed_dim, in_chans=in_chans, **space_options)
-            study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=args.seed))
-            archs = []
-            for _ in range(args.sample):
-                trial = study.ask()
-                archs.append(space.sample(trial))
-                study.tell(trial, 0.0)
+        archs, shaped = profile_candidates(
+            arch=args.arch, timm_name=args.timm, space=args.space, sample=args.sample, seed=args.seed, resolution=args.resolution,
+            embed_dim=args.embed_dim, in_chans=args.in_chans, config=config, config_name=args.config or "",
+        )
+        if shaped:
+            print(shaped)
         table = LatencyTable(latency, log=print)
         profiles = [profile_architecture(arch, latency, log=print, table=table, refresh=args.refresh) for arch in archs]
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None
+    except (RuntimeError, AssertionError) as exc:  # e.g. a ViT built for 224 px asked for another --resolution
+        raise ConfigError(f"The candidate does not run at this input resolution: {str(exc).strip().rstrip('.')}. Pass the --resolution it takes.") from None
     print(profile_table(profiles, latency, table))
     return 0
 

@@ -283,12 +283,14 @@ def test_predicted_within_the_margin_is_measured(config: LatencyConfig, monkeypa
     # just above the limit, but within the 15% margin: measured, and judged on the measurement
     budget = LatencyBudget(predicted / 1.1, config)
     measured = budget.measure(net, arch.resolution, 1)
-    assert calls == [1] and measured.measured and measured.note == ""
+    assert calls and measured.measured
+    assert (calls == [1]) == (measured.note == "")  # read once, or (its first reading over the limit) again, saying so
     assert measured.extra["latency_predicted_ms"] == pytest.approx(predicted)
     assert measured.extra["latency_p90_ms"] >= measured.value > 0
     # a generous limit: measured as well
+    before = len(calls)
     report = check_budgets(net, arch.resolution, 1, [LatencyBudget(1e6, config)])
-    assert report.feasible and calls == [1, 1]
+    assert report.feasible and len(calls) == before + 1
     assert {"latency_ms", "latency_p90_ms", "latency_predicted_ms"} <= set(report.values)
 
 

@@ -383,6 +383,14 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         Case("truncated export weights: nas embed", ["embed", str(cut_export), str(embed_huge), "--out", str(root / "e_cut.npy")], absent=[root / "e_cut.npy"]),
         Case("damaged gallery embedding cache: nas search rebuilds it", ["search", str(cfg["cutcache"]), "--timeout", "0.001"], expect=0, absent=no_gallery("cutcache")),
         Case("damaged latency table: nas profile starts a fresh one", ["profile", "--arch", SMALLEST, "--table-dir", str(root / "tables"), "--threads", "1"], expect=0),
+        Case("nas profile --sample 0", ["profile", "--space", "mobilenet", "--sample", "0"]),
+        Case("nas profile --seed -1", ["profile", "--space", "mobilenet", "--seed", "-1"]),
+        Case("nas profile --resolution 0", ["profile", "--timm", "resnet18", "--resolution", "0"]),
+        Case("nas profile --threads 0", ["profile", "--timm", "resnet18", "--threads", "0"]),
+        Case("nas profile --batch-size -1", ["profile", "--timm", "resnet18", "--batch-size", "-1"]),
+        Case("nas profile --embed-dim 0 of a space", ["profile", "--space", "mobilenet", "--embed-dim", "0"]),
+        Case("nas profile of a 224 px ViT at 32 px", ["profile", "--timm", "vit_tiny_patch16_224", "--resolution", "32"]),
+        Case("missing gallery checkpoint and a budget nothing meets", ["search", str(cfg["nockpt"]), "--max-mflops", "0.0001"]),
     ]
 
 

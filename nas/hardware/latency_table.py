@@ -311,8 +311,9 @@ class LatencyTable:
             self._probed = True
             self._note_probe(load_probe_ms(self.config.threads))
 
-    def _idle_probe(self) -> tuple[float, bool]:
-        """A probe time and whether the machine is busy: busy only if :data:`ATTEMPTS` probes in a row say so."""
+    def load(self) -> tuple[float, bool]:
+        """The load probe's time now (ms) and whether the machine is busy: :data:`ATTEMPTS` probes in a row over
+        :data:`MAX_LOAD` x the fastest this machine has run it (the guard of every measurement into the table)."""
         self._probed = True
         for attempt in range(ATTEMPTS):
             probe = load_probe_ms(self.config.threads)
@@ -321,6 +322,13 @@ class LatencyTable:
                 return probe, False
             if attempt < ATTEMPTS - 1:
                 time.sleep(BUSY_PAUSE_S)
+        return probe, True
+
+    def _idle_probe(self) -> tuple[float, bool]:
+        """:meth:`load`; a busy machine stops measurements into the table for :data:`BUSY_BACKOFF_S` seconds."""
+        probe, busy = self.load()
+        if not busy:
+            return probe, False
         self._busy_until = time.monotonic() + BUSY_BACKOFF_S
         self._log(
             f"Latency table {self.path.name}: this machine is busy (a fixed workload runs {probe / self.probe_ms:.1f}x slower than "

@@ -23,8 +23,9 @@ from nas.errors import BudgetError, ConfigError
 from nas.gallery import GalleryEmbeddings, GalleryNet, gallery_embeddings, open_gallery
 from nas.hardware import Budget, check_budgets, make_budgets
 from nas.search.fingerprint import Fingerprint, early_parts, full_parts
+from nas.study_nets import study_space
 from nas.threads import ThreadSizer, chosen_threads
-from search_spaces import SearchSpace, build, create_space
+from search_spaces import SearchSpace, build
 from trainers import CompatibilityLoss, GalleryTargets, Speed, create_loss_from_config, resolve_precision
 
 __all__ = ["Context", "prepare", "ensure_gallery", "check_reachable", "resolve_device", "gallery_targets", "Log"]
@@ -138,19 +139,6 @@ def gallery_targets(config: ExperimentConfig, gallery: GalleryNet, data: ImageSe
     )
 
 
-def _create_space(config: ExperimentConfig, embed_dim: int, in_chans: int, gallery_sha: str = "") -> SearchSpace:
-    options = dict(config.space.options)
-    if config.space.name == "pruned" and gallery_sha:  # members name the weights that ranked their channels
-        options.setdefault("root_sha", gallery_sha)
-    if config.space.name in ("gallery", "pruned"):  # the prunings of the gallery model: its name comes from gallery.model
-        options.setdefault("model", config.gallery.model)
-        options.setdefault("identity_head", config.gallery.embed_dim is None)  # the gallery embeds its pooled features
-    try:
-        return create_space(config.space.name, embed_dim=embed_dim, in_chans=in_chans, **options)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
 def resolve_budgets(config: ExperimentConfig, gallery: nn.Module, channels: int, log: Log = print) -> ExperimentConfig:
     """``config`` with every budget written relative to the gallery model (``"1/10"``) made absolute: the gallery
     model measured as candidates are (:func:`nas.hardware.check_budgets`, at ``gallery.resolution``), then scaled."""
@@ -161,7 +149,7 @@ def resolve_budgets(config: ExperimentConfig, gallery: nn.Module, channels: int,
     budgets = config.budgets.resolved(values)
     units = {b.name: b.unit for b in meters}
     log("Budgets relative to the gallery model: " + "; ".join(
-        f"{name} {config.budgets.relative.get(name, getattr(config.budgets, name))} of {values[name.removeprefix('max_')]:.4g} = "
+        f"{name} {getattr(config.budgets, name)} of {values[name.removeprefix('max_')]:.4g} = "
         f"{getattr(budgets, name):.4g} {units[name.removeprefix('max_')]}" for name in fractions))
     return dataclasses.replace(config, budgets=budgets)
 
@@ -177,7 +165,7 @@ def prepare(config: ExperimentConfig, log: Log = print, check_study: Callable[[F
     data, split = retrieval.data, retrieval.split
     mode = "query = gallery, own entry excluded" if split.query_is_gallery else "query and gallery disjoint"
     log(f"Data: {data.name}, {len(data.classes)} classes, {config.data.resolved_protocol} protocol ({mode}), split {split.sizes()}")
-    space = _create_space(config, config.gallery.embed_dim or 2, data.channels)
+    space = study_space(config)
     try:
         loss = create_loss_from_config(config.train.loss, config.train.loss_options)
     except ValueError as exc:
@@ -190,17 +178,22 @@ def prepare(config: ExperimentConfig, log: Log = print, check_study: Callable[[F
     early = early_parts(data, split, config.data.resolved_protocol, config.train.loss, config.train.loss_options)
     if check_study is not None:
         check_study(early)
+    # a configured gallery file (checkpoint, weights) is opened first: a missing or unreadable one is the error, not a budget
+    device = resolve_device(config.train.device)
+    opened = open_gallery(
+        config.gallery, data, split, config.out_dir, device, seed=config.data.seed, log=log, may_train=False, workers=config.data.workers,
+        threads=threads, speed=training_speed(config, device),
+    )
     if not config.budgets.unresolved:
         smallest = check_reachable(space, make_budgets(config.budgets))  # before any gallery training: fail fast
-    gallery, sha, _ = ensure_gallery(config, data, split, log, threads=threads)
+    gallery, sha, _ = opened or ensure_gallery(config, data, split, log, threads=threads)
     if config.budgets.unresolved:  # limits written as a fraction of the gallery model's own figures
         config = resolve_budgets(config, gallery, data.channels, log)
         smallest = check_reachable(space, make_budgets(config.budgets))
     budgets = make_budgets(config.budgets)
     log(f"Preprocessing (gallery and query side): {gallery.preprocessing.describe()}")
-    if config.gallery.embed_dim is None or config.space.name == "pruned":  # the gallery's width; the pruned space: its weights
-        space = _create_space(config, gallery.embed_dim, data.channels, sha)
-    device = resolve_device(config.train.device)
+    if gallery.embed_dim != space.embed_dim or config.space.name == "pruned":  # the pruned space: members name its weights
+        space = study_space(config, gallery.embed_dim, sha)
     emb, cached = gallery_embeddings(
         gallery, sha, data, split, config.gallery.resolution, config.cache_dir / "cache", config.gallery.batch_size, device, log,
         config.data.workers,

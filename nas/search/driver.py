@@ -21,7 +21,6 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 
 from nas.config import ExperimentConfig
 from nas.errors import ConfigError, GalleryError, NasError
-from nas.hardware import check_budgets
 from nas.locks import file_lock, study_lock
 from nas.records import State, StudyRecord, StudyWriter, TrialRecord, TrialWriter, enqueue_architecture
 from nas.report import write_report
@@ -37,6 +36,7 @@ from nas.search.preflight import check_before_data, warm_start_entry
 from nas.search.progress import Progress
 from nas.search.storage_loss import is_storage_lost, storage_lost
 from nas.secrets import mask_url, masked_config_dict
+from nas.study_nets import gallery_costs
 from nas.tracking import NullTracker, Tracker, check_tracking_uri, flatten, make_tracker
 from search_spaces import Architecture
 from trainers import TrainingDiverged
@@ -98,7 +98,7 @@ def open_tracked_study(
         log(f"Tracking: closed {closed} MLflow run(s) left open by an interrupted earlier search.")
     paragon = study_paragon(ctx, study)
     description = ctx.space.describe()
-    gallery_budgets = check_budgets(ctx.gallery, config.gallery.resolution, ctx.data.channels, ctx.budgets[:2], measure_all=True).values
+    gallery_budgets = gallery_costs(ctx.gallery, config.gallery.resolution, ctx.data.channels, ctx.budgets)
     recorded = masked_config_dict(config)  # what is recorded and printed never holds a password
     if StudyRecord.load(study).config is None or describe:
         StudyWriter(study).description(recorded, str(config.out_dir.resolve()), description, gallery_budgets, ctx.preprocessing.to_dict())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,7 +21,10 @@ from nas.data.sources import IMAGE_ERRORS, open_image
 from nas.errors import DataError, NasError
 from search_spaces import Architecture, QueryNet, build
 
-__all__ = ["ARCH_FILE", "WEIGHTS_FILE", "write_arch", "load_query_model", "load_preprocessing", "embed_folder"]
+if TYPE_CHECKING:
+    from nas.data.transforms import EvalTransform
+
+__all__ = ["ARCH_FILE", "WEIGHTS_FILE", "write_arch", "load_query_model", "load_preprocessing", "input_pipeline", "read_image", "embed_folder"]
 
 #: The architecture file of an export folder (JSON; rebuildable without pickle).
 ARCH_FILE = "arch.json"
@@ -82,6 +86,22 @@ def load_preprocessing(folder: str | Path) -> Preprocessing:
         raise NasError(f"{arch_file} does not record valid preprocessing: {exc}") from None
 
 
+def input_pipeline(export_dir: str | Path, model: QueryNet) -> tuple[EvalTransform, str]:
+    """The export's eval transform (its recorded preprocessing) and the PIL mode its images are converted to."""
+    arch = model.arch
+    transform = load_preprocessing(export_dir).for_channels(arch.in_chans).eval_transform(arch.resolution)
+    return transform, "L" if arch.in_chans == 1 else "RGB"
+
+
+def read_image(file: str | Path, transform: EvalTransform, mode: str) -> torch.Tensor:
+    """One image file as the query network's input tensor, decoded and preprocessed as :func:`embed_folder`
+    does; raises one of :data:`nas.data.sources.IMAGE_ERRORS` for a missing, corrupt or too large file."""
+    with open_image(file) as img:
+        img.draft(mode, (transform.decode_side, transform.decode_side))
+        picture = img.convert(mode)
+    return transform(picture)
+
+
 def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int = 64) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """Embed every image under ``images_dir`` with an exported model, with the preprocessing its
     ``arch.json`` records (the gallery model's normalisation, resize and centre crop).
@@ -93,15 +113,13 @@ def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int
     :class:`~nas.errors.DataError` listing them. Images are decoded one batch at a time.
     """
     model = load_query_model(export_dir)
-    arch = model.arch
-    transform = load_preprocessing(export_dir).for_channels(arch.in_chans).eval_transform(arch.resolution)
+    transform, mode = input_pipeline(export_dir, model)
     root = Path(images_dir)
     if not root.is_dir():
         raise NasError(f"{root} is not a folder of images.")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise NasError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
-    mode = "L" if arch.in_chans == 1 else "RGB"
     ids: list[str] = []
     skipped: list[tuple[str, str]] = []
     batch: list[torch.Tensor] = []
@@ -115,13 +133,10 @@ def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int
 
     for file in files:
         try:
-            with open_image(file) as img:
-                img.draft(mode, (transform.decode_side, transform.decode_side))
-                rgb = img.convert(mode)
+            batch.append(read_image(file, transform, mode))
         except IMAGE_ERRORS as exc:
             skipped.append((str(file.relative_to(root)), f"{type(exc).__name__}: {exc}"))
             continue
-        batch.append(transform(rgb))
         ids.append(str(file.relative_to(root)))
         if len(batch) == batch_size:
             flush()

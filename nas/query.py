@@ -175,7 +175,7 @@ def query_command(args: argparse.Namespace) -> int:
     ]
     page = write_html(args.html, results, args.gallery_root) if args.html else None
     if args.json:
-        print(json.dumps({"index": spec.tag, "search": searched, "k": k, "gallery_size": len(ids), "queries": results}, indent=2))
+        print(json.dumps({"index": spec.tag, "search": searched or None, "k": k, "gallery_size": len(ids), "queries": results}, indent=2))
     else:
         note = f"{spec.tag} index" + (f" ({searched})" if searched else "") + (f", cached as {cache}" if cache else "")
         print(f"Top {k} of {len(ids)} gallery item(s), {note}:")

@@ -9,6 +9,7 @@ opened as a reader (no heartbeats); a missing database is refused rather than cr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -94,14 +95,33 @@ def check_port(port: int, flag: str = "--port") -> None:
             raise ConfigError(f"Port {port} on 127.0.0.1 is in use ({exc.strerror}); pass another {flag}, e.g. {flag} {port + 1}.") from None
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGINT to the server's process group (``mlflow ui`` starts helper processes of its own); SIGKILL to what is
+    left of it after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    while time.monotonic() < deadline:
+        proc.poll()  # reaps the server itself; its group lives on while a helper does
+        if not _group_alive(proc.pid):
+            break
+        time.sleep(0.2)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def run_servers(servers: list[LocalServer], ready_timeout: float = 120.0) -> int:
@@ -110,9 +130,10 @@ def run_servers(servers: list[LocalServer], ready_timeout: float = 120.0) -> int
     for server in servers:
         check_port(server.port, server.port_flag)
     procs: list[subprocess.Popen] = []
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # stopped by SIGTERM as by Ctrl-C: the servers with it
     try:
-        for server in servers:
-            procs.append(subprocess.Popen(server.argv, env=server.env))
+        for server in servers:  # each in a process group of its own, which _stop ends as a whole
+            procs.append(subprocess.Popen(server.argv, env=server.env, process_group=0))
         pending = list(zip(servers, procs))
         deadline = time.monotonic() + ready_timeout
         while pending:
@@ -139,6 +160,7 @@ def run_servers(servers: list[LocalServer], ready_timeout: float = 120.0) -> int
     finally:
         for proc in procs:
             _stop(proc)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _storage_file(url: str) -> Path | None:

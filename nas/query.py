@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 
@@ -91,7 +92,7 @@ def embed_photos(export_dir: str | Path, photos: list[str], expect_dim: int | No
     return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
 
 
-def search_gallery(index, gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_gallery(index: faiss.Index, gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The rows of the top ``k`` gallery items of each query and their exact cosine scores, best first
     (an approximate index proposes the items; the scores are recomputed from the embeddings)."""
     _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)

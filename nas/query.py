@@ -164,6 +164,8 @@ def write_html(path: str | Path, results: list[dict], gallery_root: str | Path |
 
 def query_command(args: argparse.Namespace) -> int:
     """``nas query``: print (or ``--json``) the top-k gallery items of each photo; ``--html`` writes the page too."""
+    if args.html and Path(args.html).is_dir():  # said before any work, as write_html would say it after
+        raise DataError(f"--html {args.html} is a folder; pass a file name, e.g. {Path(args.html) / 'query.html'}.")
     gallery, ids = load_gallery(args.gallery_embeddings)
     queries = embed_photos(args.export_dir, args.photos, expect_dim=gallery.shape[1])
     index, spec, cache = cached_index(Path(args.gallery_embeddings), gallery, args.index, log=lambda text: print(text, file=sys.stderr))

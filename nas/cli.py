@@ -1,7 +1,7 @@
 """The ``nas`` command line.
 
 ``nas search CONFIG``, ``nas worker CONFIG``, ``nas gallery train CONFIG``, ``nas export``,
-``nas results``, ``nas embed``, ``nas ui``, ``nas spaces`` and ``nas space show``. Errors that are the user's to fix print one paragraph and exit with 2.
+``nas results``, ``nas embed``, ``nas query``, ``nas ui``, ``nas dashboard``, ``nas spaces`` and ``nas space show``. Errors that are the user's to fix print one paragraph and exit with 2.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nas.secrets import mask_process_output, mask_text
+from nas.cli_args import add_dashboard_parser, add_query_parser, add_ui_parser
 
 # The commands import what they need when they run, so that `nas --help` and a config
 # error answer at once instead of after importing torch, Optuna and MLflow.
@@ -120,11 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed_cmd.add_argument("images", help="folder of images (searched recursively)")
     embed_cmd.add_argument("--out", required=True, help="FILE.npy for the embeddings; the image ids go to FILE.ids.txt")
 
-    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a study's tracking store")
-    ui.add_argument("--study-name", help="the study; its store is runs/<study name>/mlflow.db unless --run-dir or --tracking-uri")
-    ui.add_argument("--run-dir", help="the search's output folder")
-    ui.add_argument("--tracking-uri", help="an MLflow backend store URI to browse instead")
-    ui.add_argument("--port", type=_int_in(1, 65535), default=5000, help="local port (default 5000)")
+    add_ui_parser(sub)
+    add_dashboard_parser(sub)
+    add_query_parser(sub)
 
     sub.add_parser("spaces", help="list the registered search spaces and their options")
     space = sub.add_parser("space", help="search-space commands")
@@ -423,18 +422,17 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"  {path}: {reason}")
         return 0
     if args.command == "ui":
-        import socket
+        from nas.ui import ui_command
 
-        from nas.errors import ConfigError
-        from nas.ui import serve_ui
+        return ui_command(args)
+    if args.command == "dashboard":
+        from nas.dashboard import dashboard_command
 
-        with socket.socket() as probe:  # a port in use: say so, rather than report another server's answer as ours
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closed port in TIME_WAIT is free
-            try:
-                probe.bind(("127.0.0.1", args.port))
-            except OSError as exc:
-                raise ConfigError(f"Port {args.port} on 127.0.0.1 is in use ({exc.strerror}); pass another --port, e.g. --port {args.port + 1}.") from None
-        return serve_ui(args.study_name, args.run_dir, args.tracking_uri, args.port)
+        return dashboard_command(args)
+    if args.command == "query":
+        from nas.query import query_command
+
+        return query_command(args)
     if args.command == "spaces":
         from search_spaces import list_spaces, space_options
 

@@ -1,20 +1,18 @@
-"""``nas ui``: the MLflow UI for a study's tracking store, on 127.0.0.1."""
+"""``nas ui``: the MLflow UI for a study's tracking store, on 127.0.0.1 (with ``--with-dashboard``, optuna-dashboard beside it)."""
 
 from __future__ import annotations
 
+import argparse
 import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from nas.errors import NasError
+from nas.dashboard import LocalServer, check_port, dashboard_server, dashboard_storage, run_servers
+from nas.errors import ConfigError, NasError
 from nas.secrets import mask_url
 from nas.tracking import check_tracking_uri
 
-__all__ = ["tracking_store", "serve_ui"]
+__all__ = ["tracking_store", "mlflow_server", "serve_ui", "ui_command"]
 
 
 def tracking_store(study_name: str | None, run_dir: str | None, tracking_uri: str | None) -> str:
@@ -30,37 +28,43 @@ def tracking_store(study_name: str | None, run_dir: str | None, tracking_uri: st
     return f"sqlite:///{db.resolve()}"
 
 
+def mlflow_server(store: str, port: int) -> LocalServer:
+    """The ``mlflow ui`` process for the backend store ``store`` on 127.0.0.1:``port``."""
+    return LocalServer(  # the store URI goes through the environment: a password in it stays out of the process list
+        name="mlflow ui",
+        argv=[sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env={**os.environ, "MLFLOW_BACKEND_STORE_URI": store},
+        port=port,
+        port_flag="--port",
+        ready_path="/health",
+        banner=f"MLflow UI for {mask_url(store)}: http://127.0.0.1:{port}",
+    )
+
+
 def serve_ui(study_name: str | None, run_dir: str | None, tracking_uri: str | None, port: int, ready_timeout: float = 120.0) -> int:
     """Run ``mlflow ui`` until interrupted; prints the URL once it answers."""
+    check_port(port)
     store = tracking_store(study_name, run_dir, tracking_uri)
     if store.startswith(("http://", "https://")):
         print(f"{mask_url(store)} is a tracking server: open it in a browser, it is its own UI.")
         return 0
-    proc = subprocess.Popen(  # the store URI goes through the environment: a password in it stays out of the process list
-        [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env={**os.environ, "MLFLOW_BACKEND_STORE_URI": store},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None:
-                    raise NasError(f"mlflow ui exited with status {proc.returncode} (is port {port} free? pass --port).") from None
-                if time.monotonic() > deadline:
-                    raise NasError(f"mlflow ui did not answer at {url} within {ready_timeout:.0f} s.") from None
-                time.sleep(0.5)
-        print(f"MLflow UI for {mask_url(store)}: {url}  (Ctrl-C stops it)", flush=True)
-        return proc.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    return run_servers([mlflow_server(store, port)], ready_timeout)
+
+
+def ui_command(args: argparse.Namespace) -> int:
+    """``nas ui``: the MLflow UI, and with ``--with-dashboard`` optuna-dashboard for the study's storage beside it."""
+    if not args.with_dashboard:
+        if args.storage:
+            raise ConfigError("--storage names the study storage of --with-dashboard; add --with-dashboard, or pass --tracking-uri for MLflow.")
+        return serve_ui(args.study_name, args.run_dir, args.tracking_uri, args.port)
+    if args.port == args.dashboard_port:
+        raise ConfigError(f"--port and --dashboard-port are both {args.port}; give the dashboard another, e.g. --dashboard-port {args.port + 1}.")
+    check_port(args.port)
+    check_port(args.dashboard_port, "--dashboard-port")
+    store = tracking_store(args.study_name, args.run_dir, args.tracking_uri)
+    url, _ = dashboard_storage(args.study_name, args.run_dir, args.storage)
+    dashboard = dashboard_server(url, args.dashboard_port, "--dashboard-port")
+    if store.startswith(("http://", "https://")):
+        print(f"{mask_url(store)} is a tracking server: open it in a browser, it is its own UI.")
+        return run_servers([dashboard])
+    return run_servers([mlflow_server(store, args.port), dashboard])

@@ -245,6 +245,14 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
     table.write_bytes(b'{"header": {"format": 2}, "entries": {"x": {"ms": 1.5, "at": 1')  # cut short while written
     untrained = save_gallery(create_gallery_net(GalleryConfig(model="resnet18", embed_dim=16, resolution=16), 1), root / "untrained.safetensors", 16, ("digit1", "digit7"))
 
+    rng = np.random.default_rng(0)
+    gallery16, gallery8, no_ids = root / "gallery16.npy", root / "gallery8.npy", root / "no_ids.npy"
+    for path, dim in ((gallery16, 16), (gallery8, 8), (no_ids, 16)):  # the export outputs 16 dimensions
+        np.save(path, rng.standard_normal((20, dim)).astype(np.float32))
+    for path in (gallery16, gallery8):
+        path.with_suffix(".ids.txt").write_text("".join(f"img{n}.png\n" for n in range(20)))
+    photo = str(next((two / "digit1").glob("*.png")))
+
     cfg = {
         "two": experiment(root, "two", folder),
         "one": experiment(root, "one", {"dataset": "image_folder", "path": str(one)}),
@@ -391,6 +399,27 @@ def build_cases(root: Path, busy_port: int) -> list[Case]:
         Case("nas profile --embed-dim 0 of a space", ["profile", "--space", "mobilenet", "--embed-dim", "0"]),
         Case("nas profile of a 224 px ViT at 32 px", ["profile", "--timm", "vit_tiny_patch16_224", "--resolution", "32"]),
         Case("missing gallery checkpoint and a budget nothing meets", ["search", str(cfg["nockpt"]), "--max-mflops", "0.0001"]),
+        # nas query
+        Case("nas query: a photo that is not an image", ["query", str(export), str(fake / "digit1" / "notes.png"), "--gallery-embeddings", str(gallery16)]),
+        Case("nas query: a photo that does not exist", ["query", str(export), str(root / "nope.png"), "--gallery-embeddings", str(gallery16)]),
+        Case("nas query: embeddings of another dimension", ["query", str(export), photo, "--gallery-embeddings", str(gallery8)]),
+        Case("nas query: embeddings without their ids file", ["query", str(export), photo, "--gallery-embeddings", str(no_ids)]),
+        Case("nas query: embeddings file missing", ["query", str(export), photo, "--gallery-embeddings", str(root / "none.npy")]),
+        Case("nas query: a folder that is no export", ["query", str(root), photo, "--gallery-embeddings", str(gallery16)]),
+        Case("nas query -k 0", ["query", str(export), photo, "--gallery-embeddings", str(gallery16), "-k", "0"]),
+        Case("nas query --index ivfpq on 20 vectors", ["query", str(export), photo, "--gallery-embeddings", str(gallery16), "--index", "ivfpq"],
+             unchanged=[gallery16]),
+        Case("nas query --html a folder", ["query", str(export), photo, "--gallery-embeddings", str(gallery16), "--html", str(root)]),
+        # nas dashboard
+        Case("nas dashboard: no study database", ["dashboard", "--run-dir", str(root / "nowhere")], absent=[root / "nowhere"]),
+        Case("nas dashboard: unknown study name", ["dashboard", "--run-dir", str(running), "--study-name", "kep"]),
+        Case("nas dashboard: garbage optuna.db", ["dashboard", "--run-dir", str(garbage)], unchanged=[garbage / "optuna.db"]),
+        Case("nas dashboard --storage sqlite:///missing.db", ["dashboard", "--storage", f"sqlite:///{root}/missing.db"], absent=[root / "missing.db"]),
+        Case("nas dashboard --storage env:UNSET", ["dashboard", "--storage", "env:NAS_H7_UNSET"]),
+        Case("nas dashboard --port 99999", ["dashboard", "--run-dir", str(running), "--port", "99999"]),
+        Case("nas dashboard on a port in use", ["dashboard", "--run-dir", str(running), "--port", str(busy_port)]),
+        Case("nas ui --with-dashboard, one port for both", ["ui", "--run-dir", str(running), "--with-dashboard", "--port", "5123", "--dashboard-port", "5123"]),
+        Case("nas dashboard: PostgreSQL missing role, password in URL", ["dashboard", "--storage", f"postgresql://nobody_h7:{PASSWORD}@127.0.0.1:5432/test"], secret=PASSWORD, postgres=True),
     ]
 
 

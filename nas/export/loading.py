@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,7 +20,10 @@ from nas.errors import DataError, NasError
 from search_spaces import Architecture, QueryNet, build
 from trainers import check_state_dict, read_safetensors
 
-__all__ = ["ARCH_FILE", "WEIGHTS_FILE", "write_arch", "load_query_model", "load_preprocessing", "embed_folder"]
+if TYPE_CHECKING:
+    from nas.data.transforms import EvalTransform
+
+__all__ = ["ARCH_FILE", "WEIGHTS_FILE", "write_arch", "load_query_model", "load_preprocessing", "input_pipeline", "query_input", "embed_folder"]
 
 #: The architecture file of an export folder (JSON; rebuildable without pickle).
 ARCH_FILE = "arch.json"
@@ -77,6 +81,20 @@ def load_preprocessing(folder: str | Path) -> Preprocessing:
         raise NasError(f"{arch_file} does not record valid preprocessing: {exc}") from None
 
 
+def input_pipeline(export_dir: str | Path, model: QueryNet) -> tuple[EvalTransform, str]:
+    """The export's eval transform (its recorded preprocessing) and the PIL mode its images are converted to."""
+    arch = model.arch
+    transform = load_preprocessing(export_dir).for_channels(arch.in_chans).eval_transform(arch.resolution)
+    return transform, "L" if arch.in_chans == 1 else "RGB"
+
+
+def query_input(file: str | Path, transform: EvalTransform, mode: str) -> torch.Tensor:
+    """One image file as the query network's input tensor, decoded as a viewer shows it
+    (:func:`nas.data.sources.read_image`) and preprocessed as :func:`embed_folder` does; raises one of
+    :data:`nas.data.sources.IMAGE_ERRORS` for a missing, corrupt, floating-point or too large file."""
+    return transform(read_image(file, mode, transform.decode_side))
+
+
 def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int = 64) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """Embed every image under ``images_dir`` with an exported model, with the preprocessing its
     ``arch.json`` records (the gallery model's normalisation, resize and centre crop).
@@ -89,15 +107,13 @@ def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int
     :class:`~nas.errors.DataError` listing them. Images are decoded one batch at a time.
     """
     model = load_query_model(export_dir)
-    arch = model.arch
-    transform = load_preprocessing(export_dir).for_channels(arch.in_chans).eval_transform(arch.resolution)
+    transform, mode = input_pipeline(export_dir, model)
     root = Path(images_dir)
     if not root.is_dir():
         raise NasError(f"{root} is not a folder of images.")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise NasError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
-    mode = "L" if arch.in_chans == 1 else "RGB"
     ids: list[str] = []
     skipped: list[tuple[str, str]] = []
     batch: list[torch.Tensor] = []
@@ -111,11 +127,10 @@ def embed_folder(export_dir: str | Path, images_dir: str | Path, batch_size: int
 
     for file in files:
         try:
-            rgb = read_image(file, mode, transform.decode_side)
+            batch.append(query_input(file, transform, mode))
         except IMAGE_ERRORS as exc:
             skipped.append((str(file.relative_to(root)), f"{type(exc).__name__}: {exc}"))
             continue
-        batch.append(transform(rgb))
         ids.append(str(file.relative_to(root)))
         if len(batch) == batch_size:
             flush()

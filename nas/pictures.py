@@ -16,9 +16,8 @@ too. Its rank and cosine score are written under it.
   (:meth:`~RetrievalPicture.render`) or a self-contained HTML page with the same content
   (:meth:`~RetrievalPicture.to_html`, thumbnails embedded as data URIs);
 * :func:`split_picture` and :func:`write_picture`: the picture of a split's query part, and
-  writing ``retrieval.png`` and ``retrieval.html`` (``nas export`` writes both into the export);
-* :func:`record_picture` and :func:`recorded_pictures`: the study remembers each trial's latest
-  exported picture, which ``nas report`` links.
+  writing ``retrieval.png`` and ``retrieval.html`` (``nas export`` writes both into the export,
+  and the study records where: ``nas report`` links them).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,13 +42,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Hit", "PictureRow", "RetrievalPicture", "pick_queries", "retrieval_picture", "split_picture", "write_picture",
-    "record_picture", "recorded_pictures",
     "PNG_NAME", "HTML_NAME", "QUERIES", "TOP_K", "MATCH_COLOUR", "MISS_COLOUR",
 ]  # fmt: skip
 
 PNG_NAME, HTML_NAME = "retrieval.png", "retrieval.html"
-#: The study attribute mapping a trial number to the path of its latest exported ``retrieval.png``.
-STUDY_ATTR = "retrieval_pictures"
 #: Default number of queries (rows) and results per side (k).
 QUERIES, TOP_K = 8, 5
 #: Frame colours of a true match, a wrong result and the query; far apart in grey as well (luma about 146, 71 and 60).
@@ -373,12 +369,3 @@ def write_picture(picture: RetrievalPicture, folder: str | Path) -> list[Path]:
     page.write_text(picture.to_html(rendered), encoding="utf-8")
     return [png, page]
 
-
-def record_picture(study: Any, trial: int, png: Path) -> None:
-    """Remember in the Optuna ``study`` that trial ``trial``'s latest retrieval picture is ``png`` (absolute)."""
-    study.set_user_attr(STUDY_ATTR, {**study.user_attrs.get(STUDY_ATTR, {}), str(trial): str(Path(png).resolve())})
-
-
-def recorded_pictures(study: Any) -> dict[int, Path]:
-    """Trial number -> the ``retrieval.png`` last exported for it (whether or not the file is still there)."""
-    return {int(trial): Path(path) for trial, path in sorted(study.user_attrs.get(STUDY_ATTR, {}).items(), key=lambda kv: int(kv[0]))}

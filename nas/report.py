@@ -24,7 +24,7 @@ import optuna
 
 from nas.config import config_from_dict
 from nas.errors import ConfigError
-from nas.pictures import HTML_NAME, PNG_NAME, QUERIES, TOP_K, recorded_pictures
+from nas.pictures import HTML_NAME, PNG_NAME, QUERIES, TOP_K
 from nas.records import QUERY_MAP, StudyRecord
 from nas.results import baselines_table, feasible_complete, pareto_front, pareto_table, results_table
 from nas.secrets import mask_url
@@ -93,12 +93,12 @@ def importances_table(study: optuna.Study) -> str:
 
 def pictures_text(study: optuna.Study) -> str:
     """Where the retrieval pictures of the study's exports are, or the command that draws one."""
-    found = {trial: png for trial, png in recorded_pictures(study).items() if png.is_file()}
+    info = StudyRecord.load(study)
+    found = {int(trial): Path(png) for trial, png in info.pictures.items() if Path(png).is_file()}
     if found:
         lines = [f"Retrieval pictures of exported trials ({QUERIES} fixed queries: the query network's top {TOP_K} beside the gallery model's own):"]
-        lines += [f"  trial {trial}: {png}  (page: {png.with_name(HTML_NAME)})" for trial, png in found.items()]
+        lines += [f"  trial {trial}: {png}  (page: {png.with_name(HTML_NAME)})" for trial, png in sorted(found.items())]
         return "\n".join(lines)
-    info = StudyRecord.load(study)
     raw = info.config or {}
     out = Path(info.out_dir or raw.get("out") or Path("runs") / study.study_name)
     storage = (raw.get("search") or {}).get("storage")

@@ -42,14 +42,14 @@ from nas.export.card import model_card
 from nas.export.formats import EXPORTERS, ExportContext, Exporter, resolve_formats
 from nas.export.loading import embed_folder, load_query_model
 from nas.export.verify import MAX_MAP_DIFF, MIN_COSINE, gallery_index, verify_export
-from nas.pictures import record_picture, split_picture, write_picture
-from nas.records import QUERY_MAP, QUERY_MAP_RATIO, QUERY_R1, State, StudyRecord, TrialRecord, trial_records
+from nas.pictures import HTML_NAME, PNG_NAME, split_picture, write_picture
+from nas.records import QUERY_MAP, QUERY_MAP_RATIO, QUERY_R1, State, StudyRecord, StudyWriter, TrialRecord, trial_records
 from nas.results import best_trial, front_cost, pareto_front
 from nas.scoring import embed
 from nas.search.context import prepare
 from nas.search.fingerprint import check_fingerprint
 from nas.search.evaluators import create_evaluator
-from nas.tracking import MlflowTracker, check_tracking_uri, register_onnx_model
+from nas.tracking import check_tracking_uri, log_run_artifacts, register_onnx_model
 from search_spaces import Architecture, QueryNet, build
 
 __all__ = [
@@ -136,20 +136,6 @@ def _trial_model(study: StudyRecord, trial: TrialRecord, config: ExperimentConfi
 
 # --------------------------------------------------------------------------- export
 
-def _log_pictures(config: ExperimentConfig, uri: str, run_id: str, files: Sequence[Path], log: Log) -> None:
-    """Log the retrieval picture's files to the trial's MLflow run."""
-    try:
-        tracker = MlflowTracker(uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts", log=log, journal_dir=config.out_dir)
-    except NasError as exc:  # the store is unreachable: the export itself is done
-        log(f"The retrieval picture was not logged to MLflow: {exc}")
-        return
-    for path in files:
-        tracker.log_artifact(run_id, path)
-    tracker.flush()
-    log(f"Logged {', '.join(p.name for p in files)} to the trial's MLflow run {run_id}.")
-
-
-
 def _register(
     study: StudyRecord, trial: TrialRecord, arch: Architecture, config: ExperimentConfig, metrics: dict[str, float], onnx_path: Path, log: Log,
     uri: str,
@@ -184,7 +170,7 @@ def export_trial(
     the study's recorded ``tracking.uri``; a recorded URI holds no password (see :mod:`nas.secrets`),
     so a store that needs one is named with ``tracking_uri``. The retrieval picture (``retrieval.png`` and
     ``retrieval.html``) is written when the gallery model is at hand, logged to the trial's MLflow run when it has
-    one, and recorded in the study (:func:`nas.pictures.record_picture`) for ``nas report``.
+    one, and recorded in the study (:attr:`StudyRecord.pictures`) for ``nas report``.
     """
     exporters = resolve_formats(formats)
     tracking_uri = check_tracking_uri(tracking_uri, "--tracking-uri") if tracking_uri else None  # a typo fails before any work
@@ -236,7 +222,7 @@ def export_trial(
     if not verification["passed"]:
         raise NasError(f"Export verification failed; see {out / 'verification.json'}.")
     if pictures:  # for 'nas report' to link
-        record_picture(study, trial.number, pictures[0])
+        StudyWriter(study).picture(trial.number, str(pictures[0].resolve()))
     run_id = trial.mlflow_run_id or ""
     onnx = EXPORTERS.get("onnx")
     if not (config.tracking.enabled and run_id and not run_id.startswith("pending-")):
@@ -247,7 +233,8 @@ def export_trial(
         log(f"Not logged to the trial's MLflow run, nor registered in the MLflow model registry: {exc}")
         return verification
     if pictures:
-        _log_pictures(config, uri, run_id, pictures, log)
+        failed = log_run_artifacts(uri, run_id, pictures)
+        log(f"The retrieval picture was not logged to the trial's MLflow run: {failed}" if failed else f"Logged {PNG_NAME} and {HTML_NAME} to the trial's MLflow run.")
     if register and onnx in exporters:
         verification["registered_model"] = _register(record, trial, arch, config, metrics, out / onnx.filename, log, uri)
         (out / "verification.json").write_text(json.dumps(verification, indent=2))

@@ -174,7 +174,6 @@ class TrialRecord:
             request=a.get("request"),
             retry_of=trial.system_attrs.get("failed_trial"),
             fingerprint=a.get("fingerprint"),
-            pictures=dict(a.get("retrieval_pictures", {})),
         )
 
     @property

@@ -69,7 +69,7 @@ def test_export_draws_the_retrieval_picture(exported) -> None:
     card = (out / "MODEL_CARD.md").read_text()
     assert "[`retrieval.png`](retrieval.png) and [`retrieval.html`](retrieval.html)" in card
     best = best_trial(study)
-    assert StudyRecord.load(study).pictures == {str(best.number): str(png.resolve())}
+    assert StudyRecord.load(study).pictures[str(best.number)] == str(png.resolve())
     assert f"trial {best.number}: {png.resolve()}" in pictures_text(study)
     artifacts = {f.path for f in mlflow.tracking.MlflowClient(config.tracking_uri).list_artifacts(best.mlflow_run_id)}
     assert {"retrieval.png", "retrieval.html"} <= artifacts
@@ -162,7 +162,8 @@ def test_pareto_point_and_format_subset(exported, tmp_path: Path) -> None:
     assert values == sorted(values)  # more MFLOPs only on the front when it buys val mAP
     verification = export_trial(study, "pareto:0", tmp_path, formats="state_dict", log=lambda _: None)
     assert verification["trial"] == front[0].number
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["MODEL_CARD.md", "arch.json", "verification.json", "weights.safetensors"]
+    expected = ["MODEL_CARD.md", "arch.json", "retrieval.html", "retrieval.png", "verification.json", "weights.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected
     assert set(verification["min_cosine"]) == {"reloaded"} and "int8" not in verification
 
 

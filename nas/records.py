@@ -333,6 +333,7 @@ class StudyRecord:
     mlflow_parent_run_id: str | None = None
     preprocessing: dict[str, Any] | None = None  # nas.data.Preprocessing.to_dict(); None: studies before it was recorded
     fingerprint: dict[str, str] | None = None  # what its numbers depend on, part by part (nas.search.fingerprint); None: older studies
+    pictures: dict[str, str] = field(default_factory=dict)  # trial number -> its latest exported retrieval.png (nas.pictures)
 
     @classmethod
     def load(cls, study: optuna.Study) -> StudyRecord:
@@ -351,6 +352,7 @@ class StudyRecord:
             mlflow_parent_run_id=a.get("mlflow_parent_run_id"),
             preprocessing=a.get("preprocessing"),
             fingerprint=a.get("fingerprint"),
+            pictures=dict(a.get("retrieval_pictures", {})),
         )
 
     @property
@@ -396,3 +398,7 @@ class StudyWriter:
 
     def parent_run(self, run_id: str) -> None:
         self.study.set_user_attr("mlflow_parent_run_id", run_id)
+
+    def picture(self, trial: int, png: str) -> None:
+        """Trial ``trial``'s latest exported retrieval picture is ``png`` (``nas report`` links it)."""
+        self.study.set_user_attr("retrieval_pictures", {**self.study.user_attrs.get("retrieval_pictures", {}), str(trial): png})

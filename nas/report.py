@@ -10,7 +10,9 @@
   baselines (``nas baseline``) marked;
 * ``importances.txt``: Optuna's fANOVA importance of each searched parameter for the val
   mAP of the feasible complete trials;
-* ``baselines.txt`` when baselines were recorded.
+* ``baselines.txt`` when baselines were recorded;
+* ``pictures.txt``: links to the retrieval pictures ``nas export`` drew (:mod:`nas.pictures`), or
+  how to draw one.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import optuna
 
 from nas.config import config_from_dict
 from nas.errors import ConfigError
+from nas.pictures import HTML_NAME, PNG_NAME, QUERIES, TOP_K
 from nas.records import QUERY_MAP, StudyRecord
 from nas.results import baselines_table, feasible_complete, pareto_front, pareto_table, results_table
 from nas.secrets import mask_url
 from nas.tracking import MlflowTracker
 
-__all__ = ["write_report", "importances_table", "log_report_to_mlflow"]
+__all__ = ["write_report", "importances_table", "pictures_text", "log_report_to_mlflow"]
 
 
 def _plot(study: optuna.Study, path: Path, cost: str, label: str) -> None:
@@ -88,6 +91,22 @@ def importances_table(study: optuna.Study) -> str:
     return "\n".join(lines)
 
 
+def pictures_text(study: optuna.Study) -> str:
+    """Where the retrieval pictures of the study's exports are, or the command that draws one."""
+    info = StudyRecord.load(study)
+    found = {int(trial): Path(png) for trial, png in info.pictures.items() if Path(png).is_file()}
+    if found:
+        lines = [f"Retrieval pictures of exported trials ({QUERIES} fixed queries: the query network's top {TOP_K} beside the gallery model's own):"]
+        lines += [f"  trial {trial}: {png}  (page: {png.with_name(HTML_NAME)})" for trial, png in sorted(found.items())]
+        return "\n".join(lines)
+    raw = info.config or {}
+    out = Path(info.out_dir or raw.get("out") or Path("runs") / study.study_name)
+    storage = (raw.get("search") or {}).get("storage")
+    where = f"--storage {mask_url(storage)}" if storage else f"--run-dir {out}"
+    return (f"No retrieval picture yet. Export a trial to draw one ({PNG_NAME} and {HTML_NAME} in the export folder, linked from its "
+            f"MODEL_CARD.md):\n  .venv/bin/nas export --study-name {study.study_name} {where} --out {out / 'export'}")
+
+
 def write_report(study: optuna.Study, folder: str | Path, top: int = 10) -> list[Path]:
     """Write the report files (see the module docstring) into ``folder``; returns their paths."""
     folder = Path(folder)
@@ -97,6 +116,7 @@ def write_report(study: optuna.Study, folder: str | Path, top: int = 10) -> list
         "top.txt": results_table(study, top=top),
         "pareto.txt": pareto_table(study),
         "importances.txt": importances_table(study),
+        "pictures.txt": pictures_text(study),
     }
     if StudyRecord.load(study).baselines:
         texts["baselines.txt"] = baselines_table(study)

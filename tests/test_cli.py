@@ -249,6 +249,7 @@ def test_baseline_trains_timm_models_beside_the_trials(tmp_path: Path, tiny_conf
     assert main(["report", "--study-name", "base", "--run-dir", str(tmp_path / "run"), "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "== top.txt" in out and "== baselines.txt" in out and "== importances.txt" in out and "logged" in out
+    assert "== pictures.txt\nNo retrieval picture yet" in out and f"nas export --study-name base --run-dir {tmp_path / 'run'} --out" in out
     report = tmp_path / "run" / "report"
     for name in ("pareto_mflops.png", "pareto_latency.png"):
         assert (report / name).read_bytes()[:4] == b"\x89PNG"

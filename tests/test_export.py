@@ -52,6 +52,29 @@ def test_export_writes_every_file_and_verifies(exported) -> None:
     assert json.loads((out / "verification.json").read_text()) == verification
 
 
+def test_export_draws_the_retrieval_picture(exported) -> None:
+    """retrieval.png and retrieval.html: 8 queries of 8 classes, the card and the report link them, the trial's run has them."""
+    import mlflow
+
+    from nas.report import pictures_text
+
+    config, study, out, _ = exported
+    png, page = out / "retrieval.png", out / "retrieval.html"
+    assert png.is_file() and page.is_file()
+    text = page.read_text()
+    assert text.count('<tr class="query-row"') == 8 and text.count('class="hit ') == 8 * 10
+    retrieval = load_retrieval_data(config.data)
+    queries = [int(chunk.split('"', 1)[0]) for chunk in text.split('<tr class="query-row" data-query="')[1:]]
+    assert set(queries) <= set(retrieval.split.query.tolist()) and len(set(retrieval.data.labels[queries])) == 8
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "[`retrieval.png`](retrieval.png) and [`retrieval.html`](retrieval.html)" in card
+    best = best_trial(study)
+    assert StudyRecord.load(study).pictures[str(best.number)] == str(png.resolve())
+    assert f"trial {best.number}: {png.resolve()}" in pictures_text(study)
+    artifacts = {f.path for f in mlflow.tracking.MlflowClient(config.tracking_uri).list_artifacts(best.mlflow_run_id)}
+    assert {"retrieval.png", "retrieval.html"} <= artifacts
+
+
 def test_loaded_model_gives_the_trial_embeddings(exported) -> None:
     config, study, out, _ = exported
     model = load_query_model(out)
@@ -139,7 +162,8 @@ def test_pareto_point_and_format_subset(exported, tmp_path: Path) -> None:
     assert values == sorted(values)  # more MFLOPs only on the front when it buys val mAP
     verification = export_trial(study, "pareto:0", tmp_path, formats="state_dict", log=lambda _: None)
     assert verification["trial"] == front[0].number
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["MODEL_CARD.md", "arch.json", "verification.json", "weights.safetensors"]
+    expected = ["MODEL_CARD.md", "arch.json", "retrieval.html", "retrieval.png", "verification.json", "weights.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected
     assert set(verification["min_cosine"]) == {"reloaded"} and "int8" not in verification
 
 

@@ -9,7 +9,10 @@ An export folder holds (``--format`` picks the optional ones; :data:`EXPORTERS` 
   ``embeddings`` (format ``onnx``);
 * ``model.int8.onnx``: ONNX Runtime static int8 quantisation (QDQ, per-channel weights,
   calibrated on training images) of ``model.onnx`` (format ``onnx-int8``);
-* ``verification.json`` and ``MODEL_CARD.md``.
+* ``verification.json`` and ``MODEL_CARD.md``;
+* ``retrieval.png`` and ``retrieval.html``: the retrieval picture (:mod:`nas.pictures`) of 8 fixed
+  queries, the exported network's top 5 beside the gallery model's own, when the gallery model is
+  at hand; also logged to the trial's MLflow run.
 
 Verification embeds the evaluation query set with every float format and requires a
 cosine of at least :data:`MIN_COSINE` to the trained module for every image, and the
@@ -33,17 +36,19 @@ import optuna
 
 from nas.config import ExperimentConfig, config_from_dict
 from nas.data import LEGACY_PREPROCESSING, Preprocessing, load_retrieval_data
-from nas.errors import NasError
+from nas.errors import ConfigError, NasError
 from nas.export.card import model_card
 from nas.export.formats import EXPORTERS, ExportContext, Exporter, resolve_formats
 from nas.export.loading import embed_folder, load_query_model
 from nas.export.verify import MAX_MAP_DIFF, MIN_COSINE, gallery_index, verify_export
-from nas.records import QUERY_MAP, QUERY_MAP_RATIO, QUERY_R1, State, StudyRecord, TrialRecord, trial_records
+from nas.pictures import HTML_NAME, PNG_NAME, split_picture, write_picture
+from nas.records import QUERY_MAP, QUERY_MAP_RATIO, QUERY_R1, State, StudyRecord, StudyWriter, TrialRecord, trial_records
 from nas.results import best_trial, front_cost, pareto_front
+from nas.scoring import embed
 from nas.search.context import prepare
 from nas.search.fingerprint import check_fingerprint
 from nas.search.evaluators import create_evaluator
-from nas.tracking import check_tracking_uri, register_onnx_model
+from nas.tracking import check_tracking_uri, log_run_artifacts, register_onnx_model
 from search_spaces import Architecture, QueryNet, build
 from trainers import check_state_dict, read_safetensors
 
@@ -134,7 +139,6 @@ def _trial_model(study: StudyRecord, trial: TrialRecord, config: ExperimentConfi
 
 # --------------------------------------------------------------------------- export
 
-
 def _register(
     study: StudyRecord, trial: TrialRecord, arch: Architecture, config: ExperimentConfig, metrics: dict[str, float], onnx_path: Path, log: Log,
     uri: str,
@@ -167,7 +171,9 @@ def export_trial(
     the ONNX model is also logged to the trial's MLflow run and registered as
     ``asymnas-<study name>`` in the store at ``tracking_uri`` (``env:NAME`` allowed), by default
     the study's recorded ``tracking.uri``; a recorded URI holds no password (see :mod:`nas.secrets`),
-    so a store that needs one is named with ``tracking_uri``.
+    so a store that needs one is named with ``tracking_uri``. The retrieval picture (``retrieval.png`` and
+    ``retrieval.html``) is written when the gallery model is at hand, logged to the trial's MLflow run when it has
+    one, and recorded in the study (:attr:`StudyRecord.pictures`) for ``nas report``.
     """
     exporters = resolve_formats(formats)
     tracking_uri = check_tracking_uri(tracking_uri, "--tracking-uri") if tracking_uri else None  # a typo fails before any work
@@ -197,7 +203,15 @@ def export_trial(
         preprocessing=preprocessing, workers=config.data.workers,
     )  # fmt: skip
     (out / "verification.json").write_text(json.dumps(verification, indent=2))
-    (out / "MODEL_CARD.md").write_text(model_card(record, trial, arch, config, verification, metrics, preprocessing))
+    pictures = []
+    if gallery is not None:
+        picture = split_picture(
+            retrieval, lambda rows: embed(model, retrieval.data.images, arch.resolution, preprocessing, indices=rows, workers=0), gallery,
+            title=f"Study {record.name}, trial {trial.number}: the exported query network's retrieval beside the gallery model's",
+        )  # fmt: skip
+        pictures = write_picture(picture, out)
+        log(f"Retrieval picture: {pictures[0]} and {pictures[1].name} ({picture.summary()})")
+    (out / "MODEL_CARD.md").write_text(model_card(record, trial, arch, config, verification, metrics, preprocessing, pictures=[p.name for p in pictures]))
     cos = ", ".join(f"{k} {v:.6f}" for k, v in verification["min_cosine"].items())
     log(f"Verification {'passed' if verification['passed'] else 'FAILED'}: min cosine to the trained module on {verification['query_images']} query images: {cos} (threshold {MIN_COSINE})")
     if "query_mAP" in verification:
@@ -210,13 +224,24 @@ def export_trial(
         )
     if not verification["passed"]:
         raise NasError(f"Export verification failed; see {out / 'verification.json'}.")
+    if pictures:  # for 'nas report' to link
+        StudyWriter(study).picture(trial.number, str(pictures[0].resolve()))
     run_id = trial.mlflow_run_id or ""
     onnx = EXPORTERS.get("onnx")
-    if register and config.tracking.enabled and onnx in exporters and run_id:
+    if not (config.tracking.enabled and run_id):
+        return verification
+    try:
+        uri = tracking_uri or config.tracking_uri
+    except ConfigError as exc:  # e.g. the recorded URI's password is masked
+        log(f"Not logged to the trial's MLflow run, nor registered in the MLflow model registry: {exc}")
+        return verification
+    if pictures and not run_id.startswith("pending-"):  # a run recorded during an outage: in the store once its journal is replayed
+        failed = log_run_artifacts(uri, run_id, pictures)
+        log(f"The retrieval picture was not logged to the trial's MLflow run: {failed}" if failed else f"Logged {PNG_NAME} and {HTML_NAME} to the trial's MLflow run.")
+    if register and onnx in exporters:
         try:
-            uri = tracking_uri or config.tracking_uri
             verification["registered_model"] = _register(record, trial, arch, config, metrics, out / onnx.filename, log, uri)
-        except NasError as exc:  # the recorded URI's password is masked; the trial's run not replayed into the store yet
+        except NasError as exc:  # the trial's run not replayed into the store yet
             log(f"Not registered in the MLflow model registry: {exc}")
             return verification
         (out / "verification.json").write_text(json.dumps(verification, indent=2))

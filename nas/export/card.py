@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from nas.data import Preprocessing
 from nas.export.verify import MAX_MAP_DIFF
+from nas.pictures import QUERIES, TOP_K
 from nas.records import StudyRecord, TrialRecord
 from search_spaces import Architecture
 
@@ -34,9 +36,11 @@ def model_card(
     verification: dict[str, Any],
     metrics: dict[str, float],
     preprocessing: Preprocessing,
+    pictures: Sequence[str] = (),
 ) -> str:
     """The card's Markdown text. ``metrics`` are those of the exported weights (the trial's, or a retrain's);
-    ``preprocessing`` is the study's (the gallery model's), which the export records and ``nas embed`` applies."""
+    ``preprocessing`` is the study's (the gallery model's), which the export records and ``nas embed`` applies;
+    ``pictures`` the retrieval picture's file names in the export (none: it was not drawn)."""
     b = trial.budgets
     paragon = study.paragon_query
     lat = config.budgets.latency
@@ -70,6 +74,16 @@ def model_card(
         key = f"query_{name}"
         if key in metrics:
             lines.append(f"| {name} | {metrics[key]:.4f} | {paragon.get(name, float('nan')):.4f} | {metrics.get(key + '_ratio', float('nan')):.3f} |")
+    lines += ["", "## Retrieval picture"]
+    if pictures:
+        lines.append(
+            f"- {' and '.join(f'[`{name}`]({name})' for name in pictures)} (the same content): {QUERIES} fixed queries "
+            f"(one per class, seeded), each with its top {TOP_K} gallery images by this network beside the top {TOP_K} by the "
+            "gallery model's own embedding of the query (paragon); a green frame with a check marks a true match, a red frame "
+            "with a cross a wrong one; rank and cosine score under each"
+        )
+    else:
+        lines.append("- not drawn: the gallery model's embeddings of the split were not available to the export")
     lines += [
         "",
         "## Gallery model",

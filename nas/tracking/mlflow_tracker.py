@@ -464,3 +464,20 @@ def register_onnx_model(uri: str, run_id: str, onnx_path: str | Path, name: str,
     for key, value in tags.items():
         client.set_model_version_tag(name, version, mlflow_key(key), str(value))
     return version
+
+
+def log_run_artifacts(uri: str, run_id: str, paths: Iterable[str | Path]) -> str | None:
+    """Log the files ``paths`` to run ``run_id`` of the store at ``uri`` (``env:NAME`` allowed); ``None``, or why they were not
+    logged (the store could not be reached or refused them: said, not raised, for work that is already done)."""
+    import mlflow  # deferred: a heavy optional library, needed only when tracking is on
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # fail fast, as the tracker does
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    try:
+        client = mlflow.tracking.MlflowClient(tracking_uri=check_tracking_uri(uri))
+        for path in paths:
+            client.log_artifact(run_id, str(path))
+    except Exception as exc:  # MLflow, HTTP or database errors
+        return f"{type(exc).__name__}: {mask_text(str(exc))}"
+    return None

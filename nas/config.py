@@ -107,8 +107,10 @@ class BudgetConfig:
                 continue
             _check(
                 value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
-                f"budgets.{name} must be > 0, a fraction of the gallery model's own figure ('1/10' or '10%'), or null, but got {value!r}.",
+                f"'budgets.{name}' must be > 0, a fraction of the gallery model's own figure ('1/10' or '10%'), or null, but got {value!r}.",
             )
+            if isinstance(value, int):
+                object.__setattr__(self, name, float(value))
 
     @property
     def unresolved(self) -> dict[str, float]:

@@ -26,7 +26,7 @@ def test_a_fraction_of_the_gallery_resolves_against_its_figure(written: str, fra
 
 @pytest.mark.parametrize("bad", ["1/0", "ten", "-1/10", "1/10 of it", True, -3])
 def test_a_limit_that_is_neither_a_number_nor_a_fraction_is_refused(bad) -> None:
-    with pytest.raises(ConfigError, match=r"budgets.max_mflops must be > 0, a fraction of the gallery model's own figure \('1/10'"):
+    with pytest.raises(ConfigError, match=r"'budgets.max_mflops' must be > 0, a fraction of the gallery model's own figure \('1/10'"):
         BudgetConfig(max_mflops=bad)
 
 
@@ -50,5 +50,5 @@ def test_the_command_line_takes_a_fraction_and_refuses_nonsense(tmp_path, tiny_c
     path.write_text(yaml.safe_dump(tiny_config(tmp_path / "run")))
     out = subprocess.run([sys.executable, "-m", "nas.cli", "search", str(path), "--max-mflops", "a tenth"], capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "budgets.max_mflops must be > 0, a fraction of the gallery model's own figure" in out.stderr
+    assert "'budgets.max_mflops' must be > 0, a fraction of the gallery model's own figure" in out.stderr
     assert not (tmp_path / "run" / "gallery").exists()

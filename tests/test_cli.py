@@ -114,6 +114,7 @@ def test_embed_a_folder_skips_and_lists_bad_images(tmp_path: Path, tiny_config, 
     np.testing.assert_allclose(embeddings[first], expected, atol=1e-5)
 
 
+@pytest.mark.slow  # about 95 s; workers on one study stay covered by tests/test_resume.py and tests/test_distributed.py
 def test_search_with_two_local_workers_on_sqlite(tmp_path: Path, tiny_config, capsys) -> None:
     import optuna
 

@@ -115,6 +115,7 @@ def test_three_workers_finish_exactly_the_trial_budget(tmp_path: Path, tiny_conf
     assert len({r.data.tags["asymnas.worker"] for r in children}) >= 2  # the server took runs from several workers
 
 
+@pytest.mark.slow  # about 70 s; a killed trial retried on SQLite stays in the default run (tests/test_resume.py)
 def test_a_killed_worker_trial_is_failed_and_retried(tmp_path: Path, tiny_config, pg_databases) -> None:
     storage, tracking = pg_databases(), pg_databases()  # MLflow writes straight to a PostgreSQL store
     raw = tiny_config(

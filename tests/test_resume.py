@@ -150,7 +150,7 @@ def _start(file: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-@pytest.mark.parametrize("processes", [2, 3])
+@pytest.mark.parametrize("processes", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_concurrent_searches_add_exactly_what_each_asked_and_train_no_architecture_twice(
     tmp_path: Path, tiny_config, gallery: str, processes: int
 ) -> None:

@@ -120,6 +120,7 @@ def test_an_outage_in_the_middle_loses_nothing(tmp_path: Path) -> None:
         _stop(server)
 
 
+@pytest.mark.slow  # about 70 s; the servers nas ui builds are checked by tests/test_dashboard.py and tests/test_secrets.py
 def test_nas_ui_serves_the_study(tmp_path: Path, tiny_config) -> None:
     from nas.config import config_from_dict
     from nas.search.driver import run_search

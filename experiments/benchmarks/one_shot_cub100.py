@@ -189,6 +189,13 @@ def main() -> None:
                              "resolutions": config.space.options["resolutions"], "threads": args.threads}
         start = time.perf_counter()
         train_study_supernet(config, log)
+        recorded = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).config or {}
+        asked = {"supernet.epochs": config.supernet.epochs, "train.epochs": config.train.epochs, "search.warm_start": config.search.warm_start}
+        kept = {"supernet.epochs": recorded.get("supernet", {}).get("epochs"), "train.epochs": recorded.get("train", {}).get("epochs"),
+                "search.warm_start": recorded.get("search", {}).get("warm_start")}
+        if asked != kept:  # the family's device searches take the settings the study recorded when it was created
+            sys.exit(f"Study {config.search.study_name!r} was created with {kept}, not {asked}: its family would use the former. "
+                     f"Pass another --study-name.")
         result["supernet_seconds"] = time.perf_counter() - start
         gallery_mflops = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).gallery_budgets["mflops"]
         result["gallery_mflops"] = gallery_mflops  # as the study counted it

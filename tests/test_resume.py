@@ -4,7 +4,6 @@ and retried at once by the next start on the same machine."""
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -30,18 +29,9 @@ SMALL = {"data__max_per_class": 30, "budgets__max_mflops": None, "train__epochs"
 
 
 @pytest.fixture(scope="module")
-def gallery(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> str:
-    """A gallery model trained once (on the small data of this module's searches)."""
-    from tests.conftest import TINY
-
-    raw = copy.deepcopy(TINY)
-    raw["out"] = str(tmp_path_factory.mktemp("gallery"))
-    raw["data"]["path"] = str(digits_dir)
-    raw["data"]["max_per_class"] = 30
-    raw["search"]["trials"] = 0
-    config = config_from_dict(raw)
-    run_search(config, log=lambda _: None)
-    return str(config.out_dir / "gallery" / "gallery.safetensors")
+def gallery(small_gallery: str) -> str:
+    """A gallery model trained once (on the small data of this module's searches: tests/conftest.py)."""
+    return small_gallery
 
 
 def _raw(tiny_config, out: Path, gallery: str, **overrides) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import signal
 import socket
 import subprocess
@@ -76,11 +77,16 @@ def test_dashboard_serves_the_study_and_its_trials(run_dir: Path) -> None:
         assert all(t["state"] == "Complete" for t in study["trials"])
         attrs = [{a["key"]: a["value"] for a in t["user_attrs"]} for t in study["trials"]]
         assert [json.loads(a["budgets"])["mflops"] for a in attrs] == [1.5, 2.5, 3.5]
+        banner = f"Optuna dashboard 0.21.0 for sqlite:///{(run_dir / 'optuna.db').resolve()}: http://127.0.0.1:{port}/dashboard"
+        seen, deadline = "", time.monotonic() + 60  # nas prints it once its own readiness poll sees the server answer
+        while banner not in seen and time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                seen += proc.stdout.readline()
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert f"Optuna dashboard 0.21.0 for sqlite:///{(run_dir / 'optuna.db').resolve()}: http://127.0.0.1:{port}/dashboard" in out
+    assert banner in seen + out
     assert "Traceback" not in err
     assert _port_closed(port)  # the dashboard's own process was stopped with nas dashboard
 

@@ -217,6 +217,7 @@ def test_export_registers_a_loadable_model(exported) -> None:
     assert client.get_run(best.mlflow_run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # about 30 s; the export path itself is covered by test_export_writes_every_file_and_verifies
 def test_export_of_a_warm_started_timm_trial(tmp_path: Path, tiny_config) -> None:
     """A trial that is a timm model (warm start) exports and verifies like a searched one."""
     raw = tiny_config(tmp_path / "run", search__trials=1, budgets__max_mflops=None, search__warm_start=["lcnet_035@32"], train__epochs=1)

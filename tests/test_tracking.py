@@ -133,7 +133,7 @@ def test_nas_ui_serves_the_study(tmp_path: Path, tiny_config) -> None:
     )
     try:
         lines = []
-        while not any(f"MLflow UI for" in line for line in lines):  # mlflow prints lines of its own first
+        while not any("MLflow UI for" in line for line in lines):  # mlflow prints lines of its own first
             line = proc.stdout.readline()
             assert line, "nas ui exited: " + "".join(lines)
             lines.append(line)

@@ -95,6 +95,17 @@ def _head(embed_dim: int, projection: bool = True) -> str:
     return f"no embedding layer (the {embed_dim}-d pooled features, L2-normalised)"
 
 
+def random_members(space: SearchSpace, n: int, seed: int) -> list[Architecture]:
+    """``n`` architectures of ``space`` drawn by Optuna's random sampler (seeded)."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    archs = []
+    for _ in range(n):
+        trial = study.ask()
+        archs.append(space.sample(trial))
+        study.tell(trial, 0.0)
+    return archs
+
+
 def profile_candidates(
     *,
     arch: str | None = None,
@@ -154,12 +165,7 @@ def profile_candidates(
             members = create_space(space, embed_dim=dim, in_chans=chans, **options)
         except (ValueError, TypeError) as exc:
             raise ConfigError(str(exc)) from None
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-        archs = []
-        for _ in range(sample):
-            trial = study.ask()
-            archs.append(members.sample(trial))
-            study.tell(trial, 0.0)
+        archs = random_members(members, sample, seed)
         parts.append(f"{_head(dim)} ({dim_from})")
     hint = "; --config CONFIG takes them from an experiment" if config is None and any("assumed" in p for p in parts) else ""
     return archs, f"Profiled with {', '.join(parts)}{hint}."

@@ -5,19 +5,11 @@ from __future__ import annotations
 import optuna
 
 from nas.hardware import count_mflops
+from nas.study_nets import random_members
 from search_spaces import Architecture, SearchSpace, build
 
-
-def random_members(space: SearchSpace, n: int, seed: int) -> list[Architecture]:
-    """``n`` architectures drawn by Optuna's random sampler (seeded)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    archs = []
-    for _ in range(n):
-        trial = study.ask()
-        archs.append(space.sample(trial))
-        study.tell(trial, 0.0)
-    return archs
+__all__ = ["random_members", "median_member"]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def median_member(space: SearchSpace, n: int = 41, seed: int = 0) -> Architecture:

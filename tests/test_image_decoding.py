@@ -7,6 +7,8 @@ the pixels with the 8-bit picture as a viewer shows it.
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -329,3 +331,26 @@ def test_nas_embed_gives_a_16_bit_or_rotated_file_the_embedding_of_its_8_bit_upr
     other, other_ids, other_skipped = embed_folder(export, tmp_path / "other")
     assert ids == other_ids == ["a.png", "b.png"] and skipped == other_skipped == []
     assert np.array_equal(eight, other)
+
+
+def test_the_fingerprint_follows_content_not_modification_times(tmp_path):
+    """A copied or touched folder keeps its fingerprint (a study resumes, its gallery cache is reused);
+    a file replaced by another of the same size, or one changed only past the sampled head, does not."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(_grey()).save(tmp_path / "a.bmp")
+    big = rng.integers(0, 256, size=3 * sources.SAMPLED_BYTES, dtype=np.uint8)
+    (tmp_path / "b.bin").write_bytes(big.tobytes())
+    names = ["a.bmp", "b.bin"]
+    before = FileImages(tmp_path, names).fingerprint()
+    copy = tmp_path.parent / (tmp_path.name + "-copy")
+    shutil.copytree(tmp_path, copy)  # new modification times
+    os.utime(copy / "a.bmp", (1, 1))
+    assert FileImages(copy, names).fingerprint() == before
+    Image.fromarray(255 - _grey()).save(copy / "a.bmp")  # same size, other pixels
+    assert (copy / "a.bmp").stat().st_size == (tmp_path / "a.bmp").stat().st_size
+    assert FileImages(copy, names).fingerprint() != before
+    shutil.copy(tmp_path / "a.bmp", copy / "a.bmp")
+    tail = big.copy()
+    tail[-1] ^= 1  # a change in the last bytes of a large file
+    (copy / "b.bin").write_bytes(tail.tobytes())
+    assert FileImages(copy, names).fingerprint() != before

@@ -315,6 +315,8 @@ class SearchConfig:
 
 #: ``supernet.batch_norm``: how members' batch-norm statistics are set (see :class:`SupernetConfig`).
 BATCH_NORM_MODES = ("auto", "frozen", "recalibrate")
+#: ``supernet.fine_tune_from``: the weights a chosen member's fine-tuning starts from (see :class:`SupernetConfig`).
+FINE_TUNE_STARTS = ("auto", "supernet", "gallery", "both")
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,12 @@ class SupernetConfig:
     The ``fine_tune_best`` best members (by inherited val mAP) are then fine-tuned from
     their inherited weights for ``fine_tune_epochs`` (null: ``train.epochs``) at
     ``fine_tune_lr`` (null: ``train.lr``) and scored on the query images; the study's
-    best trial and its export come from those.
+    best trial and its export come from those. ``fine_tune_from``: the weights that fine-tuning
+    starts from: ``supernet`` (the member's inherited weights), ``gallery`` (the gallery
+    model's own weights pruned to the member, as before any supernet training; a supernet
+    rooted in the gallery model only), ``both`` (fine-tuned from each, the one with the higher
+    val mAP after fine-tuning kept; twice the time) or ``auto``: ``both`` when the supernet
+    is rooted in the gallery model, else ``supernet``.
     """
 
     epochs: int = 4
@@ -361,6 +368,7 @@ class SupernetConfig:
     fine_tune_epochs: int | None = None
     fine_tune_lr: float | None = None
     batch_norm: str = "auto"
+    fine_tune_from: str = "auto"
     max_mflops: Any = "budget"  # a number, "budget" or null (see above)
 
     def __post_init__(self) -> None:
@@ -368,6 +376,8 @@ class SupernetConfig:
             self.max_mflops is None or self.max_mflops == "budget" or (isinstance(self.max_mflops, (int, float)) and not isinstance(self.max_mflops, bool) and self.max_mflops > 0),
             f"supernet.max_mflops must be a positive number of MFLOPs, 'budget' (the study's budgets.max_mflops) or null (the whole space), but got {self.max_mflops!r}.",
         )
+        _check(self.fine_tune_from in FINE_TUNE_STARTS,
+               f"supernet.fine_tune_from must be one of {', '.join(FINE_TUNE_STARTS)}, but got {self.fine_tune_from!r}.")
         _check(self.batch_norm in BATCH_NORM_MODES, f"supernet.batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, but got {self.batch_norm!r}.")
         _check(self.epochs >= 1, f"supernet.epochs must be >= 1, but got {self.epochs}.")
         _check(self.lr is None or self.lr > 0, f"supernet.lr must be > 0 or null, but got {self.lr}.")

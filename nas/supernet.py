@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from nas.data import StreamingImages, eval_batches
-from nas.errors import NasError
+from nas.errors import ConfigError, NasError
 from search_spaces import Architecture, GallerySpace, PrunedQueryNet, PrunedSpace, QueryNet, RootedSupernet, SearchSpace, Supernet, build, recalibrate_bn, supernet_over
 from search_spaces._head import EmbeddingHead
 from trainers import CheckpointError, TrainingDiverged, check_state_dict, load_checkpoint, make_optimizer, make_scheduler, read_safetensors, save_checkpoint
@@ -63,7 +63,7 @@ if TYPE_CHECKING:  # the context imports this module's users
     from nas.config import ExperimentConfig
     from nas.search.context import Context
 
-__all__ = ["sandwich_mflops", "sandwich_largest", "frozen_batch_norm", "rooted", "open_supernet", "train_supernet", "supernet_key", "root_network", "member_network", "recalibrated", "recalibration_indices", "random_member", "SupernetInfo"]
+__all__ = ["sandwich_mflops", "sandwich_largest", "frozen_batch_norm", "rooted", "open_supernet", "train_supernet", "supernet_key", "root_network", "member_network", "recalibrated", "recalibration_indices", "random_member", "SupernetInfo", "gallery_supernet", "fine_tune_starts"]
 
 Log = Callable[[str], None]
 FORMAT = "asymnas-supernet-v1"
@@ -235,6 +235,32 @@ def root_network(ctx: Context, space: SearchSpace) -> QueryNet | None:
     if missing.missing_keys or missing.unexpected_keys:
         raise NasError(f"The gallery model's weights do not fit its own architecture read back ({missing}); this is a bug.")
     return net.eval()
+
+
+def gallery_supernet(ctx: Context) -> Supernet | RootedSupernet | None:
+    """The supernet over ``ctx.space`` as it is before any training: every member a structured pruning of the gallery model
+    with the gallery's own weights, channels in the order training sorts them in (so a member keeps the same channels as in
+    the trained supernet); None when the space is not rooted in the gallery model."""
+    root = root_network(ctx, ctx.space)
+    if root is None:
+        return None
+    supernet = supernet_over(ctx.space, root, frozen_bn=frozen_batch_norm(ctx))
+    supernet.sort_channels()
+    return supernet.eval()
+
+
+def fine_tune_starts(ctx: Context) -> tuple[str, ...]:
+    """The weights a chosen member's fine-tuning starts from (``supernet.fine_tune_from`` resolved): ``("supernet",)``,
+    ``("gallery",)`` or both; ``gallery`` needs a supernet rooted in the gallery model (a :class:`ConfigError` otherwise)."""
+    mode = ctx.config.supernet.fine_tune_from
+    if mode == "auto":
+        return ("gallery", "supernet") if rooted(ctx) else ("supernet",)
+    if mode != "supernet" and not rooted(ctx):
+        raise ConfigError(
+            f"supernet.fine_tune_from {mode!r} starts fine-tuning from the gallery model's own pruned weights, but the supernet over the "
+            f"{ctx.config.space.name!r} space is not rooted in the gallery model {ctx.gallery.model_name}; use 'supernet' or 'auto'."
+        )
+    return {"gallery": ("gallery",), "both": ("gallery", "supernet")}.get(mode, ("supernet",))
 
 
 # ----------------------------------------------------------------------------- cache key

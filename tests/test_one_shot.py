@@ -286,6 +286,19 @@ def test_warm_start_largest_enqueues_the_largest_member_at_each_resolution(one_s
     assert warm == [space.extreme(smallest=False, resolution=r).to_string() for r in sorted(space.resolutions)]
     assert warm and all(r.state in (State.INHERITED, State.INFEASIBLE) for r in trial_records(study))
 
+def test_fine_tuning_from_the_gallery_weights_needs_a_rooted_supernet(one_shot_study) -> None:
+    import copy
+
+    _, info = one_shot_study
+    raw = copy.deepcopy(info["raw"])
+    raw["search"]["study_name"] = "one-shot-from-gallery"
+    raw["supernet"]["fine_tune_from"] = "gallery"
+    with pytest.raises(ConfigError, match="fine_tune_from 'gallery'.*not rooted in the gallery model"):
+        run_search(config_from_dict(raw), log=lambda _: None)  # the tiny gallery is a ResNet, the space MBConv: no root
+    records = trial_records(load_existing_study(f"sqlite:///{one_shot_study[0] / 'optuna.db'}", "one-shot-from-gallery"))
+    assert records == []  # refused before any candidate
+
+
 def test_recalibration_uses_training_images_only(one_shot_study, monkeypatch: pytest.MonkeyPatch) -> None:
     out, info = one_shot_study
     ctx = prepare(config_from_dict(info["raw"]), log=lambda _: None)

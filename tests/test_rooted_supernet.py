@@ -181,6 +181,12 @@ def test_a_one_shot_search_over_prunings_of_a_resnet_gallery(tiny_config, tmp_pa
     assert any("Supernet: rooted in the gallery model resnet18" in line for line in logs)
     records = trial_records(study)
     assert sum(r.state == State.INHERITED for r in records) >= 2 and sum(r.state == State.COMPLETE for r in records) == 1
+    # fine_tune_from auto on a rooted supernet: fine-tuned from the gallery's pruned weights and from the inherited ones,
+    # the one with the higher val mAP kept (its metrics are the trial's)
+    tuned = next(r for r in records if r.state == State.COMPLETE).metrics
+    chosen = "gallery" if tuned["fine_tuned_from_gallery"] else "supernet"
+    assert tuned["val_mAP"] == tuned[f"from_{chosen}_val_mAP"] == max(tuned["from_gallery_val_mAP"], tuned["from_supernet_val_mAP"])
+    assert tuned["query_mAP"] == tuned[f"from_{chosen}_query_mAP"] and tuned["start_supernet_val_mAP"] == tuned["inherited_val_mAP"]
     ctx = prepare(config, log=lambda _: None)
     assert not frozen_batch_norm(ctx)  # auto: the pruned space's members recalibrate
     for r in records:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,9 @@ def _trial_model(study: StudyRecord, trial: TrialRecord, config: ExperimentConfi
         return model.eval(), trial.metrics, False
     seed = trial.seed_for(config.search.seed)
     log(f"The weights of trial {trial.number} were not kept (the search keeps the best search.keep_best); retraining it with seed {seed}.")
+    if "fine_tuned_from_gallery" in trial.metrics:  # a one-shot fine-tuning that chose its start: retrained from that start only
+        start = "gallery" if trial.metrics["fine_tuned_from_gallery"] else "supernet"
+        config = replace(config, supernet=replace(config.supernet, fine_tune_from=start))
     model, metrics = _retrain(config, arch, seed, study, log, trial.fine_tune_of)
     log(f"Retrained: query mAP {metrics[QUERY_MAP]:.4f} (the trial had {trial.metrics[QUERY_MAP]:.4f}).")
     return model.cpu().eval(), metrics, True  # exported and verified on the CPU, wherever it was trained

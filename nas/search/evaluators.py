@@ -18,8 +18,9 @@ were not kept) and ``nas baseline`` use the same evaluator.
 trained toward the gallery embeddings with the configured compatibility loss.
 ``one_shot`` is the second: every candidate is a member of one trained supernet
 (:mod:`nas.supernet`), scored on val with its inherited weights in seconds; the best few
-are then fine-tuned from those weights (:class:`FineTuneInherited`, the trials
-:meth:`Evaluator.follow_up` asks for) and scored on query.
+are then fine-tuned (:class:`FineTuneInherited`, the trials :meth:`Evaluator.follow_up`
+asks for) from those weights, from the gallery model's own pruned weights, or from both,
+and scored on query.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import optuna
@@ -41,8 +42,8 @@ from nas.registry import Registry
 from nas.scoring import embed, score_part
 from nas.records import State, trial_records
 from nas.search.context import Context, Log
-from nas.supernet import frozen_batch_norm, open_supernet, recalibrated, supernet_key
-from search_spaces import Architecture, EmbeddingHead, PrunedQueryNet, Pruning, QueryNet, Root, Supernet, build
+from nas.supernet import fine_tune_starts, frozen_batch_norm, gallery_supernet, open_supernet, recalibrated, supernet_key
+from search_spaces import Architecture, EmbeddingHead, PrunedQueryNet, Pruning, QueryNet, Root, RootedSupernet, Supernet, build
 from trainers import EpochResult, train_compatible
 
 if TYPE_CHECKING:
@@ -282,6 +283,7 @@ class OneShot(Evaluator):
                 should_stop: Callable[[], bool] | None = None, train: bool = True) -> None:
         if self.supernet is not None:
             return
+        fine_tune_starts(self.ctx)  # a start this space cannot give is refused before the supernet's training
         run_id = None
         if tracker is not None and parent is not None and train:
             # called under the supernet lock: a supernet run still RUNNING belongs to a process that was killed
@@ -344,11 +346,17 @@ class OneShot(Evaluator):
 
 
 class FineTuneInherited(Evaluator):
-    """A supernet member's inherited weights, recalibrated (or with the root's batch-norm statistics kept, see
-    ``supernet.batch_norm``), then trained ``supernet.fine_tune_epochs`` epochs
-    toward the gallery embeddings (like a trial of ``train_from_scratch``, from those weights) and scored on val and query.
+    """A chosen supernet member fine-tuned ``supernet.fine_tune_epochs`` epochs toward the gallery embeddings (like a trial
+    of ``train_from_scratch``) and scored on val and query, from the weights ``supernet.fine_tune_from`` names
+    (:func:`nas.supernet.fine_tune_starts`): its inherited weights, the gallery model's own weights pruned to it, or each
+    of them in turn, the one with the higher val mAP after fine-tuning kept (the choice sees val only, never query).
+    Batch-norm statistics are recalibrated before fine-tuning, or the root's kept (``supernet.batch_norm``).
 
-    ``inherited_val_mAP``: the val mAP of the inherited weights before fine-tuning.
+    Metrics beside the kept network's own: ``inherited_val_mAP`` (the inherited weights' val mAP before fine-tuning),
+    ``fine_tuned_from_gallery`` (1 when the kept network started from the gallery's weights, else 0) and, per start
+    ``S`` fine-tuned, ``start_S_val_mAP`` (before), ``from_S_val_mAP`` and ``from_S_query_mAP`` (after);
+    ``train_seconds`` counts every start. With two starts the run's per-epoch ``val_mAP`` holds the first start's
+    epochs, then the second's, numbered on.
     """
 
     name = "one_shot_fine_tune"
@@ -356,18 +364,40 @@ class FineTuneInherited(Evaluator):
     def __init__(self, parent: OneShot) -> None:
         super().__init__(parent.ctx, parent.paragon)
         self.parent = parent
+        self._gallery_supernet: Supernet | RootedSupernet | None = None
 
     def build(self, arch: Architecture, seed: int) -> QueryNet:
         return self.parent.build(arch, seed)
+
+    def _gallery_start(self, arch: Architecture) -> QueryNet:
+        if self._gallery_supernet is None:
+            self._gallery_supernet = gallery_supernet(self.ctx)
+        if self._gallery_supernet is None:  # fine_tune_starts refused this already
+            raise ConfigError("The gallery model's pruned weights need a supernet rooted in the gallery model.")
+        return self._gallery_supernet.extract(arch)
 
     def evaluate(
         self, model: QueryNet, seed: int, on_epoch: EpochCallback | None = None, should_stop: Callable[[], bool] | None = None
     ) -> Evaluation:
         ctx, tc, sc = self.ctx, self.ctx.config.train, self.ctx.config.supernet
+        epochs = sc.fine_tune_epochs or tc.epochs
         recalibrated(ctx, model)
         inherited = self.score(model, "val")["mAP"]
-        metrics = self.train_and_score(
-            model, seed, sc.fine_tune_epochs or tc.epochs, sc.fine_tune_lr or tc.lr, on_epoch, should_stop, "fine-tuning", frozen_batch_norm(ctx)
-        )
-        metrics["inherited_val_mAP"] = inherited
-        return Evaluation(model, metrics)
+        results: dict[str, tuple[QueryNet, float, dict[str, float]]] = {}
+        for k, start in enumerate(fine_tune_starts(ctx)):
+            net, before = model, inherited
+            if start == "gallery":
+                net = recalibrated(ctx, self._gallery_start(model.arch))
+                before = self.score(net, "val")["mAP"]
+            numbered_on = None if on_epoch is None else (
+                lambda result, val, k=k: on_epoch(replace(result, epoch=result.epoch + k * epochs), val))
+            metrics = self.train_and_score(net, seed, epochs, sc.fine_tune_lr or tc.lr, numbered_on, should_stop,
+                                           f"fine-tuning from the {start}'s weights", frozen_batch_norm(ctx))
+            results[start] = (net, before, metrics)
+        chosen = max(results, key=lambda start: results[start][2]["val_mAP"])
+        net, _, kept = results[chosen]
+        metrics = {**kept, "inherited_val_mAP": inherited, "fine_tuned_from_gallery": float(chosen == "gallery"),
+                   "train_seconds": sum(m["train_seconds"] for _, _, m in results.values())}
+        for start, (_, before, m) in results.items():
+            metrics.update({f"start_{start}_val_mAP": before, f"from_{start}_val_mAP": m["val_mAP"], f"from_{start}_query_mAP": m["query_mAP"]})
+        return Evaluation(net, metrics)

@@ -172,10 +172,10 @@ def recalibration_indices(ctx: Context) -> np.ndarray:
     return np.sort(rng.choice(train, size=n, replace=False))
 
 
-def recalibrated(ctx: Context, model: QueryNet) -> QueryNet:
+def recalibrated(ctx: Context, model: QueryNet, force: bool = False) -> QueryNet:
     """``model`` with its batch-norm statistics recalibrated on :func:`recalibration_indices` at its resolution (in place);
-    unchanged when :func:`frozen_batch_norm` (its statistics are the root's)."""
-    if frozen_batch_norm(ctx):
+    unchanged when :func:`frozen_batch_norm` (its statistics are the root's) unless ``force``."""
+    if frozen_batch_norm(ctx) and not force:
         return model
     transform = ctx.preprocessing.for_channels(ctx.data.channels).eval_transform(model.arch.resolution)
     batches = eval_batches(ctx.data.images, recalibration_indices(ctx), transform, ctx.config.train.batch_size, ctx.workers,

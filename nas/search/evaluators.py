@@ -350,10 +350,14 @@ class FineTuneInherited(Evaluator):
     of ``train_from_scratch``) and scored on val and query, from the weights ``supernet.fine_tune_from`` names
     (:func:`nas.supernet.fine_tune_starts`): its inherited weights, the gallery model's own weights pruned to it, or each
     of them in turn, the one with the higher val mAP after fine-tuning kept (the choice sees val only, never query).
-    Batch-norm statistics are recalibrated before fine-tuning, or the root's kept (``supernet.batch_norm``).
+    The inherited weights' batch-norm statistics are recalibrated before fine-tuning, or the root's kept
+    (``supernet.batch_norm``); the gallery's pruned weights keep the gallery's statistics through fine-tuning or are
+    recalibrated, whichever scores the higher val mAP before it (a member at a low resolution or with cut widths sees
+    other statistics than the gallery model at its own resolution; which serves better is measured per member).
 
     Metrics beside the kept network's own: ``inherited_val_mAP`` (the inherited weights' val mAP before fine-tuning),
-    ``fine_tuned_from_gallery`` (1 when the kept network started from the gallery's weights, else 0) and, per start
+    ``fine_tuned_from_gallery`` (1 when the kept network started from the gallery's weights, else 0),
+    ``gallery_start_kept_bn`` (1 when the gallery start kept the gallery's statistics) and, per start
     ``S`` fine-tuned, ``start_S_val_mAP`` (before), ``from_S_val_mAP`` and ``from_S_query_mAP`` (after);
     ``train_seconds`` counts every start. With two starts the run's per-epoch ``val_mAP`` holds the first start's
     epochs, then the second's, numbered on.
@@ -369,12 +373,19 @@ class FineTuneInherited(Evaluator):
     def build(self, arch: Architecture, seed: int) -> QueryNet:
         return self.parent.build(arch, seed)
 
-    def _gallery_start(self, arch: Architecture) -> QueryNet:
+    def _gallery_start(self, arch: Architecture) -> tuple[QueryNet, float, bool]:
+        """The gallery model's own weights pruned to ``arch`` with the batch-norm statistics whose val mAP is higher: the
+        gallery's (sliced; then kept through fine-tuning) or recalibrated on training images (then trained as configured).
+        The network, its val mAP, and whether it keeps the gallery's statistics."""
         if self._gallery_supernet is None:
             self._gallery_supernet = gallery_supernet(self.ctx)
         if self._gallery_supernet is None:  # fine_tune_starts refused this already
             raise ConfigError("The gallery model's pruned weights need a supernet rooted in the gallery model.")
-        return self._gallery_supernet.extract(arch)
+        kept = self._gallery_supernet.extract(arch)
+        kept_map = self.score(kept, "val")["mAP"]
+        recal = recalibrated(self.ctx, self._gallery_supernet.extract(arch), force=True)
+        recal_map = self.score(recal, "val")["mAP"]
+        return (kept, kept_map, True) if kept_map >= recal_map else (recal, recal_map, False)
 
     def evaluate(
         self, model: QueryNet, seed: int, on_epoch: EpochCallback | None = None, should_stop: Callable[[], bool] | None = None
@@ -384,20 +395,23 @@ class FineTuneInherited(Evaluator):
         recalibrated(ctx, model)
         inherited = self.score(model, "val")["mAP"]
         results: dict[str, tuple[QueryNet, float, dict[str, float]]] = {}
+        gallery_bn = None
         for k, start in enumerate(fine_tune_starts(ctx)):
-            net, before = model, inherited
+            net, before, freeze = model, inherited, frozen_batch_norm(ctx)
             if start == "gallery":
-                net = recalibrated(ctx, self._gallery_start(model.arch))
-                before = self.score(net, "val")["mAP"]
+                net, before, gallery_bn = self._gallery_start(model.arch)
+                freeze = freeze or gallery_bn
             numbered_on = None if on_epoch is None else (
                 lambda result, val, k=k: on_epoch(replace(result, epoch=result.epoch + k * epochs), val))
             metrics = self.train_and_score(net, seed, epochs, sc.fine_tune_lr or tc.lr, numbered_on, should_stop,
-                                           f"fine-tuning from the {start}'s weights", frozen_batch_norm(ctx))
+                                           f"fine-tuning from the {start}'s weights", freeze)
             results[start] = (net, before, metrics)
         chosen = max(results, key=lambda start: results[start][2]["val_mAP"])
         net, _, kept = results[chosen]
         metrics = {**kept, "inherited_val_mAP": inherited, "fine_tuned_from_gallery": float(chosen == "gallery"),
                    "train_seconds": sum(m["train_seconds"] for _, _, m in results.values())}
+        if gallery_bn is not None:
+            metrics["gallery_start_kept_bn"] = float(gallery_bn)
         for start, (_, before, m) in results.items():
             metrics.update({f"start_{start}_val_mAP": before, f"from_{start}_val_mAP": m["val_mAP"], f"from_{start}_query_mAP": m["query_mAP"]})
         return Evaluation(net, metrics)

@@ -236,6 +236,12 @@ def main() -> None:
         res = r["arch"].split()[1]
         print(f"{r['device']:<14} {'one-shot family member':<38} {r['mflops']:>7.2f} {res[4:]:>4} {r['query_mAP']:>9.4f} "
               f"{r['query_mAP_ratio']:>6.3f} {r['query_R@1']:>6.4f} {r['query_R@1'] / p['R@1']:>9.3f}")
+        starts = [s for s in ("gallery", "supernet") if f"from_{s}_val_mAP" in r]
+        if len(starts) > 1:  # supernet.fine_tune_from both (auto on a rooted supernet): each start's scores, the kept one by val
+            kept = "gallery" if r["fine_tuned_from_gallery"] else "supernet"
+            print("               fine-tuned from " + "; ".join(
+                f"the {s}'s weights: val mAP {r[f'from_{s}_val_mAP']:.4f}, query mAP {r[f'from_{s}_query_mAP']:.4f}" + (" (kept)" if s == kept else "")
+                for s in starts))
         ref = result["reference"].get(r["device"])
         if ref:
             print(f"{r['device']:<14} {'unpruned gallery model, fine-tuned':<38} {ref['mflops']:>7.2f} {ref['resolution']:>4} {ref['query_mAP']:>9.4f} "

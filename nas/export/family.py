@@ -158,6 +158,8 @@ def export_family(
             "mflops": b["mflops"], "params_m": b["params_m"], "latency_ms": b["latency_ms"], "gallery_share": b["mflops"] / gallery_mflops,
             "query_mAP": m[QUERY_MAP], "query_R@1": m.get(QUERY_R1), "query_mAP_ratio": m[QUERY_MAP_RATIO],
             "inherited_val_mAP": m.get("inherited_val_mAP"), "val_mAP": m.get("val_mAP"), "verified": verification["passed"],
+            # which start its fine-tuning kept, and each start's scores (supernet.fine_tune_from)
+            **{k: v for k, v in m.items() if k.startswith(("from_", "start_")) or k in ("fine_tuned_from_gallery", "gallery_start_kept_bn")},
         })
     table = family_table(rows, paragon, config)
     (out / "FAMILY.md").write_text(table)
@@ -185,13 +187,14 @@ def family_table(rows: list[dict[str, Any]], paragon: dict[str, float], config: 
         f"Paragon (gallery model on both sides): query mAP {paragon.get('mAP', float('nan')):.4f}. MFLOPs: fvcore multiply-accumulates, "
         f"batch 1; latency: median ms on each device's runtime ({lat.runtime}, {lat.threads} thread(s) unless the family file says otherwise).",
         "",
-        "| device | budget | MFLOPs | share of gallery | params M | latency ms | query mAP | ratio to paragon | R@1 | architecture |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| device | budget | MFLOPs | share of gallery | params M | latency ms | query mAP | ratio to paragon | R@1 | fine-tuned from | architecture |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         r1 = "-" if r["query_R@1"] is None else f"{r['query_R@1']:.4f}"
+        start = "-" if "fine_tuned_from_gallery" not in r else ("the gallery's weights" if r["fine_tuned_from_gallery"] else "the supernet's weights")
         lines.append(
             f"| {r['device']} | {r['budget']} | {r['mflops']:.3f} | 1/{1 / r['gallery_share']:.1f} | {r['params_m']:.3f} | {r['latency_ms']:.2f} | "
-            f"{r['query_mAP']:.4f} | {r['query_mAP_ratio']:.3f} | {r1} | `{r['arch']}` |"
+            f"{r['query_mAP']:.4f} | {r['query_mAP_ratio']:.3f} | {r1} | {start} | `{r['arch']}` |"
         )
     return "\n".join(lines) + "\n"

@@ -319,3 +319,29 @@ def test_a_journal_of_a_live_process_or_another_store_is_left_alone(tmp_path: Pa
     (orphan,) = Journal.orphans(tmp_path, "sqlite:///other.db")
     assert [record["op"] for _, record in orphan.pending] == ["end"]
     orphan.close()
+
+
+def test_a_trial_killed_before_its_run_was_opened_gets_one_closed_run(tmp_path: Path) -> None:
+    """A worker killed between creating a trial and opening its run left no run; one killed between opening the run
+    and naming it on the trial left one RUNNING. When such a trial is failed (heartbeat, dead process) or found
+    finished, each gets exactly one closed run of its state; a second pass adds nothing."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "killed", tmp_path / "artifacts", log=lambda _: None, journal_dir=tmp_path)
+    study = optuna.create_study(direction="maximize")
+    parent = tracker.start_study(study, params={}, tags={}, texts={})
+    no_run, unnamed, pruned = study.ask(), study.ask(), study.ask()
+    run = MlflowClient(uri).create_run(tracker.experiment_id, tags={
+        "mlflow.parentRunId": parent, "asymnas.role": "trial", "optuna.trial_number": str(unnamed.number), "asymnas.state": "running"})
+    for trial in (no_run, unnamed):
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    frozen = {t.number: t for t in study.get_trials()}
+    tracker.fail_trial_run(study, frozen[no_run.number], "the worker stopped sending heartbeats")  # the heartbeat callback's path
+    assert tracker.reconcile(study) == 2  # the unnamed run closed, the pruned trial's run created
+    assert tracker.reconcile(study) == 0
+    runs = {int(r.data.tags["optuna.trial_number"]): r for r in tracker.child_runs(parent)}
+    assert sorted(runs) == [no_run.number, unnamed.number, pruned.number]
+    assert runs[unnamed.number].info.run_id == run.info.run_id  # closed, not duplicated
+    assert [(runs[t.number].data.tags["asymnas.state"], runs[t.number].info.status) for t in (no_run, unnamed, pruned)] == [
+        ("failed", "FAILED"), ("failed", "FAILED"), ("pruned", "KILLED")]
+    assert runs[no_run.number].data.tags["asymnas.reason"] == "the worker stopped sending heartbeats"

@@ -297,8 +297,7 @@ def run_search(
 
     def on_dead_trial(trial: optuna.trial.FrozenTrial, reason: str) -> None:
         record = TrialRecord.from_trial(trial)
-        if record.mlflow_run_id is not None:
-            tracker.end_trial(record.mlflow_run_id, State.FAILED.value, reason)
+        tracker.fail_trial_run(study, trial, reason)
         retry(study, trial)
         log(f"Trial {trial.number} belonged to process {record.pid} on {record.host}, which is no longer running: "
             f"marked failed and queued for a retry.")

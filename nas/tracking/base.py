@@ -115,9 +115,22 @@ class Tracker(abc.ABC):
 
     def close_stale_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Optuna's heartbeat callback: the trial's process died, so its run is FAILED."""
+        self.fail_trial_run(study, trial, "the worker running this trial stopped sending heartbeats (killed or lost)")
+
+    def fail_trial_run(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
+        """The run of a trial whose process died is FAILED with ``reason``. A process killed after the trial was
+        created and before its run was opened (or its run's id stored on the trial) left none on record: the run is
+        then found by its trial number, or created, so that every trial has exactly one run (:meth:`missing_run`)."""
         run_id = TrialRecord.from_trial(trial).mlflow_run_id
         if run_id is not None:
-            self.end_trial(run_id, "failed", "the worker running this trial stopped sending heartbeats (killed or lost)")
+            self.end_trial(run_id, "failed", reason)
+        else:
+            self.missing_run(study, trial, "failed", reason)
+
+    def missing_run(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: str, reason: str) -> bool:
+        """Close (as ``state``) the run of a finished ``trial`` that does not name its run, or create one closed;
+        whether a run was closed or created."""
+        return False
 
 
 class NullTracker(Tracker):

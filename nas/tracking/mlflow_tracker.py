@@ -381,8 +381,10 @@ class MlflowTracker(Tracker):
         closed = 0
         states = (optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         for trial in study.get_trials(deepcopy=False, states=states):
-            run_id = TrialRecord.from_trial(trial).mlflow_run_id
-            if run_id is None:
+            record = TrialRecord.from_trial(trial)
+            run_id = record.mlflow_run_id
+            if run_id is None:  # killed before its run was opened or named on the trial
+                closed += self.missing_run(study, trial, record.state, "the process running this trial was killed before it opened its run")
                 continue
             try:
                 run = self.client.get_run(self._resolve(run_id))
@@ -393,6 +395,35 @@ class MlflowTracker(Tracker):
                 self.end_trial(run_id, state, reason="the process running this trial stopped before closing its run")
                 closed += 1
         return closed
+
+    def missing_run(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: str, reason: str) -> bool:
+        """Close the child run tagged with ``trial``'s number when it is still RUNNING (created, but its id never stored
+        on the trial), or create one and close it as ``state`` with ``reason`` when there is none; whether it did either."""
+        parent = StudyRecord.load(study).mlflow_parent_run_id
+        if parent is None:
+            return False
+        try:
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`optuna.trial_number` = '{trial.number}' and tags.`asymnas.role` = 'trial'",
+                max_results=10,
+            )
+        except Exception as exc:  # the store is unreachable: the next search's reconcile looks again
+            self._log(f"Tracking: could not look up the run of trial {trial.number} ({type(exc).__name__}); it is looked up again on the next start.")
+            return False
+        if runs:
+            open_runs = [run for run in runs if run.info.status == "RUNNING"]
+            for run in open_runs:
+                self.end_trial(run.info.run_id, state, reason)
+            return bool(open_runs)
+        tags = {
+            "asymnas.role": "trial", "optuna.study_name": study.study_name, "optuna.trial_number": str(trial.number), "asymnas.state": state,
+            "asymnas.reason": reason,
+        }  # fmt: skip
+        placeholder = f"{PENDING}{study.study_name}-{trial.number}-{uuid.uuid4().hex[:8]}"
+        run_id = self._create(parent, placeholder, f"trial-{trial.number}", tags, f"the run of trial {trial.number}")
+        self._end(run_id, RUN_STATUS[state], f"the end of run {run_id}")
+        return True
 
     def close_stale_steps(self, parent_id: str, role: str, reason: str) -> int:
         closed = 0

@@ -53,7 +53,7 @@ def real_embeddings(config_file: str, cache: str) -> tuple[np.ndarray, np.ndarra
     config = load_config(config_file, {"cache": cache, "search.threads": os.cpu_count()})
     ctx = prepare(config, log=lambda text: print(text, flush=True))
     parts = ["train", "val", "query"] + ([] if ctx.split.query_is_gallery else ["gallery"])
-    vectors = np.concatenate([getattr(ctx.emb, p) for p in parts]).astype(np.float32)
+    vectors = np.concatenate([getattr(ctx.embeddings, p) for p in parts]).astype(np.float32)
     labels = np.concatenate([ctx.data.labels[getattr(ctx.split, p)] for p in parts])
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), labels
 

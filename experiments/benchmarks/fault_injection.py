@@ -2,8 +2,10 @@
 
 For each storage (SQLite, and PostgreSQL when the server on 127.0.0.1:5432 answers), a
 ``nas worker CONFIG --trials TOTAL`` process is started on a small Fashion-MNIST setting
-and killed with SIGKILL after a random delay (seeded, 3-20 s), ``--kills`` times; after each
-kill the same command is started again at once. Then one last run finishes the study (two
+and killed with SIGKILL, ``--kills`` times, alternately after a random delay (seeded,
+3-20 s: on a loaded machine mostly during start-up) and at a random moment of one of its
+trials (0-8 s after the study shows it running one); after each kill the same command is
+started again at once. Then one last run finishes the study (two
 more trials than it counts), and the study and its MLflow runs are audited:
 
 * **lost**: trials that were complete at some kill and are not complete at the end;
@@ -84,9 +86,18 @@ def _run_storage(name: str, storage: str | None, kills: int, total: int, seed: i
     complete_at_kills: set[int] = set()
     moments = {"in a trial": 0, "between trials": 0}
     start = time.monotonic()
-    for _ in range(kills):
+    for k in range(kills):
         proc = _start(file, total)
-        time.sleep(rng.uniform(3.0, 20.0))
+        if k % 2 == 0:  # a random moment of the process's life: mostly its start-up on a loaded machine
+            time.sleep(rng.uniform(3.0, 20.0))
+        else:  # a random moment of one of its trials: wait until it runs one (at most 2 min), then 0-8 s more
+            waited = time.monotonic()
+            while proc.poll() is None and time.monotonic() - waited < 120:
+                study = _study(url)
+                if study is not None and any(r.state == State.RUNNING and r.pid == proc.pid for r in trial_records(study)):
+                    break
+                time.sleep(0.5)
+            time.sleep(rng.uniform(0.0, 8.0))
         if proc.poll() is not None:  # the study was already finished: nothing left to kill
             break
         study = _study(url)

@@ -17,7 +17,7 @@ more trials than it counts), and the study and its MLflow runs are audited:
 
 The moment of each kill is classified from the study at that instant: ``in a trial``
 (a trial of this process was RUNNING: training, scoring or tracking it) or ``between
-trials`` (start-up, asking, reporting). Command (about 15 min per storage on the 2-core
+trials`` (start-up, asking, reporting). Command (about 20 min per storage on the 2-core
 machine): ``.venv/bin/python experiments/benchmarks/fault_injection.py --kills 20``
 """
 

@@ -30,7 +30,7 @@ from nas.tracking.uris import check_tracking_uri, probe_database
 if TYPE_CHECKING:
     from nas.config import ExperimentConfig
 
-__all__ = ["MlflowTracker", "make_tracker", "register_onnx_model", "PENDING", "RUN_KEY_TAG"]
+__all__ = ["MlflowTracker", "make_tracker", "run_key", "PENDING", "RUN_KEY_TAG"]
 
 _BATCH = 100  # MLflow's per-request limit for params and tags (metrics: 1000)
 #: The prefix of the run id a trial holds while its run waits to be created (the store was unreachable).
@@ -46,7 +46,8 @@ def _chunks(items: list, size: int) -> Iterable[list]:
         yield items[start : start + size]
 
 
-def _run_key(placeholder: str) -> str:
+def run_key(placeholder: str) -> str:
+    """The tag value (RUN_KEY_TAG) that finds the run created for a placeholder id once the journal is replayed."""
     return hashlib.sha256(placeholder.encode()).hexdigest()[:24]
 
 
@@ -127,7 +128,7 @@ class MlflowTracker(Tracker):
     def _find(self, placeholder: str) -> str | None:
         """The id of the run created for ``placeholder`` (by its :data:`RUN_KEY_TAG`), or ``None``."""
         runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{_run_key(placeholder)}'", max_results=1
+            [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key(placeholder)}'", max_results=1
         )
         return runs[0].info.run_id if runs else None
 
@@ -148,7 +149,7 @@ class MlflowTracker(Tracker):
             key = record["key"]
             run_id = self._find(key) if retry else None
             if run_id is None:
-                tags = {**record["tags"], "mlflow.parentRunId": self._resolve(record["parent"]), RUN_KEY_TAG: _run_key(key)}
+                tags = {**record["tags"], "mlflow.parentRunId": self._resolve(record["parent"]), RUN_KEY_TAG: run_key(key)}
                 run = self.client.create_run(record["experiment"], start_time=record["time"], run_name=record["name"], tags=tags)
                 run_id = run.info.run_id
             self._ids[key] = run_id
@@ -457,58 +458,3 @@ def make_tracker(config: ExperimentConfig, log: Log = print) -> Tracker:
         config.tracking_uri, config.tracking.experiment or config.search.study_name, config.out_dir / "mlartifacts", log=log,
         journal_dir=config.out_dir,
     )  # fmt: skip
-
-
-def register_onnx_model(uri: str, run_id: str, onnx_path: str | Path, name: str, tags: Mapping[str, Any]) -> str:
-    """Log ``onnx_path`` as an MLflow model in run ``run_id`` and register it as ``name``.
-
-    ``uri`` is the tracking URI (``env:NAME`` allowed). The model registry gets a new
-    version of ``name`` with ``tags`` (budgets and metrics); it loads back with
-    ``mlflow.onnx.load_model(f"models:/{name}/{version}")`` or as a pyfunc. Returns the version.
-    """
-    uri = check_tracking_uri(uri)
-    import mlflow  # deferred: heavy optional libraries, needed only when a model is registered
-    import onnx
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        if run_id.startswith(PENDING):  # recorded while the store was unreachable, created later by a journal replay
-            experiments = [e.experiment_id for e in client.search_experiments()]
-            runs = client.search_runs(experiments, filter_string=f"tags.`{RUN_KEY_TAG}` = '{_run_key(run_id)}'", max_results=1)
-            if not runs:
-                raise NasError(
-                    f"The trial's MLflow run ({run_id}) was recorded while the tracking store was unreachable and has not been "
-                    f"written to {mask_url(uri)} yet: run `nas search` on the study once the store answers (it replays the journal), "
-                    f"then export again to register the model."
-                )
-            run_id = runs[0].info.run_id
-        status = client.get_run(run_id).info.status
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="query_model", registered_model_name=name)
-        client.set_terminated(run_id, status=status)  # keep the trial's own status
-    finally:
-        mlflow.set_tracking_uri(previous)
-    version = str(info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, mlflow_key(key), str(value))
-    return version
-
-
-def log_run_artifacts(uri: str, run_id: str, paths: Iterable[str | Path]) -> str | None:
-    """Log the files ``paths`` to run ``run_id`` of the store at ``uri`` (``env:NAME`` allowed); ``None``, or why they were not
-    logged (the store could not be reached or refused them: said, not raised, for work that is already done)."""
-    import mlflow  # deferred: a heavy optional library, needed only when tracking is on
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # fail fast, as the tracker does
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    try:
-        client = mlflow.tracking.MlflowClient(tracking_uri=check_tracking_uri(uri))
-        for path in paths:
-            client.log_artifact(run_id, str(path))
-    except Exception as exc:  # MLflow, HTTP or database errors
-        return f"{type(exc).__name__}: {mask_text(str(exc))}"
-    return None

@@ -39,7 +39,7 @@ def add_query_parser(sub: argparse._SubParsersAction) -> None:
     query.add_argument("-k", type=_at_least_1, default=10, help="gallery items per photo (default 10)")
     query.add_argument("--index", choices=INDEX_CHOICES, default="flat",
                        help="faiss index: flat (exact, the default), hnsw, ivf, ivfpq (approximate, cached beside the embeddings), "
-                            "auto (flat below 100000 vectors, else hnsw)")
+                            "auto (flat below 100000 vectors, else ivf)")
     query.add_argument("--nprobe", type=_at_least_1, help="ivf/ivfpq: lists searched (default max(8, nlist/64))")
     query.add_argument("--ef-search", type=_at_least_1, help="hnsw: efSearch (default 128)")
     query.add_argument("--json", action="store_true", help="print the results as JSON")

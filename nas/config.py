@@ -155,6 +155,9 @@ class TrainConfig:
     channels_last: bool = True
     #: torch.compile each trained network (its compile time is paid once per trial)
     compile: bool = False
+    #: weight averaging: an exponential moving average of the weights with this decay per step (e.g. 0.99), scored and
+    #: kept in place of the last step's weights (trainers.WeightAverage); null: none
+    average_decay: float | None = None
 
     def __post_init__(self) -> None:
         self._check_loss()
@@ -172,6 +175,8 @@ class TrainConfig:
         _check(self.lr > 0, f"train.lr must be > 0, but got {self.lr}.")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, but got {self.weight_decay}.")
         _check(self.schedule in ("cosine", "step", "none"), f"train.schedule must be 'cosine', 'step' or 'none', but got {self.schedule!r}.")
+        _check(self.average_decay is None or 0 < self.average_decay < 1,
+               f"train.average_decay must be in (0, 1) (e.g. 0.99) or null, but got {self.average_decay}.")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"train.device must be 'auto', 'cpu' or 'cuda[:N]', but got {self.device!r}.",

@@ -50,6 +50,12 @@ class DataConfig:
     none on a 2-core machine, where decoding in the training process is fastest; set it on a
     GPU machine; in-memory data uses none).
     ``channels`` null means the data set's own (1 for Fashion-MNIST, 3 otherwise).
+
+    ``unlabeled``: a folder of images without labels (searched recursively, e.g. a user's own
+    database photos) added to the training images of every candidate and of the supernet. The
+    gallery model embeds them once (cached beside its other embeddings); they are distillation
+    images only, so the loss must need no labels (``regression``, ``relational``, ``csd``).
+    None of them may be a val or query image (checked by content before any training).
     """
 
     dataset: str = "fashion_mnist"
@@ -68,6 +74,7 @@ class DataConfig:
     test_classes: float = 0.5
     val_classes: float = 0.1
     held_out_classes: str = "seeded"
+    unlabeled: str | None = None
 
     def __post_init__(self) -> None:
         entry = DATASETS.get(self.dataset)
@@ -94,6 +101,7 @@ class DataConfig:
         )
         _check(self.image_size is None or self.image_size >= 8, f"data.image_size must be >= 8 or null, but got {self.image_size}.")
         _check(self.held_out_classes in ("seeded", "last"), f"data.held_out_classes must be 'seeded' or 'last', but got {self.held_out_classes!r}.")
+        _check(self.unlabeled is None or bool(str(self.unlabeled).strip()), "data.unlabeled must be a folder of images or null, but got ''.")
         _check(self.workers is None or self.workers >= 0, f"data.workers must be >= 0 or null, but got {self.workers}.")
         _check(self.seed >= 0, f"data.seed must be >= 0, but got {self.seed}.")  # numpy's generators refuse it, after loading
         _check(self.channels in (None, 1, 3), f"data.channels must be 1, 3 or null, but got {self.channels}.")

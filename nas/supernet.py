@@ -330,7 +330,7 @@ def train_supernet(
     fits = None if cap is None else (lambda member: supernet.mflops(member) <= cap)
     top_res = max(space.extreme(smallest=False).resolution, smallest.resolution)  # random members may use the highest
     transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(top_res, ctx.augmentation)
-    images = StreamingImages(ctx.data.images, ctx.split.train, transform, c.train.batch_size, seed, ctx.workers, desc="supernet",
+    images = StreamingImages(ctx.training.source, ctx.training.indices, transform, c.train.batch_size, seed, ctx.workers, desc="supernet",
                              for_gpu=ctx.device.type == "cuda")
     targets, labels = ctx.targets.targets, ctx.targets.labels
     loss_fn = ctx.loss

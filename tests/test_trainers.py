@@ -693,3 +693,45 @@ def test_precision_auto_and_its_errors() -> None:
 def test_speed_settings_are_validated_with_the_key_named(train: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         config_from_dict({"train": train})
+
+
+def test_weight_average_is_the_warmed_up_moving_average_of_every_step(problem: _Problem) -> None:
+    """With ``average_decay`` the model ends with the moving average of its weights after each step (parameters compared;
+    batch-norm statistics are averaged alike), computed here by hand from the same run without averaging; ``on_epoch`` scores the average; training still learns."""
+    n, decay = None, 0.9
+    plain, steps = _net(seed=1), []
+
+    class Recorder(trainers.CompatibilityLoss):  # the weights after every step, from the same training
+        name = "regression"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = create_loss("regression")
+
+        def forward(self, query, target, labels):
+            steps.append({k: v.detach().clone() for k, v in plain.named_parameters()})  # before this step's update
+            return self.inner(query, target, labels)
+
+    train_compatible(plain, problem.x_train[:n], problem.gallery(n), Recorder(), epochs=4, batch_size=64, lr=3e-3, seed=2)
+    steps.append({k: v.detach().clone() for k, v in plain.named_parameters()})
+    expected = dict(steps[0])  # the weights before the first step, then one update after each step
+    for t, after in enumerate(steps[1:], start=1):
+        d = min(decay, (1 + t) / (10 + t))
+        expected = {k: d * expected[k] + (1 - d) * after[k] for k in expected}
+
+    averaged, seen = _net(seed=1), []
+    train_compatible(averaged, problem.x_train[:n], problem.gallery(n), create_loss("regression"), epochs=4, batch_size=64, lr=3e-3,
+                     seed=2, average_decay=decay, on_epoch=lambda r: seen.append(averaged.embed.weight.detach().clone()))
+    state = averaged.state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(state["embed.weight"], steps[-1]["embed.weight"])  # not the last step's weights
+    torch.testing.assert_close(seen[-1], expected["embed.weight"], rtol=1e-4, atol=1e-5)  # the last epoch was scored averaged
+    assert problem.asymmetric_map(averaged) > problem.asymmetric_map(_net(seed=1)) + 0.3  # as much as training without averaging
+
+
+def test_weight_average_decay_is_checked() -> None:
+    with pytest.raises(ValueError, match="decay must be in"):
+        trainers.WeightAverage(_net(), 1.0)
+    with pytest.raises(ConfigError, match="train.average_decay"):
+        config_from_dict({"train": {"average_decay": 1.5}})

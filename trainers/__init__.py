@@ -17,7 +17,7 @@ from trainers._losses import (
 )
 from trainers._checkpoint import CheckpointError, check_state_dict, checkpoint_extra, load_checkpoint, read_safetensors, save_checkpoint, state_dict_mismatch
 from trainers._speed import CPU_DEFAULT_PRECISION, PRECISIONS, Speed, resolve_precision
-from trainers._train import EpochResult, TensorImages, TrainingDiverged, TrainingImages, make_optimizer, make_scheduler, train_compatible
+from trainers._train import EpochResult, TensorImages, TrainingDiverged, TrainingImages, WeightAverage, make_optimizer, make_scheduler, train_compatible
 
 __all__ = [
     "BackwardCompatibleLoss",
@@ -42,6 +42,7 @@ __all__ = [
     "TensorImages",
     "TrainingDiverged",
     "TrainingImages",
+    "WeightAverage",
     "WeightedSum",
     "create_loss",
     "create_loss_from_config",

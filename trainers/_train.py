@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,7 +16,7 @@ from torch import nn
 from trainers._base import CompatibilityLoss, GalleryTargets
 from trainers._speed import Speed
 
-__all__ = ["train_compatible", "TrainingDiverged", "EpochResult", "TrainingImages", "TensorImages", "make_optimizer", "make_scheduler"]
+__all__ = ["train_compatible", "TrainingDiverged", "EpochResult", "TrainingImages", "TensorImages", "WeightAverage", "make_optimizer", "make_scheduler"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,6 +58,37 @@ class TensorImages:
             yield self.images[positions], positions
 
 
+class WeightAverage:
+    """An exponential moving average of a model's floating-point parameters and buffers (batch-norm statistics too),
+    updated after every optimiser step: ``avg = d * avg + (1 - d) * current``. The decay warms up as
+    ``d = min(decay, (1 + step) / (10 + step))`` so that the first steps are not frozen into the average
+    (the warm-up of timm's ``ModelEmaV3`` and of TensorFlow's ``ExponentialMovingAverage`` with ``num_updates``)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"the weight-average decay must be in (0, 1), but got {decay}.")
+        self.decay, self.steps = decay, 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for name, value in model.state_dict().items():
+            if name in self.shadow:
+                self.shadow[name].lerp_(value.detach(), 1 - decay)
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[None]:
+        """``model`` holds the averaged weights inside the block, its own again after it (also on an exception)."""
+        own = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
+        model.load_state_dict(self.shadow, strict=False)
+        try:
+            yield
+        finally:
+            model.load_state_dict(own, strict=False)
+
+
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -94,6 +126,7 @@ def train_compatible(
     should_stop: Callable[[], bool] | None = None,
     freeze_bn: bool = False,
     speed: Speed | None = None,
+    average_decay: float | None = None,
 ) -> list[EpochResult]:
     """Train ``model`` so that ``model(image i)`` lands on ``targets.targets[i]``.
 
@@ -113,7 +146,8 @@ def train_compatible(
     train): for a model started from pretrained weights whose statistics the targets were
     computed with. ``speed``: precision, memory format and compilation of the steps
     (:class:`trainers.Speed`; default float32, NCHW, eager). The model is left in eval mode
-    on the CPU, in the default memory format.
+    on the CPU, in the default memory format. ``average_decay``: keep a :class:`WeightAverage` with that decay
+    (e.g. 0.99); ``on_epoch`` then sees the averaged weights, and the model ends with them.
     """
     embeddings, labels = targets.targets, targets.labels
     if len(images) != len(embeddings) or len(images) != len(labels):
@@ -134,6 +168,7 @@ def train_compatible(
     steps_per_epoch = max(len(images) // images.batch_size, 1)
     sched = make_scheduler(opt, schedule, epochs * steps_per_epoch)
     history: list[EpochResult] = []
+    average = None if average_decay is None else WeightAverage(model, average_decay)
     try:
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
@@ -168,12 +203,20 @@ def train_compatible(
                     scaler.update()
                 if sched is not None:
                     sched.step()
+                if average is not None:
+                    average.update(model)
                 total += value
             result = EpochResult(epoch, total / steps_per_epoch, time.perf_counter() - start)
             history.append(result)
             if on_epoch is not None:
                 model.eval()
-                on_epoch(result)
+                if average is None:
+                    on_epoch(result)
+                else:
+                    with average.applied(model):
+                        on_epoch(result)
+        if average is not None:
+            model.load_state_dict(average.shadow, strict=False)
     finally:
         model.eval().cpu()
         if speed.channels_last:

@@ -84,10 +84,10 @@ def fidelity(config, n: int, epochs: int, seed: int, log, repeat_seed: int | Non
             model = recalibrated(ctx, untrained.extract(arch))
             tc = config.train
             transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(arch.resolution, ctx.augmentation)
-            images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, run_seed, ctx.workers)
+            images = StreamingImages(ctx.training.source, ctx.training.indices, transform, tc.batch_size, run_seed, ctx.workers)
             train_compatible(model, images, ctx.targets, ctx.loss, epochs=epochs, batch_size=tc.batch_size, optimizer=tc.optimizer,
                              lr=tc.lr, weight_decay=tc.weight_decay, schedule=tc.schedule, device=ctx.device, seed=run_seed,
-                             freeze_bn=frozen_batch_norm(ctx))
+                             freeze_bn=frozen_batch_norm(ctx), average_decay=tc.average_decay)
             cache[key] = scorer.score(model, "val")["mAP"]
             cache_file.write_text(json.dumps(cache, indent=1))
         return cache[key]

@@ -49,6 +49,7 @@ __all__ = [
     "ImageTooLarge",
     "open_image",
     "read_image",
+    "content_sample",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -284,7 +285,7 @@ class FileImages(ImageSource):
         digest.update(f"files|{self.channels}|{self.max_side}|decoding {DECODING_VERSION}".encode())
         for i, name in enumerate(self.files):
             try:
-                size, sample = _content_sample(self.root / name)
+                size, sample = content_sample(self.root / name)
             except FileNotFoundError:
                 raise self._error(i, "the file is missing. Put every listed image in place, or fix data.path.") from None
             except OSError as exc:
@@ -312,7 +313,7 @@ class FileImages(ImageSource):
 SAMPLED_BYTES = 64 * 1024
 
 
-def _content_sample(path: Path) -> tuple[int, str]:
+def content_sample(path: Path) -> tuple[int, str]:
     """A file's size and the SHA-256 (first 16 hex digits) of its first and last SAMPLED_BYTES."""
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size

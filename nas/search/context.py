@@ -20,11 +20,13 @@ from torch import nn
 from nas.config import BudgetConfig, ExperimentConfig
 from nas.data import Augmentation, ImageSet, Preprocessing, RetrievalData, Split, load_retrieval_data
 from nas.errors import BudgetError, ConfigError
+from nas.data.unlabeled import check_apart, load_unlabeled
 from nas.gallery import GalleryEmbeddings, GalleryNet, gallery_embeddings, open_gallery
 from nas.hardware import Budget, check_budgets, make_budgets
 from nas.search.fingerprint import Fingerprint, early_parts, full_parts
 from nas.study_nets import study_space
 from nas.threads import ThreadSizer, chosen_threads
+from nas.training_images import TrainingImages, training_images, unlabeled_embeddings
 from search_spaces import SearchSpace, build
 from trainers import CompatibilityLoss, GalleryTargets, Speed, create_loss_from_config, resolve_precision
 
@@ -61,7 +63,7 @@ class Context:
     gallery: GalleryNet
     gallery_sha: str
     embeddings: GalleryEmbeddings
-    targets: GalleryTargets  # what the compatibility loss is bound to: the training images' gallery embeddings and more
+    training: TrainingImages  # what candidates train on (the split's training images, then data.unlabeled's) and their targets
     space: SearchSpace
     budgets: list[Budget]
     loss: CompatibilityLoss
@@ -73,6 +75,11 @@ class Context:
     @property
     def data(self) -> ImageSet:
         return self.retrieval.data
+
+    @property
+    def targets(self) -> GalleryTargets:
+        """What the compatibility loss is bound to: the training images' gallery embeddings, labels and more."""
+        return self.training.targets
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -175,7 +182,16 @@ def prepare(config: ExperimentConfig, log: Log = print, check_study: Callable[[F
             f"train.loss {loss.name!r} uses class labels, but the training images of {data.name} have none; "
             f"use a loss that needs no labels (regression or csd)."
         )
-    early = early_parts(data, split, config.data.resolved_protocol, config.train.loss, config.train.loss_options)
+    unlabeled = None
+    if config.data.unlabeled is not None:
+        if loss.needs_labels:
+            raise ConfigError(
+                f"train.loss {loss.name!r} uses class labels, but data.unlabeled adds images without; use a loss that needs none "
+                f"(regression, relational or csd, or a weighted sum of them), or set data.unlabeled to null."
+            )
+        unlabeled = load_unlabeled(config.data.unlabeled, data.channels, config.data.image_size)
+        check_apart(unlabeled, data, split)  # before any gallery work
+    early = early_parts(data, split, config.data.resolved_protocol, config.train.loss, config.train.loss_options, unlabeled)
     if check_study is not None:
         check_study(early)
     # a configured gallery file (checkpoint, weights) is opened first: a missing or unreadable one is the error, not a budget
@@ -200,10 +216,13 @@ def prepare(config: ExperimentConfig, log: Log = print, check_study: Callable[[F
     )
     if cached:
         log("Gallery embeddings: loaded from cache (content hash verified)")
-    targets = gallery_targets(config, gallery, data, split, emb)
+    training = training_images(
+        data, split, gallery_targets(config, gallery, data, split, emb), unlabeled,
+        lambda images: unlabeled_embeddings(gallery, sha, images, config.gallery.resolution, config.cache_dir / "cache",
+                                            config.gallery.batch_size, device, log, config.data.workers), log)
     try:  # fail before any trial, e.g. the bct loss on a gallery model without a classifier
-        loss.bind(targets)
+        loss.bind(training.targets)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     fingerprint = full_parts(early, gallery.preprocessing, config.gallery.model, sha, config.gallery.resolution, gallery.embed_dim)
-    return Context(config, retrieval, gallery, sha, emb, targets, space, budgets, loss, device, smallest, threads, fingerprint)
+    return Context(config, retrieval, gallery, sha, emb, training, space, budgets, loss, device, smallest, threads, fingerprint)

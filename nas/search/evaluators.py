@@ -134,7 +134,7 @@ class Evaluator(abc.ABC):
         :func:`trainers.train_compatible`."""
         ctx, tc = self.ctx, self.ctx.config.train
         transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(model.arch.resolution, ctx.augmentation)
-        images = StreamingImages(ctx.data.images, ctx.split.train, transform, tc.batch_size, seed, ctx.workers, desc=desc,
+        images = StreamingImages(ctx.training.source, ctx.training.indices, transform, tc.batch_size, seed, ctx.workers, desc=desc,
                                  for_gpu=ctx.device.type == "cuda")
         start = time.perf_counter()
         last_val: dict[str, float] = {}
@@ -150,7 +150,7 @@ class Evaluator(abc.ABC):
         train_compatible(
             model, images, ctx.targets, ctx.loss, epochs=epochs, batch_size=tc.batch_size, optimizer=tc.optimizer, lr=lr,
             weight_decay=tc.weight_decay, momentum=tc.momentum, schedule=tc.schedule, device=ctx.device, seed=seed,
-            on_epoch=after_epoch, should_stop=should_stop, freeze_bn=freeze_bn, speed=ctx.speed,
+            on_epoch=after_epoch, should_stop=should_stop, freeze_bn=freeze_bn, speed=ctx.speed, average_decay=tc.average_decay,
         )
         train_seconds = time.perf_counter() - start
         return self.final_metrics(last_val, self.score(model, "query"), train_seconds)

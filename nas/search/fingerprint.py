@@ -12,7 +12,8 @@ readable description that ends in a content hash:
 * ``protocol``: how val and query are scored (protocol, what val is searched against, whether
   query and gallery are one set, the metrics' version);
 * ``preprocessing``: how images are resized, cropped and normalised on both sides;
-* ``gallery``: the gallery model, the SHA-256 of its weights, its resolution and embedding width.
+* ``gallery``: the gallery model, the SHA-256 of its weights, its resolution and embedding width;
+* ``unlabeled`` (only with ``data.unlabeled``): how many images it adds and the SHA-256 of their content.
 
 The study stores the parts (``fingerprint`` user attribute) with the paragon, and every
 finished trial stores the fingerprint's digest it was scored under. Resuming a study with
@@ -32,7 +33,7 @@ from typing import Any
 
 import optuna
 
-from nas.data import ImageSet, Preprocessing, Split
+from nas.data import ImageSet, ImageSource, Preprocessing, Split
 from nas.errors import ConfigError
 
 __all__ = ["Fingerprint", "METRICS_VERSION", "early_parts", "full_parts", "check_fingerprint", "recorded_fingerprint", "ATTR"]
@@ -41,6 +42,9 @@ __all__ = ["Fingerprint", "METRICS_VERSION", "early_parts", "full_parts", "check
 METRICS_VERSION = "1"
 ATTR = "fingerprint"  # the study's user attribute: {part: description}
 EARLY = ("data", "split", "loss", "protocol")
+#: parts recorded only when set, with what a study that did not record one had: a study recorded without
+#: ``data.unlabeled`` is refused when resumed with it, and the other way round
+OPTIONAL = {"unlabeled": "none"}
 
 
 @dataclass(frozen=True)
@@ -55,18 +59,28 @@ class Fingerprint:
         return hashlib.sha256(json.dumps(dict(sorted(self.parts.items()))).encode()).hexdigest()[:16]
 
     def differences(self, recorded: Mapping[str, str]) -> list[str]:
-        """Each part that is recorded and now differs, as ``part: recorded -> now`` (parts not recorded are not compared)."""
-        return [f"{name}: recorded {recorded[name]!r}, now {value!r}" for name, value in self.parts.items()
-                if name in recorded and recorded[name] != value]
+        """Each part that is recorded and now differs, as ``part: recorded -> now`` (parts not recorded are not compared, but
+        an :data:`OPTIONAL` one not recorded was unset)."""
+        names = [*self.parts, *(name for name in OPTIONAL if name in recorded and name not in self.parts)]
+        changed = []
+        for name in names:
+            if name not in recorded and name not in OPTIONAL:
+                continue
+            before, now = recorded.get(name, OPTIONAL.get(name)), self.parts.get(name, OPTIONAL.get(name))
+            if before != now:
+                changed.append(f"{name}: recorded {before!r}, now {now!r}")
+        return changed
 
 
 def _sha(text: str) -> str:
     return text[:12]
 
 
-def early_parts(data: ImageSet, split: Split, protocol: str, loss_name: str, loss_options: Mapping[str, Any]) -> Fingerprint:
-    """The parts known before the gallery model is loaded: data, split, loss and protocol."""
+def early_parts(data: ImageSet, split: Split, protocol: str, loss_name: str, loss_options: Mapping[str, Any],
+                unlabeled: ImageSource | None = None) -> Fingerprint:
+    """The parts known before the gallery model is loaded: data, split, loss and protocol (and ``unlabeled``'s images when given)."""
     sizes = split.sizes()
+    extra = {} if unlabeled is None else {"unlabeled": f"{len(unlabeled)} images, sha256 {_sha(unlabeled.fingerprint())}"}
     return Fingerprint({
         "data": f"{data.name}: {len(data.labels)} images, {len(data.classes)} classes, {data.channels} channel(s), "
                 f"sha256 {_sha(data.fingerprint())}",
@@ -75,6 +89,7 @@ def early_parts(data: ImageSet, split: Split, protocol: str, loss_name: str, los
         "loss": f"{loss_name} {json.dumps(dict(loss_options or {}), sort_keys=True)}",
         "protocol": f"{protocol}; val against {split.val_against}; query {'is' if split.query_is_gallery else 'is not'} the gallery; "
                     f"metrics v{METRICS_VERSION}",
+        **extra,
     })
 
 

@@ -363,9 +363,12 @@ def _run(args: argparse.Namespace) -> int:
         if args.family:
             from nas.export.family import export_family
 
-            export_family(study, _storage_url(args), args.family, args.out, formats=args.format, tracking_uri=args.tracking_uri)
+            rows = export_family(study, _storage_url(args), args.family, args.out, formats=args.format, tracking_uri=args.tracking_uri)
             print(f"Family written to {args.out} (FAMILY.md, one folder per device); load one with nas.load_query_model(FOLDER).")
-            return 0
+            failed = [r["device"] for r in rows if "failed" in r]
+            if failed:
+                print(f"No member for {', '.join(failed)}: FAMILY.md says why.", file=sys.stderr)
+            return 1 if failed else 0
         export_trial(study, args.trial, args.out, formats=args.format, tracking_uri=args.tracking_uri)
         print(f"Export written to {args.out}; load it with nas.load_query_model({str(args.out)!r}).")
         return 0

@@ -322,23 +322,37 @@ def test_recalibration_uses_training_images_only(one_shot_study, monkeypatch: py
 def test_family_export_searches_exports_and_verifies_one_network_per_device(one_shot_study, tmp_path: Path) -> None:
     out, _ = one_shot_study
     family = tmp_path / "family.yaml"
-    family.write_text(yaml.safe_dump({"devices": [{"name": "loose", "max_mflops": 0.6}, {"name": "tight", "max_mflops": 0.25}], "trials": 3}))
+    family.write_text(yaml.safe_dump({"devices": [{"name": "loose", "max_mflops": 0.6}, {"name": "none-fits", "max_mflops": 0.001},
+                                                  {"name": "tight", "max_mflops": 0.25}], "trials": 3}))
     storage = f"sqlite:///{out / 'optuna.db'}"
     logs: list[str] = []
     rows = export_family(load_existing_study(storage, "one-shot"), storage, family, tmp_path / "export", log=logs.append)
-    assert [r["device"] for r in rows] == ["loose", "tight"] and all(r["verified"] for r in rows)
+    assert [r["device"] for r in rows] == ["loose", "none-fits", "tight"]
+    assert "even its smallest member" in rows[1]["failed"] and "| none-fits | max_mflops 0.001 | no member: " in (tmp_path / "export" / "FAMILY.md").read_text()
+    assert not (tmp_path / "export" / "none-fits").exists()
+    rows = [rows[0], rows[2]]  # the devices that got a member, measured as before
+    assert all(r["verified"] for r in rows)
     assert rows[0]["mflops"] <= 0.6 and rows[1]["mflops"] <= 0.25
     assert not any("Supernet epoch" in line for line in logs)  # one supernet: the study's, never retrained
     for r in rows:
         model = load_query_model(tmp_path / "export" / r["device"])
         assert model.arch.to_string() == r["arch"]
         assert "The family" in (tmp_path / "export" / r["device"] / "MODEL_CARD.md").read_text()
-    assert json.loads((tmp_path / "export" / "FAMILY.json").read_text())["members"][1]["device"] == "tight"
+    assert json.loads((tmp_path / "export" / "FAMILY.json").read_text())["members"][2]["device"] == "tight"
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     parent = next(r for r in client.search_runs([client.get_experiment_by_name("one-shot").experiment_id]) if r.data.tags.get("asymnas.role") == "study")
     assert parent.data.metrics["family_tight_query_mAP"] == pytest.approx(rows[1]["query_mAP"])
     again = export_family(load_existing_study(storage, "one-shot"), storage, family, tmp_path / "export2", log=lambda _: None)
-    assert [r["trial"] for r in again] == [r["trial"] for r in rows]  # a second export reuses the device studies' trials
+    assert [r["trial"] for r in again if "failed" not in r] == [r["trial"] for r in rows]  # a second export reuses the device studies' trials
+
+
+def test_a_family_without_any_member_says_why_for_every_device(one_shot_study, tmp_path: Path) -> None:
+    out, _ = one_shot_study
+    family = tmp_path / "family.yaml"
+    family.write_text(yaml.safe_dump({"devices": [{"name": "a", "max_mflops": 0.001}, {"name": "b", "max_params_m": 0.0001}], "trials": 2}))
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    with pytest.raises(NasError, match=r"No device of the family got a member: a: No architecture .* b: No architecture"):
+        export_family(load_existing_study(storage, "one-shot"), storage, family, tmp_path / "export", log=lambda _: None)
 
 
 def test_one_shot_config_errors(tiny_config, tmp_path: Path) -> None:

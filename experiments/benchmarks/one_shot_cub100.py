@@ -4,12 +4,12 @@ Setting: ``--config`` (default ``experiments/cub100_one_shot.yaml``: CUB-100 pho
 class-disjoint, the ImageNet-pretrained ``tf_efficientnet_lite2`` gallery model at 224 px
 (``--gallery-weights``); the ``gallery`` space of its structured prunings at 64-96 px, the
 gallery's batch-norm statistics kept; ``experiments/cub100_pruned_one_shot.yaml``: the
-``pruned`` space, with width). The budgets are 1/10 and 1/30 of the gallery model's MFLOPs
+``pruned`` space, with width). The budgets are 1/10, 1/30 and 1/100 of the gallery model's MFLOPs
 as the study counts them. Steps, each timed:
 
 1. ``nas supernet train``: the gallery embeddings (cached after the first run) and the
    supernet rooted in the gallery model (sandwich rule, in-place distillation);
-2. ``nas export --family``: one device search per budget (1/10 and 1/30 of the gallery's
+2. ``nas export --family``: one device search per budget (1/10, 1/30 and 1/100 of the gallery's
    MFLOPs) of ``--trials`` candidates scored with inherited weights, the best fine-tuned,
    exported and verified; query mAP, R@1 and their ratios to the paragon;
 3. reference per budget: the unpruned gallery model at the highest resolution (a multiple
@@ -58,6 +58,10 @@ from nas.supernet import frozen_batch_norm, open_supernet, random_member, recali
 from nas.data import StreamingImages  # noqa: E402
 from search_spaces import supernet_over  # noqa: E402
 from trainers import train_compatible  # noqa: E402
+
+#: the family's devices: a name and the share of the gallery model's MFLOPs
+BUDGETS = {"one-tenth": 10, "one-thirtieth": 30, "one-hundredth": 100}
+
 
 def fidelity(config, n: int, epochs: int, seed: int, log, repeat_seed: int | None = None, standalone_only: bool = False) -> dict:
     """Inherited-weight val mAP against fine-tuned-standalone val mAP of ``n`` random members within the study's budget.
@@ -202,7 +206,7 @@ def main() -> None:
         result["supernet_seconds"] = time.perf_counter() - start
         gallery_mflops = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).gallery_budgets["mflops"]
         result["gallery_mflops"] = gallery_mflops  # as the study counted it
-        devices = {"one-tenth": gallery_mflops / 10, "one-thirtieth": gallery_mflops / 30}
+        devices = {name: gallery_mflops / share for name, share in BUDGETS.items()}
         family = out / "family.yaml"
         family.write_text(yaml.safe_dump({
             "devices": [{"name": name, "max_mflops": mflops} for name, mflops in devices.items()],
@@ -217,7 +221,7 @@ def main() -> None:
         save()
     if "gallery_mflops" not in result:
         result["gallery_mflops"] = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).gallery_budgets["mflops"]
-    devices = {"one-tenth": result["gallery_mflops"] / 10, "one-thirtieth": result["gallery_mflops"] / 30}
+    devices = {name: result["gallery_mflops"] / share for name, share in BUDGETS.items()}
     result.setdefault("reference", {})
     for name, mflops in devices.items():
         if name not in result["reference"] and not args.no_reference:
@@ -236,6 +240,9 @@ def main() -> None:
     print(f"paragon: query mAP {p['mAP']:.4f}, R@1 {p['R@1']:.4f}")
     print(f"{'budget':<14} {'method':<38} {'MFLOPs':>7} {'res':>4} {'query mAP':>9} {'ratio':>6} {'R@1':>6} {'R@1 ratio':>9}")
     for r in result["family"]:
+        if "failed" in r:  # no member of the space fits the device
+            print(f"{r['device']:<14} no member: {r['failed']}")
+            continue
         res = r["arch"].split()[1]
         print(f"{r['device']:<14} {'one-shot family member':<38} {r['mflops']:>7.2f} {res[4:]:>4} {r['query_mAP']:>9.4f} "
               f"{r['query_mAP_ratio']:>6.3f} {r['query_R@1']:>6.4f} {r['query_R@1'] / p['R@1']:>9.3f}")

@@ -23,7 +23,9 @@ like any trial (:func:`nas.export.export_trial`) into ``<out>/<device>/``. Every
 searches the same gallery index. ``FAMILY.md`` / ``FAMILY.json`` in ``<out>`` (and each
 member's model card) list the family: budget, architecture, MFLOPs, latency, asymmetric
 mAP and its ratio to the paragon; the table and the members' scores are logged to the
-study's MLflow parent run.
+study's MLflow parent run. A device that no member of the space fits (even the smallest
+exceeds its budgets), or for which no candidate fitting it was found, gets a row saying so
+(``failed``) and the other devices go on; only a family with no member at all is an error.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import optuna
 import yaml
 
 from nas.config import BudgetConfig, config_from_dict, config_to_dict
-from nas.errors import ConfigError, NasError
+from nas.errors import BudgetError, ConfigError, NasError
 from nas.export import export_trial
 from nas.records import QUERY_MAP, QUERY_MAP_RATIO, QUERY_R1, StudyRecord
 from nas.results import best_trial
@@ -142,15 +144,23 @@ def export_family(
     out.mkdir(parents=True, exist_ok=True)
     paragon = record.paragon_query
     gallery_mflops = record.gallery_budgets.get("mflops", float("nan"))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for device in devices:
         log(f"== Device {device.name} ({device.describe()}): {trials} candidates with inherited weights, the best {fine_tune_best} fine-tuned")
         data = _device_config(config_to_dict(config), run_dir, storage_url, uri, study.study_name, device, trials, fine_tune_best)
-        # the device study's total: a second export reuses its trials rather than adding more
-        device_study = run_search(config_from_dict(data), log=lambda text, _n=device.name: log(f"[{_n}] {text}"), total_trials=trials)
+        try:
+            # the device study's total: a second export reuses its trials rather than adding more
+            device_study = run_search(config_from_dict(data), log=lambda text, _n=device.name: log(f"[{_n}] {text}"), total_trials=trials)
+        except BudgetError as exc:  # even the space's smallest member exceeds the device's budgets
+            rows.append({"device": device.name, "budget": device.describe(), "failed": str(exc)})
+            log(f"Device {device.name!r}: no member of the space fits. {exc}")
+            continue
         best = best_trial(device_study)
         if best is None:
-            raise NasError(f"Device {device.name!r}: no candidate fitting {device.describe()} was fine-tuned; loosen its budgets or raise 'trials'.")
+            reason = f"none of its {trials} candidates fitting {device.describe()} was fine-tuned; loosen its budgets or raise 'trials'."
+            rows.append({"device": device.name, "budget": device.describe(), "study": device_study.study_name, "failed": reason})
+            log(f"Device {device.name!r}: {reason}")
+            continue
         verification = export_trial(device_study, "best", out / device.name, formats=formats, log=log, tracking_uri=tracking_uri)
         m, b = best.metrics, best.budgets
         rows.append({
@@ -161,10 +171,13 @@ def export_family(
             # which start its fine-tuning kept, and each start's scores (supernet.fine_tune_from)
             **{k: v for k, v in m.items() if k.startswith(("from_", "start_")) or k in ("fine_tuned_from_gallery", "gallery_start_kept_bn")},
         })
+    members = [r for r in rows if "failed" not in r]
+    if not members:
+        raise NasError("No device of the family got a member: " + " ".join(f"{r['device']}: {r['failed']}" for r in rows))
     table = family_table(rows, paragon, config)
     (out / "FAMILY.md").write_text(table)
     (out / "FAMILY.json").write_text(json.dumps({"study": study.study_name, "paragon": paragon, "members": rows}, indent=2))
-    for row in rows:
+    for row in members:
         card = out / row["device"] / "MODEL_CARD.md"
         card.write_text(card.read_text() + "\n" + table)
     log(table)
@@ -172,14 +185,14 @@ def export_family(
         tracker = make_tracker(config_from_dict({**config_to_dict(config), "tracking": {**config_to_dict(config)["tracking"], "uri": uri}}), log)
         tracker.log_text(record.mlflow_parent_run_id, table, "FAMILY.md")
         tracker.log(record.mlflow_parent_run_id, metrics={
-            f"family_{r['device']}_{k}": r[k] for r in rows for k in ("query_mAP", "query_mAP_ratio", "mflops", "latency_ms")
+            f"family_{r['device']}_{k}": r[k] for r in members for k in ("query_mAP", "query_mAP_ratio", "mflops", "latency_ms")
         })
         tracker.flush()
     return rows
 
 
 def family_table(rows: list[dict[str, Any]], paragon: dict[str, float], config: Any) -> str:
-    """The family as a Markdown table: one row per device."""
+    """The family as a Markdown table: one row per device (a device without a member says why)."""
     lat = config.budgets.latency
     lines = [
         "## The family: one query network per device, all searching the same gallery index",
@@ -191,6 +204,9 @@ def family_table(rows: list[dict[str, Any]], paragon: dict[str, float], config: 
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['device']} | {r['budget']} | no member: {r['failed'].replace('|', '/')} | | | | | | | | |")
+            continue
         r1 = "-" if r["query_R@1"] is None else f"{r['query_R@1']:.4f}"
         start = "-" if "fine_tuned_from_gallery" not in r else ("the gallery's weights" if r["fine_tuned_from_gallery"] else "the supernet's weights")
         lines.append(

@@ -15,16 +15,18 @@ def _write(path: Path, config: dict) -> Path:
     return path
 
 
-def test_search_then_export_from_the_command_line(tmp_path: Path, tiny_config, capsys) -> None:
-    config = tiny_config(tmp_path / "run", search__trials=2, budgets__max_mflops=None)
+def test_search_then_export_from_the_command_line(tmp_path: Path, tiny_config, small_gallery, capsys) -> None:
+    # the session's gallery checkpoint, and one export format: every format is exported and verified in test_export.py
+    config = tiny_config(tmp_path / "run", search__trials=2, budgets__max_mflops=None, gallery__checkpoint=small_gallery)
     file = _write(tmp_path / "exp.yaml", config)
     assert main(["search", str(file), "--trials", "3", "--max-params-m", "5", "--study-name", "cli"]) == 0
     out = capsys.readouterr().out
     assert "Best trial #" in out and "Trials: 3" in out and "nas export --study-name cli" in out
     assert main(["results", "--study-name", "cli", "--run-dir", str(tmp_path / "run")]) == 0
     assert "complete" in capsys.readouterr().out
-    assert main(["export", "--study-name", "cli", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
-    assert (tmp_path / "export" / "model.onnx").is_file()
+    assert main(["export", "--study-name", "cli", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "export"),
+                 "--format", "onnx"]) == 0
+    assert (tmp_path / "export" / "model.onnx").is_file() and not (tmp_path / "export" / "model.torchscript.pt").exists()
 
 
 def _error(capsys, argv: list[str]) -> str:
@@ -81,14 +83,14 @@ def test_export_of_an_unknown_study(tmp_path: Path, capsys) -> None:
     assert "No study database" in err
 
 
-def test_embed_a_folder_skips_and_lists_bad_images(tmp_path: Path, tiny_config, capsys) -> None:
+def test_embed_a_folder_skips_and_lists_bad_images(tmp_path: Path, tiny_config, small_gallery, capsys) -> None:
     import numpy as np
     from PIL import Image
 
     from nas import load_query_model
     from nas.export.loading import load_preprocessing
 
-    config = tiny_config(tmp_path / "run", search__trials=1, budgets__max_mflops=None)
+    config = tiny_config(tmp_path / "run", search__trials=1, budgets__max_mflops=None, gallery__checkpoint=small_gallery)
     file = _write(tmp_path / "exp.yaml", config)
     assert main(["search", str(file)]) == 0
     assert main(["export", "--study-name", "tiny", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "export"), "--format", "state_dict"]) == 0
@@ -215,12 +217,12 @@ def test_profile_bad_input_is_a_clear_error(argv: list[str], fragment: str, tmp_
     assert fragment in capsys.readouterr().err
 
 
-def test_baseline_trains_timm_models_beside_the_trials(tmp_path: Path, tiny_config, capsys: pytest.CaptureFixture[str]) -> None:
+def test_baseline_trains_timm_models_beside_the_trials(tmp_path: Path, tiny_config, small_gallery, capsys: pytest.CaptureFixture[str]) -> None:
     import optuna
     from mlflow.tracking import MlflowClient
 
     # at 32 px, 1 channel, 32-d embedding: lcnet_035 0.78 MFLOPs, mobilenetv3_small_050 0.84: 0.81 splits them
-    config = tiny_config(tmp_path / "run", search__study_name="base", search__trials=1, budgets__max_mflops=0.81)
+    config = tiny_config(tmp_path / "run", search__study_name="base", search__trials=1, budgets__max_mflops=0.81, gallery__checkpoint=small_gallery)
     file = _write(tmp_path / "exp.yaml", config)
     assert main(["search", str(file)]) == 0
     capsys.readouterr()
@@ -268,10 +270,10 @@ def test_baseline_bad_input(tmp_path: Path, tiny_config, capsys: pytest.CaptureF
     assert "comma-separated integers" in capsys.readouterr().err
 
 
-def test_search_flags_choose_the_sampler_and_objectives(tmp_path: Path, tiny_config, capsys: pytest.CaptureFixture[str]) -> None:
+def test_search_flags_choose_the_sampler_and_objectives(tmp_path: Path, tiny_config, small_gallery, capsys: pytest.CaptureFixture[str]) -> None:
     import optuna
 
-    config = tiny_config(tmp_path / "run", budgets__max_mflops=None, search__study_name="mo", train__epochs=1)
+    config = tiny_config(tmp_path / "run", budgets__max_mflops=None, search__study_name="mo", train__epochs=1, gallery__checkpoint=small_gallery)
     file = _write(tmp_path / "exp.yaml", config)
     assert main(["search", str(file), "--trials", "2", "--sampler", "random", "--objectives", "mAP,mflops"]) == 0
     study = optuna.load_study(study_name="mo", storage=f"sqlite:///{tmp_path / 'run' / 'optuna.db'}")

@@ -3,8 +3,8 @@
 ``prepare`` checks what can be checked without data first (names against their
 registries, budgets against the space's smallest member), then loads the data and its
 split, loads or trains the gallery model, and computes (or loads from the cache) the
-gallery embeddings of the training images (the targets) and of the gallery set (the
-index).
+gallery embeddings of the training images (the targets; with ``data.unlabeled`` also of
+that folder's images, :mod:`nas.training_images`) and of the gallery set (the index).
 """
 
 from __future__ import annotations

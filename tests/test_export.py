@@ -167,6 +167,7 @@ def test_pareto_point_and_format_subset(exported, tmp_path: Path) -> None:
     assert set(verification["min_cosine"]) == {"reloaded"} and "int8" not in verification
 
 
+@pytest.mark.slow  # long end-to-end; the default run stays under 15 min (covered in part by faster tests)
 def test_export_retrains_a_trial_whose_weights_were_not_kept(tmp_path: Path, tiny_config) -> None:
     raw = tiny_config(tmp_path / "run", search__trials=2, budgets__max_mflops=None)
     study = run_search(config_from_dict(raw), log=lambda _: None)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -71,6 +72,7 @@ def kill_search_in_training(file: Path, db: Path, name: str) -> int:
     return proc.pid
 
 
+@pytest.mark.slow  # long end-to-end; the default run stays under 15 min (covered in part by faster tests)
 def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_config) -> None:
     raw = tiny_config(
         tmp_path / "run",

@@ -166,6 +166,7 @@ def test_members_keeping_the_gallery_features_need_no_embedding_layer() -> None:
         assert supernet.mflops(arch) == pytest.approx(count_mflops(model, 32, 1), rel=1e-9)
 
 
+@pytest.mark.slow  # long end-to-end; the default run stays under 15 min (covered in part by faster tests)
 def test_a_one_shot_search_over_prunings_of_a_resnet_gallery(tiny_config, tmp_path: Path) -> None:
     """The quickstart's setting in small: a ResNet-18 gallery model roots the supernet of the pruned space; candidates
     inherit its weights, the best is fine-tuned; every member names the gallery weights that ranked its channels."""

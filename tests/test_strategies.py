@@ -102,6 +102,7 @@ def gallery_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits_dir: Pat
     return str(config.out_dir / "gallery" / "gallery.safetensors")
 
 
+@pytest.mark.slow  # long end-to-end; the default run stays under 15 min (covered in part by faster tests)
 def test_multi_objective_nsga2_search_and_the_promotion_rule(tmp_path: Path, tiny_config, gallery_checkpoint: str) -> None:
     raw = tiny_config(
         tmp_path, gallery__checkpoint=gallery_checkpoint, budgets__max_mflops=None, train__epochs=2,
@@ -131,6 +132,7 @@ def test_multi_objective_nsga2_search_and_the_promotion_rule(tmp_path: Path, tin
         open_study(config_from_dict({**raw, "search": {**raw["search"], "objectives": ["mAP"]}}))
 
 
+@pytest.mark.slow  # long end-to-end; the default run stays under 15 min (covered in part by faster tests)
 def test_hyperband_single_objective_search(tmp_path: Path, tiny_config, gallery_checkpoint: str) -> None:
     raw = tiny_config(
         tmp_path, gallery__checkpoint=gallery_checkpoint, budgets__max_mflops=None, train__epochs=3, search__pruner="hyperband",

@@ -71,6 +71,7 @@ def test_unreachable_server_at_start_is_a_clear_error() -> None:
     assert uri in str(info.value) and "tracking.enabled: false" in str(info.value)
 
 
+@pytest.mark.slow  # long end-to-end; the default run stays under 15 min (covered in part by faster tests)
 def test_an_outage_in_the_middle_loses_nothing(tmp_path: Path) -> None:
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"

@@ -322,6 +322,8 @@ class SearchConfig:
 BATCH_NORM_MODES = ("auto", "frozen", "recalibrate")
 #: ``supernet.fine_tune_from``: the weights a chosen member's fine-tuning starts from (see :class:`SupernetConfig`).
 FINE_TUNE_STARTS = ("auto", "supernet", "gallery", "both")
+#: ``supernet.score``: the weights a candidate is scored with during the search (see :class:`SupernetConfig`).
+SUPERNET_SCORES = ("inherited", "tuned", "gallery")
 
 
 @dataclass(frozen=True)
@@ -362,6 +364,11 @@ class SupernetConfig:
     rooted in the gallery model only), ``both`` (fine-tuned from each, the one with the higher
     val mAP after fine-tuning kept; twice the time) or ``auto``: ``both`` when the supernet
     is rooted in the gallery model, else ``supernet``.
+    ``score``: what a candidate's val mAP during the search is measured with: ``inherited`` (its
+    supernet weights, recalibrated), ``tuned`` (those after one pass over ``score_images``
+    training images, a seeded subset, null: all of them, at the fine-tuning's learning rate) or
+    ``gallery`` (the gallery model's own weights pruned to it, the gallery's batch-norm
+    statistics or recalibrated ones, whichever scores higher; rooted supernets only).
     """
 
     epochs: int = 4
@@ -375,6 +382,8 @@ class SupernetConfig:
     batch_norm: str = "auto"
     fine_tune_from: str = "auto"
     max_mflops: Any = "budget"  # a number, "budget" or null (see above)
+    score: str = "inherited"
+    score_images: int | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -383,6 +392,8 @@ class SupernetConfig:
         )
         _check(self.fine_tune_from in FINE_TUNE_STARTS,
                f"supernet.fine_tune_from must be one of {', '.join(FINE_TUNE_STARTS)}, but got {self.fine_tune_from!r}.")
+        _check(self.score in SUPERNET_SCORES, f"supernet.score must be one of {', '.join(SUPERNET_SCORES)}, but got {self.score!r}.")
+        _check(self.score_images is None or self.score_images >= 1, f"supernet.score_images must be >= 1 or null, but got {self.score_images}.")
         _check(self.batch_norm in BATCH_NORM_MODES, f"supernet.batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, but got {self.batch_norm!r}.")
         _check(self.epochs >= 1, f"supernet.epochs must be >= 1, but got {self.epochs}.")
         _check(self.lr is None or self.lr > 0, f"supernet.lr must be > 0 or null, but got {self.lr}.")

@@ -50,13 +50,14 @@ def embed(
     rows = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
     device = device or torch.device("cpu")
     was_training = model.training
-    model.eval()
+    home = next(model.parameters(), torch.empty(0)).device  # where the model is left again
+    model.eval().to(device)
     gpu = device.type == "cuda"
     batches = eval_batches(source, rows, preprocessing.for_channels(source.channels).eval_transform(resolution), batch_size, workers, for_gpu=gpu)
     if desc is not None:
         batches = progress(batches, len(rows), desc, scale=batch_size)
     out = [model(batch.to(device, non_blocking=gpu)).float().cpu() for batch in batches]
-    model.train(was_training)
+    model.train(was_training).to(home)
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(out).numpy().astype(np.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nas.config import config_from_dict
+from nas.errors import ConfigError
 from nas.data.transforms import LEGACY_PREPROCESSING
 from nas.export import load_query_model
 from nas.export.formats import OnnxExporter, StateDictExporter, TorchScriptExporter
@@ -20,6 +22,7 @@ from nas.records import State, trial_records
 from nas.scoring import embed
 from nas.search.context import prepare
 from nas.search.driver import run_search
+from nas.search.evaluators import OneShot
 from nas.supernet import frozen_batch_norm, random_member, root_network
 from search_spaces import Architecture, PrunedQueryNet, Pruning, RootedSupernet, SupernetError, create_space, supernet_over
 
@@ -206,3 +209,38 @@ def test_an_extracted_member_is_at_its_own_resolution() -> None:
     for res in (32, 16):
         arch = space.extreme(smallest=True, resolution=res)
         assert supernet.extract(arch).arch == arch
+
+
+def test_candidates_are_scored_with_the_weights_supernet_score_names(tiny_config, small_gallery: str, tmp_path: Path) -> None:
+    """``supernet.score``: ``tuned`` scores a member after one seeded pass over ``score_images`` training images (its
+    inherited score kept beside), ``gallery`` with the gallery model's own weights pruned to it; a supernet that is not
+    rooted in the gallery model cannot score the second way, and says so before any training."""
+    raw = tiny_config(
+        tmp_path / "run", data__max_per_class=30, gallery__checkpoint=small_gallery, budgets__max_mflops=None, search__strategy="one_shot",
+        space={"name": "pruned", "options": {"resolutions": [16], "widths": [0.5, 1.0]}},
+        supernet={"epochs": 1, "random_subnets": 0, "recalibration_images": 64, "score": "tuned", "score_images": 64},
+    )
+    config = config_from_dict(raw)
+    ctx = prepare(config, log=lambda _: None)
+    paragon = {"val": {"mAP": 1.0}}  # the ratio's denominator; the scores under test are the val mAPs
+    tuned = OneShot(ctx, paragon)
+    tuned.prepare(log=lambda _: None)
+    arch = ctx.space.extreme(smallest=True)
+    first, again = (tuned.evaluate(tuned.build(arch, 0), seed=3) for _ in range(2))
+    m = first.metrics
+    assert m["train_seconds"] > 0 and m["val_mAP"] != m["inherited_val_mAP"]
+    assert again.metrics["val_mAP"] == m["val_mAP"]  # the pass is seeded
+    inherited = tuned.build(arch, 0).state_dict()
+    assert any(not torch.equal(v, inherited[k]) for k, v in first.model.state_dict().items() if v.is_floating_point())
+
+    ctx.config = replace(config, supernet=replace(config.supernet, score="gallery"))
+    by_gallery = OneShot(ctx, paragon)
+    by_gallery.supernet = tuned.supernet
+    m = by_gallery.evaluate(by_gallery.build(arch, 0), seed=3).metrics
+    _, start_map, kept_bn = by_gallery.gallery_start(arch)
+    assert m["val_mAP"] == start_map and m["gallery_start_kept_bn"] == float(kept_bn) and "inherited_val_mAP" not in m
+
+    raw = tiny_config(tmp_path / "mobilenet", data__max_per_class=30, gallery__checkpoint=small_gallery, search__strategy="one_shot",
+                      supernet={"score": "gallery"})
+    with pytest.raises(ConfigError, match="supernet.score 'gallery'.*not rooted in the gallery model"):
+        OneShot(prepare(config_from_dict(raw), log=lambda _: None), paragon).prepare(log=lambda _: None)

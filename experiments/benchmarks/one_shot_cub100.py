@@ -15,8 +15,9 @@ as the study counts them. Steps, each timed:
 3. reference per budget: the unpruned gallery model at the highest resolution (a multiple
    of 16) that fits, scored as it is (zero-shot: only its input is smaller) and fine-tuned
    from the gallery's own weights with the same settings;
-4. rank fidelity: ``--fidelity`` random members within the 1/10 budget, their val mAP with
-   inherited weights (the trained supernet) against their val mAP when fine-tuned
+4. rank fidelity: ``--fidelity`` random members within the 1/10 budget, their val mAP as the
+   search scores them (``supernet.score``; e.g. inherited weights of the trained supernet,
+   recalibrated) against their val mAP when fine-tuned
    standalone from the gallery's own pruned weights (the untrained supernet, batch-norm
    statistics as scored, ``--fidelity-epochs`` epochs with the study's training
    settings): Kendall tau and Spearman rho.
@@ -107,7 +108,8 @@ def fidelity(config, n: int, epochs: int, seed: int, log, repeat_seed: int | Non
         if not check_budgets(model, arch.resolution, arch.in_chans, [b for b in ctx.budgets if b.name == "mflops"]).feasible:  # cheap
             continue
         start = time.perf_counter()
-        inherited = float("nan") if standalone_only else scorer.score(recalibrated(ctx, model), "val")["mAP"]
+        # the search's own score of the member (supernet.score: inherited, tuned or gallery)
+        inherited = float("nan") if standalone_only else scorer.evaluate(model, seed + len(rows)).metrics["val_mAP"]
         row = {"arch": arch.to_string(), "resolution": arch.resolution, "inherited_val_mAP": inherited, "standalone_val_mAP": standalone(arch, seed + len(rows))}
         if repeat_seed is not None:
             row["standalone_repeat_val_mAP"] = standalone(arch, repeat_seed + len(rows))

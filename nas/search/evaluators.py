@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 import optuna
 import torch
 
@@ -42,7 +43,7 @@ from nas.registry import Registry
 from nas.scoring import embed, score_part
 from nas.records import State, trial_records
 from nas.search.context import Context, Log
-from nas.supernet import fine_tune_starts, frozen_batch_norm, gallery_supernet, open_supernet, recalibrated, supernet_key
+from nas.supernet import fine_tune_starts, frozen_batch_norm, gallery_supernet, open_supernet, recalibrated, rooted, supernet_key
 from search_spaces import Architecture, EmbeddingHead, PrunedQueryNet, Pruning, QueryNet, Root, RootedSupernet, Supernet, build
 from trainers import EpochResult, train_compatible
 
@@ -256,7 +257,8 @@ class FineTunePruned(Evaluator):
 
 @EVALUATORS.register("one_shot")
 class OneShot(Evaluator):
-    """A member of the trained supernet with inherited weights, recalibrated and scored on val; no training.
+    """A member of the trained supernet with inherited weights, recalibrated and scored on val (``supernet.score``: or
+    those weights after a short fine-tune, or the gallery model's own weights pruned to it).
 
     :meth:`prepare` loads the supernet of the study's setting or trains it (an MLflow child
     run of the study, role ``supernet``). :meth:`follow_up` asks for the fine-tuning of the
@@ -278,12 +280,16 @@ class OneShot(Evaluator):
     def __init__(self, ctx: Context, paragon: Paragon) -> None:
         super().__init__(ctx, paragon)
         self.supernet: Supernet | None = None
+        self._gallery_supernet: Supernet | RootedSupernet | None = None
 
     def prepare(self, log: Log = print, tracker: Tracker | None = None, parent: str | None = None, study_name: str = "",
                 should_stop: Callable[[], bool] | None = None, train: bool = True) -> None:
         if self.supernet is not None:
             return
         fine_tune_starts(self.ctx)  # a start this space cannot give is refused before the supernet's training
+        if self.ctx.config.supernet.score == "gallery" and not rooted(self.ctx):
+            raise ConfigError(f"supernet.score 'gallery' scores candidates with the gallery model's own pruned weights, but the supernet over "
+                              f"the {self.ctx.config.space.name!r} space is not rooted in the gallery model; use 'inherited' or 'tuned'.")
         run_id = None
         if tracker is not None and parent is not None and train:
             # called under the supernet lock: a supernet run still RUNNING belongs to a process that was killed
@@ -318,16 +324,59 @@ class OneShot(Evaluator):
     def build(self, arch: Architecture, seed: int) -> QueryNet:
         return self._supernet().extract(arch)
 
+    def gallery_start(self, arch: Architecture) -> tuple[QueryNet, float, bool]:
+        """The gallery model's own weights pruned to ``arch`` with the batch-norm statistics whose val mAP is higher: the
+        gallery's (sliced; then kept through fine-tuning) or recalibrated on training images (then trained as configured).
+        The network, its val mAP, and whether it keeps the gallery's statistics."""
+        if self._gallery_supernet is None:
+            self._gallery_supernet = gallery_supernet(self.ctx)
+        if self._gallery_supernet is None:  # prepare and fine_tune_starts refuse this before
+            raise ConfigError("The gallery model's pruned weights need a supernet rooted in the gallery model.")
+        kept = self._gallery_supernet.extract(arch)
+        kept_map = self.score(kept, "val")["mAP"]
+        recal = recalibrated(self.ctx, self._gallery_supernet.extract(arch), force=True)
+        recal_map = self.score(recal, "val")["mAP"]
+        return (kept, kept_map, True) if kept_map >= recal_map else (recal, recal_map, False)
+
+    def short_tune(self, model: QueryNet, seed: int, should_stop: Callable[[], bool] | None) -> None:
+        """``model`` trained in place for one pass over ``supernet.score_images`` training images (a subset seeded by ``seed``;
+        null: all of them) at the fine-tuning's learning rate, with the study's loss and settings."""
+        ctx, tc, sc = self.ctx, self.ctx.config.train, self.ctx.config.supernet
+        indices, targets = np.asarray(ctx.training.indices), ctx.targets
+        if sc.score_images is not None and sc.score_images < len(indices):
+            keep = np.sort(np.random.default_rng(seed).permutation(len(indices))[: sc.score_images])
+            indices, targets = indices[keep], replace(targets, targets=targets.targets[keep], labels=targets.labels[keep])
+        transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(model.arch.resolution, ctx.augmentation)
+        images = StreamingImages(ctx.training.source, indices, transform, tc.batch_size, seed, ctx.workers, for_gpu=ctx.device.type == "cuda")
+        train_compatible(
+            model, images, targets, ctx.loss, epochs=1, batch_size=tc.batch_size, optimizer=tc.optimizer, lr=sc.fine_tune_lr or tc.lr,
+            weight_decay=tc.weight_decay, momentum=tc.momentum, schedule=tc.schedule, device=ctx.device, seed=seed,
+            should_stop=should_stop, freeze_bn=frozen_batch_norm(ctx), speed=ctx.speed,
+        )
+
     def evaluate(
         self, model: QueryNet, seed: int, on_epoch: EpochCallback | None = None, should_stop: Callable[[], bool] | None = None
     ) -> Evaluation:
+        """The candidate's val scores with the weights ``supernet.score`` names; ``inherited_val_mAP`` beside them for ``tuned``."""
         start = time.perf_counter()
-        recalibrated(self.ctx, model)
+        extra: dict[str, float] = {}
+        score = self.ctx.config.supernet.score
+        if score == "gallery":
+            model, _, kept_bn = self.gallery_start(model.arch)
+            extra["gallery_start_kept_bn"] = float(kept_bn)
+        else:
+            recalibrated(self.ctx, model)
+        if score == "tuned":
+            extra["inherited_val_mAP"] = self.score(model, "val")["mAP"]
+            tuning = time.perf_counter()
+            self.short_tune(model, seed, should_stop)
+            extra["train_seconds"] = time.perf_counter() - tuning
         val = self.score(model, "val")
         metrics = {
             **{f"val_{k}": v for k, v in val.items() if k not in ("queries", "skipped")},
             "val_mAP_ratio": val["mAP"] / self.paragon["val"]["mAP"],
             "train_seconds": 0.0,
+            **extra,
             "inherited_seconds": time.perf_counter() - start,
         }
         return Evaluation(model, metrics, inherited=True)
@@ -368,24 +417,9 @@ class FineTuneInherited(Evaluator):
     def __init__(self, parent: OneShot) -> None:
         super().__init__(parent.ctx, parent.paragon)
         self.parent = parent
-        self._gallery_supernet: Supernet | RootedSupernet | None = None
 
     def build(self, arch: Architecture, seed: int) -> QueryNet:
         return self.parent.build(arch, seed)
-
-    def _gallery_start(self, arch: Architecture) -> tuple[QueryNet, float, bool]:
-        """The gallery model's own weights pruned to ``arch`` with the batch-norm statistics whose val mAP is higher: the
-        gallery's (sliced; then kept through fine-tuning) or recalibrated on training images (then trained as configured).
-        The network, its val mAP, and whether it keeps the gallery's statistics."""
-        if self._gallery_supernet is None:
-            self._gallery_supernet = gallery_supernet(self.ctx)
-        if self._gallery_supernet is None:  # fine_tune_starts refused this already
-            raise ConfigError("The gallery model's pruned weights need a supernet rooted in the gallery model.")
-        kept = self._gallery_supernet.extract(arch)
-        kept_map = self.score(kept, "val")["mAP"]
-        recal = recalibrated(self.ctx, self._gallery_supernet.extract(arch), force=True)
-        recal_map = self.score(recal, "val")["mAP"]
-        return (kept, kept_map, True) if kept_map >= recal_map else (recal, recal_map, False)
 
     def evaluate(
         self, model: QueryNet, seed: int, on_epoch: EpochCallback | None = None, should_stop: Callable[[], bool] | None = None
@@ -399,7 +433,7 @@ class FineTuneInherited(Evaluator):
         for k, start in enumerate(fine_tune_starts(ctx)):
             net, before, freeze = model, inherited, frozen_batch_norm(ctx)
             if start == "gallery":
-                net, before, gallery_bn = self._gallery_start(model.arch)
+                net, before, gallery_bn = self.parent.gallery_start(model.arch)
                 freeze = freeze or gallery_bn
             numbered_on = None if on_epoch is None else (
                 lambda result, val, k=k: on_epoch(replace(result, epoch=result.epoch + k * epochs), val))

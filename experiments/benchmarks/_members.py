@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 import optuna
 
-from nas.hardware import count_mflops
+from nas.hardware import check_budgets, count_mflops
+from nas.search.context import Context
 from nas.study_nets import random_members
-from search_spaces import Architecture, SearchSpace, build
+from nas.supernet import random_member
+from search_spaces import Architecture, QueryNet, SearchSpace, build
 
-__all__ = ["random_members", "median_member"]
+__all__ = ["random_members", "median_member", "members_within_budget"]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -16,3 +21,20 @@ def median_member(space: SearchSpace, n: int = 41, seed: int = 0) -> Architectur
     """The member with the median MFLOPs among ``n`` random ones."""
     ranked = sorted(random_members(space, n, seed), key=lambda a: count_mflops(build(a), a.resolution, a.in_chans))
     return ranked[len(ranked) // 2]
+
+
+def members_within_budget(ctx: Context, supernet, seed: int) -> Iterator[tuple[Architecture, QueryNet, float]]:
+    """Distinct random members of ``ctx.space`` within the study's MFLOPs budget, in a seeded order: each with its network
+    extracted from ``supernet`` and its MFLOPs (fvcore multiply-accumulates, batch 1)."""
+    limit = [b for b in ctx.budgets if b.name == "mflops"]
+    rng = np.random.default_rng(seed)
+    seen = set()
+    while True:
+        arch = random_member(ctx.space, rng)
+        if arch.arch_id in seen:
+            continue
+        seen.add(arch.arch_id)
+        model = supernet.extract(arch)
+        report = check_budgets(model, arch.resolution, arch.in_chans, limit, measure_all=True)
+        if report.feasible:
+            yield arch, model, report.values["mflops"]

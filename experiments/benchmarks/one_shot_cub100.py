@@ -37,7 +37,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 from scipy.stats import kendalltau, spearmanr
 
@@ -45,6 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "experiments"))
 
 from convert_efficientnet_lite import VARIANTS, convert_variant  # noqa: E402
+from _members import members_within_budget  # noqa: E402
 
 from nas.config import load_config  # noqa: E402
 from nas.export.family import export_family  # noqa: E402
@@ -55,7 +55,7 @@ from nas.search.context import prepare  # noqa: E402
 from nas.search.driver import train_study_supernet  # noqa: E402
 from nas.search.evaluators import OneShot  # noqa: E402
 from nas.search.optuna_setup import load_existing_study  # noqa: E402
-from nas.supernet import frozen_batch_norm, open_supernet, random_member, recalibrated, root_network  # noqa: E402
+from nas.supernet import frozen_batch_norm, open_supernet, recalibrated, root_network  # noqa: E402
 from nas.data import StreamingImages  # noqa: E402
 from search_spaces import supernet_over  # noqa: E402
 from trainers import train_compatible  # noqa: E402
@@ -97,16 +97,10 @@ def fidelity(config, n: int, epochs: int, seed: int, log, repeat_seed: int | Non
             cache_file.write_text(json.dumps(cache, indent=1))
         return cache[key]
 
-    rng = np.random.default_rng(seed)
-    rows, seen = [], set()
-    while len(rows) < n:
-        arch = random_member(ctx.space, rng)
-        if arch.arch_id in seen:
-            continue
-        seen.add(arch.arch_id)
-        model = trained.extract(arch)
-        if not check_budgets(model, arch.resolution, arch.in_chans, [b for b in ctx.budgets if b.name == "mflops"]).feasible:  # cheap
-            continue
+    rows = []
+    for arch, model, _ in members_within_budget(ctx, trained, seed):
+        if len(rows) == n:
+            break
         start = time.perf_counter()
         # the search's own score of the member (supernet.score: inherited, tuned or gallery)
         inherited = float("nan") if standalone_only else scorer.evaluate(model, seed + len(rows)).metrics["val_mAP"]
@@ -175,6 +169,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="train.device: auto, cpu or cuda[:N]")
     parser.add_argument("--supernet-epochs", type=int, default=None, help="supernet.epochs (default: the experiment file's)")
     parser.add_argument("--fine-tune-epochs", type=int, default=None, help="train.epochs of the fine-tuning (default: the experiment file's)")
+    parser.add_argument("--devices", nargs="+", choices=list(BUDGETS), default=list(BUDGETS), help="the family's devices (default: all)")
     args = parser.parse_args()
     out = Path(args.out)
     weights = Path(args.gallery_weights)
@@ -195,20 +190,22 @@ def main() -> None:
         return
     if "family" not in result:
         result["setting"] = {"trials": args.trials, "supernet_epochs": config.supernet.epochs, "fine_tune_epochs": config.train.epochs,
-                             "resolutions": config.space.options["resolutions"], "threads": args.threads}
+                             "resolutions": config.space.options["resolutions"], "threads": args.threads, "score": config.supernet.score}
         start = time.perf_counter()
         train_study_supernet(config, log)
         recorded = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).config or {}
-        asked = {"supernet.epochs": config.supernet.epochs, "train.epochs": config.train.epochs, "search.warm_start": config.search.warm_start}
+        asked = {"supernet.epochs": config.supernet.epochs, "train.epochs": config.train.epochs, "search.warm_start": config.search.warm_start,
+                 "supernet.score": config.supernet.score}
         kept = {"supernet.epochs": recorded.get("supernet", {}).get("epochs"), "train.epochs": recorded.get("train", {}).get("epochs"),
-                "search.warm_start": recorded.get("search", {}).get("warm_start")}
+                "search.warm_start": recorded.get("search", {}).get("warm_start"),
+                "supernet.score": recorded.get("supernet", {}).get("score", "inherited")}
         if asked != kept:  # the family's device searches take the settings the study recorded when it was created
             sys.exit(f"Study {config.search.study_name!r} was created with {kept}, not {asked}: its family would use the former. "
                      f"Pass another --study-name.")
         result["supernet_seconds"] = time.perf_counter() - start
         gallery_mflops = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).gallery_budgets["mflops"]
         result["gallery_mflops"] = gallery_mflops  # as the study counted it
-        devices = {name: gallery_mflops / share for name, share in BUDGETS.items()}
+        devices = {name: gallery_mflops / BUDGETS[name] for name in args.devices}
         family = out / "family.yaml"
         family.write_text(yaml.safe_dump({
             "devices": [{"name": name, "max_mflops": mflops} for name, mflops in devices.items()],
@@ -223,7 +220,7 @@ def main() -> None:
         save()
     if "gallery_mflops" not in result:
         result["gallery_mflops"] = StudyRecord.load(load_existing_study(config.storage_url, config.search.study_name)).gallery_budgets["mflops"]
-    devices = {name: result["gallery_mflops"] / share for name, share in BUDGETS.items()}
+    devices = {name: result["gallery_mflops"] / BUDGETS[name] for name in args.devices}
     result.setdefault("reference", {})
     for name, mflops in devices.items():
         if name not in result["reference"] and not args.no_reference:
@@ -239,7 +236,7 @@ def main() -> None:
         save()
     print()
     p = result["paragon"]
-    print(f"paragon: query mAP {p['mAP']:.4f}, R@1 {p['R@1']:.4f}")
+    print(f"paragon: query mAP {p['mAP']:.4f}, R@1 {p['R@1']:.4f}; candidates scored: {result['setting'].get('score', 'inherited')}")
     print(f"{'budget':<14} {'method':<38} {'MFLOPs':>7} {'res':>4} {'query mAP':>9} {'ratio':>6} {'R@1':>6} {'R@1 ratio':>9}")
     for r in result["family"]:
         if "failed" in r:  # no member of the space fits the device

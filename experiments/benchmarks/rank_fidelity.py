@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import sys
 import time
@@ -54,15 +55,16 @@ from scipy.stats import kendalltau, spearmanr
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "experiments"))
+sys.path.insert(0, str(REPO / "experiments" / "benchmarks"))
 
 from convert_efficientnet_lite import VARIANTS, convert_variant  # noqa: E402
+from _members import members_within_budget  # noqa: E402
 
 from nas.config import load_config  # noqa: E402
 from nas.data import StreamingImages  # noqa: E402
-from nas.hardware import check_budgets  # noqa: E402
 from nas.search.context import Context, prepare  # noqa: E402
 from nas.search.evaluators import OneShot  # noqa: E402
-from nas.supernet import frozen_batch_norm, gallery_supernet, open_supernet, random_member, recalibrated  # noqa: E402
+from nas.supernet import frozen_batch_norm, gallery_supernet, open_supernet, recalibrated  # noqa: E402
 from trainers import train_compatible  # noqa: E402
 
 def score_names(rows: list[dict]) -> list[str]:
@@ -70,22 +72,6 @@ def score_names(rows: list[dict]) -> list[str]:
     tuned = sorted({k.rsplit("_", 1)[1] for k in rows[0] if "_tuned_" in k}, key=int)
     return (["mflops", "inherited"] + [f"inherited_tuned_{n}" for n in tuned] + ["gallery"] + [f"gallery_tuned_{n}" for n in tuned]
             + ["predictor"])
-
-
-def members(ctx: Context, root, n: int, seed: int) -> list:
-    """``n`` distinct random members of the space within the study's MFLOPs budget, in a seeded order."""
-    limit = [b for b in ctx.budgets if b.name == "mflops"]
-    rng = np.random.default_rng(seed)
-    found, seen = [], set()
-    while len(found) < n:
-        arch = random_member(ctx.space, rng)
-        if arch.arch_id in seen:
-            continue
-        seen.add(arch.arch_id)
-        report = check_budgets(root.extract(arch), arch.resolution, arch.in_chans, limit, measure_all=True)
-        if report.feasible:
-            found.append((arch, report.values["mflops"]))
-    return found
 
 
 def fine_tune(ctx: Context, model, epochs: int, seed: int):
@@ -215,7 +201,8 @@ def main() -> None:
     results_file = out / f"rank_fidelity_{shard}of{shards}.json"
     saved = json.loads(results_file.read_text()) if results_file.exists() else {"rows": []}
     done = {r["index"] for r in saved["rows"]}
-    for index, (arch, mflops) in enumerate(members(ctx, root, args.members, config.search.seed)):
+    chosen = itertools.islice(members_within_budget(ctx, root, config.search.seed), args.members)
+    for index, (arch, _, mflops) in enumerate(chosen):
         if index % shards != shard or index in done:
             continue
         row = {"index": index, **measure(scorer, root, arch, mflops, args, config.search.seed + index)}

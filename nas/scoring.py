@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["embed", "score_part", "paragon_scores"]
 
 
-@torch.inference_mode()
 def embed(
     model: nn.Module,
     images: ImageSource | np.ndarray,
@@ -56,7 +55,8 @@ def embed(
     batches = eval_batches(source, rows, preprocessing.for_channels(source.channels).eval_transform(resolution), batch_size, workers, for_gpu=gpu)
     if desc is not None:
         batches = progress(batches, len(rows), desc, scale=batch_size)
-    out = [model(batch.to(device, non_blocking=gpu)).float().cpu() for batch in batches]
+    with torch.inference_mode():  # the moves stay outside: a model moved inside would hold inference tensors
+        out = [model(batch.to(device, non_blocking=gpu)).float().cpu() for batch in batches]
     model.train(was_training).to(home)
     if not out:
         return np.zeros((0, 0), dtype=np.float32)

@@ -64,7 +64,7 @@ class Progress:
             if trial.fine_tune_of is not None:
                 detail += f", fine-tuned from trial {trial.fine_tune_of}"
         elif trial.state == State.INHERITED:
-            detail = f"val mAP {m[VAL_MAP]:.4f} with inherited weights"
+            detail = f"val mAP {m[VAL_MAP]:.4f} {scored_with(m)}"
         elif trial.reason is not None:
             detail = trial.reason
         budgets = ", ".join(f"{k} {b[k]:.3g}" for k in ("mflops", "params_m", "latency_ms") if k in b)
@@ -72,6 +72,15 @@ class Progress:
             f"[trial {trial.number:>3} | {label}] {trial.state:<10} {detail} [{budgets}] | {best_so_far(study)} | "
             f"elapsed {elapsed / 60:.1f} min, ~{remaining / 60:.1f} min left"
         )
+
+
+def scored_with(metrics: dict[str, float]) -> str:
+    """What a one-shot candidate's score was measured with (``supernet.score``, read from the metrics it records)."""
+    if "inherited_val_mAP" in metrics:
+        return f"after a short fine-tune (inherited weights: {metrics['inherited_val_mAP']:.4f})"
+    if "gallery_start_kept_bn" in metrics:
+        return "with the gallery's pruned weights"
+    return "with inherited weights"
 
 
 def best_so_far(study: optuna.Study) -> str:
@@ -84,7 +93,7 @@ def best_so_far(study: optuna.Study) -> str:
         if not inherited:
             return "no feasible trial yet"
         best = max(inherited, key=lambda r: (r.values[0], -r.number))
-        how = " with inherited weights"
+        how = " " + scored_with(best.metrics)
     bb = best.budgets
     return (f"best #{best.number} val mAP {best.values[0]:.4f}{how} ("
             + ", ".join(f"{k} {bb[k]:.3g}" for k in ("mflops", "latency_ms") if k in bb) + ")")

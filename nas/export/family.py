@@ -146,7 +146,8 @@ def export_family(
     gallery_mflops = record.gallery_budgets.get("mflops", float("nan"))
     rows: list[dict[str, Any]] = []
     for device in devices:
-        log(f"== Device {device.name} ({device.describe()}): {trials} candidates with inherited weights, the best {fine_tune_best} fine-tuned")
+        log(f"== Device {device.name} ({device.describe()}): {trials} candidates scored by supernet.score {config.supernet.score}, "
+            f"the best {fine_tune_best} fine-tuned")
         data = _device_config(config_to_dict(config), run_dir, storage_url, uri, study.study_name, device, trials, fine_tune_best)
         try:
             # the device study's total: a second export reuses its trials rather than adding more

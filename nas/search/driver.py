@@ -356,7 +356,7 @@ def run_search(
                         for arch_text, of in follow_ups:
                             enqueue_architecture(study, arch_text, mine, fine_tune_of=of)
                         progress.extend(len(follow_ups))
-                        log(f"Fine-tuning the {len(follow_ups)} best candidate(s) scored with inherited weights: trial(s) "
+                        log(f"Fine-tuning the {len(follow_ups)} best candidate(s) by supernet.score {config.supernet.score}: trial(s) "
                             f"{', '.join(str(of) for _, of in follow_ups)}.")
                     with exploring(study, after_duplicate):
                         trial = ask_next(study, config.search.seed)

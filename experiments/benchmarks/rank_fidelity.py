@@ -67,6 +67,7 @@ from nas.search.evaluators import OneShot  # noqa: E402
 from nas.supernet import frozen_batch_norm, gallery_supernet, open_supernet, recalibrated  # noqa: E402
 from trainers import train_compatible  # noqa: E402
 
+
 def score_names(rows: list[dict]) -> list[str]:
     """The scores the rows hold, in the order of the table."""
     tuned = sorted({k.rsplit("_", 1)[1] for k in rows[0] if "_tuned_" in k}, key=int)

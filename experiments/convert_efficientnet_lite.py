@@ -212,6 +212,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def recorded_model(weights: Path) -> str | None:
+    """The timm model a file written by :func:`convert_variant` records (its ``timm_model`` metadata), else None
+    (another file, or none at ``weights``)."""
+    from safetensors import safe_open
+
+    if weights.suffix != ".safetensors" or not weights.is_file():
+        return None
+    with safe_open(str(weights), "pt") as f:
+        return (f.metadata() or {}).get("timm_model")
+
+
 def convert_variant(variant: Variant, out: Path) -> int:
     """Convert the installed package's weights of ``variant`` and write them to ``out``
     (safetensors; parent folders created; written to a temporary file first, then renamed).

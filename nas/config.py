@@ -247,8 +247,10 @@ class SearchConfig:
     ``warm_start``: ``baselines`` enqueues the hand-designed baselines recorded by
     ``nas baseline`` that fit the budgets as the first trials; ``largest`` enqueues the
     space's largest member at each of its resolutions (with the ``gallery`` space: the
-    unpruned gallery model at every query resolution; those over budget are rejected at
-    once); a list enqueues the given timm models (``name@resolution``) or architecture
+    unpruned gallery model at every query resolution); on a space rooted in the gallery
+    model under ``max_mflops``, the largest member within it at each resolution where one
+    fits (the gallery model itself, else the least pruning of it that fits:
+    :func:`nas.supernet.largest_within`); a list enqueues the given timm models (``name@resolution``) or architecture
     strings. Each is enqueued once, as the first trials of the run, and counts toward
     ``trials`` (all are run, even where they outnumber it).
 

@@ -63,7 +63,7 @@ if TYPE_CHECKING:  # the context imports this module's users
     from nas.config import ExperimentConfig
     from nas.search.context import Context
 
-__all__ = ["sandwich_mflops", "sandwich_largest", "frozen_batch_norm", "rooted", "open_supernet", "train_supernet", "supernet_key", "root_network", "member_network", "recalibrated", "recalibration_indices", "random_member", "SupernetInfo", "gallery_supernet", "fine_tune_starts"]
+__all__ = ["sandwich_mflops", "sandwich_largest", "largest_within", "largest_per_resolution", "frozen_batch_norm", "rooted", "open_supernet", "train_supernet", "supernet_key", "root_network", "member_network", "recalibrated", "recalibration_indices", "random_member", "SupernetInfo", "gallery_supernet", "fine_tune_starts"]
 
 Log = Callable[[str], None]
 FORMAT = "asymnas-supernet-v1"
@@ -120,27 +120,36 @@ class _Choosing:
 
 
 def sandwich_largest(space: SearchSpace, mflops: Callable[[Architecture], float], cap: float | None) -> Architecture:
-    """The sandwich's largest member within ``cap`` MFLOPs (``mflops`` counts a member).
-
-    The space's largest member at the highest resolution where it fits (for a supernet
-    rooted in the gallery model: the gallery model itself); where it fits at none, the
-    largest member at the lowest resolution shrunk greedily, one choice one step down at a
-    time, always the step that keeps the most MFLOPs, until it fits, then grown again one
-    step at a time (the largest step that still fits) until no step up fits. ``NasError``
-    when not even the smallest member fits.
-    """
-    largest = space.extreme(smallest=False)
+    """The sandwich's largest member within ``cap`` MFLOPs (``mflops`` counts a member): :func:`largest_within` at any
+    resolution (for a supernet rooted in the gallery model and room for it: the gallery model itself). ``NasError`` when
+    not even the smallest member fits."""
     if cap is None:
-        return largest
-    resolutions = sorted({space.extreme(smallest=True).resolution, largest.resolution, *getattr(space, "resolutions", ())})
-    for res in reversed(resolutions):
+        return space.extreme(smallest=False)
+    member = largest_within(space, mflops, cap)
+    if member is None:
+        smallest = mflops(space.extreme(smallest=True))
+        raise NasError(f"supernet.max_mflops is {cap:g} MFLOPs, but the space's smallest member needs {smallest:.3f}; raise it (or budgets.max_mflops) or choose a smaller space.")
+    return member
+
+
+def largest_within(space: SearchSpace, mflops: Callable[[Architecture], float], cap: float, resolution: int | None = None) -> Architecture | None:
+    """The largest member within ``cap`` MFLOPs (``mflops`` counts a member), at ``resolution`` or at any; None when not
+    even the smallest member (there) fits.
+
+    The space's largest member at ``resolution`` (or at the highest resolution where it fits); where it does not fit, the
+    largest member at ``resolution`` (or at the lowest resolution) shrunk greedily, one choice one step down at a time,
+    always the step that keeps the most MFLOPs, until it fits, then grown again one step at a time (the largest step
+    that still fits) until no step up fits. With ``resolution`` given, the resolution is never stepped.
+    """
+    resolutions = sorted({space.extreme(smallest=True).resolution, space.extreme(smallest=False).resolution, *getattr(space, "resolutions", ())})
+    for res in reversed(resolutions if resolution is None else [resolution]):
         member = space.extreme(smallest=False, resolution=res)
         if mflops(member) <= cap:
             return member
-    smallest = space.extreme(smallest=True)
-    if mflops(smallest) > cap:
-        raise NasError(f"supernet.max_mflops is {cap:g} MFLOPs, but the space's smallest member needs {mflops(smallest):.3f}; raise it (or budgets.max_mflops) or choose a smaller space.")
-    probe = _Choosing({"resolution": resolutions[0]})
+    start = resolutions[0] if resolution is None else resolution
+    if mflops(space.extreme(smallest=True, resolution=start)) > cap:
+        return None
+    probe = _Choosing({"resolution": start})
     member = space.sample(probe)  # type: ignore[arg-type]
     cost = mflops(member)
 
@@ -148,6 +157,8 @@ def sandwich_largest(space: SearchSpace, mflops: Callable[[Architecture], float]
         """Every member one choice one step up (or down) from ``probe``'s, with its MFLOPs."""
         found = []
         for name, values in probe.dims.items():
+            if resolution is not None and name == "resolution":
+                continue
             i = values.index(probe.picks.get(name, values[-1])) + (1 if up else -1)
             if 0 <= i < len(values):
                 option = _Choosing({**probe.picks, name: values[i]})
@@ -162,6 +173,19 @@ def sandwich_largest(space: SearchSpace, mflops: Callable[[Architecture], float]
         if not fitting:
             return member
         cost, probe, member = max(fitting, key=lambda step: step[0])
+
+
+def largest_per_resolution(ctx: Context, cap: float | None) -> list[Architecture]:
+    """The space's largest member at each of its resolutions; within ``cap`` MFLOPs on a space rooted in the gallery model,
+    the largest member that fits at each resolution where one does (:func:`largest_within`, counted on the supernet's
+    skeletons): the simple answers a search should never lose to, e.g. the unpruned gallery model at the highest
+    resolution that fits and, at each higher one, the gallery model narrowed or made shallower until it fits."""
+    resolutions = sorted(ctx.space.resolutions)
+    if cap is None or not rooted(ctx):
+        return [ctx.space.extreme(smallest=False, resolution=r) for r in resolutions]
+    counter = supernet_over(ctx.space, root_network(ctx, ctx.space))
+    found = (largest_within(ctx.space, counter.mflops, cap, resolution=r) for r in resolutions)
+    return [arch for arch in found if arch is not None]
 
 
 def recalibration_indices(ctx: Context) -> np.ndarray:

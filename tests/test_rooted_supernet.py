@@ -23,7 +23,7 @@ from nas.scoring import embed
 from nas.search.context import prepare
 from nas.search.driver import run_search
 from nas.search.evaluators import OneShot
-from nas.supernet import frozen_batch_norm, random_member, root_network
+from nas.supernet import frozen_batch_norm, largest_per_resolution, random_member, root_network
 from search_spaces import Architecture, PrunedQueryNet, Pruning, RootedSupernet, SupernetError, create_space, supernet_over
 
 #: one model per family the issue names; a ViT at its own 224 px and smaller resolutions
@@ -244,3 +244,25 @@ def test_candidates_are_scored_with_the_weights_supernet_score_names(tiny_config
                       supernet={"score": "gallery"})
     with pytest.raises(ConfigError, match="supernet.score 'gallery'.*not rooted in the gallery model"):
         OneShot(prepare(config_from_dict(raw), log=lambda _: None), paragon).prepare(log=lambda _: None)
+
+
+def test_warm_start_largest_is_the_largest_member_within_the_budget_at_each_resolution(tiny_config, small_gallery: str, tmp_path: Path) -> None:
+    """``search.warm_start: largest`` on a space rooted in the gallery model: at each resolution the gallery model itself
+    where it fits, else the largest pruning of it that fits (none where not even the smallest does), at least as large as
+    any of 100 random members within the budget there; without a budget, the unpruned model at every resolution."""
+    raw = tiny_config(tmp_path / "run", data__max_per_class=30, gallery__checkpoint=small_gallery, search__strategy="one_shot", budgets__max_mflops=None,
+                      space={"name": "pruned", "options": {"resolutions": [16, 24, 64], "widths": [0.5, 0.75, 1.0]}})
+    ctx = prepare(config_from_dict(raw), log=lambda _: None)
+    counter = supernet_over(ctx.space, root_network(ctx, ctx.space))
+    unpruned = {r: ctx.space.extreme(smallest=False, resolution=r) for r in (16, 24, 64)}
+    assert largest_per_resolution(ctx, None) == list(unpruned.values())
+    cap = (counter.mflops(unpruned[16]) + counter.mflops(ctx.space.extreme(smallest=True, resolution=64))) / 2
+    assert counter.mflops(unpruned[16]) <= cap < counter.mflops(unpruned[24])  # the gallery model fits at 16 px only
+    assert counter.mflops(ctx.space.extreme(smallest=True, resolution=64)) > cap  # and not even its smallest pruning at 64
+    found = largest_per_resolution(ctx, cap)
+    assert [a.resolution for a in found] == [16, 24] and found[0] == unpruned[16]
+    shrunk = found[1]
+    assert shrunk.pruning and counter.mflops(shrunk) <= cap
+    rng = np.random.default_rng(0)
+    others = (replace(random_member(ctx.space, rng), resolution=24) for _ in range(100))
+    assert counter.mflops(shrunk) >= max(m for m in map(counter.mflops, others) if m <= cap)

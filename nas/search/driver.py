@@ -37,6 +37,7 @@ from nas.search.progress import Progress
 from nas.search.storage_loss import is_storage_lost, storage_lost
 from nas.secrets import mask_url, masked_config_dict
 from nas.study_nets import gallery_costs
+from nas.supernet import largest_per_resolution
 from nas.tracking import NullTracker, Tracker, check_tracking_uri, flatten, make_tracker
 from search_spaces import Architecture
 from trainers import TrainingDiverged
@@ -142,8 +143,8 @@ def warm_start_architectures(config: ExperimentConfig, ctx: Context, study: optu
     if spec == "baselines":
         recorded = StudyRecord.load(study).baselines
         return [Architecture.from_string(r["arch"]) for _, r in sorted(recorded.items()) if r.get("fits")]
-    if spec == "largest":
-        return [ctx.space.extreme(smallest=False, resolution=r) for r in sorted(ctx.space.resolutions)]
+    if spec == "largest":  # within the MFLOPs budget where the space is rooted in the gallery model
+        return largest_per_resolution(ctx, next((b.limit for b in ctx.budgets if b.name == "mflops"), None))
     archs = []
     for entry in spec:
         arch = warm_start_entry(entry, ctx.space.embed_dim, ctx.data.channels)  # checked before the data too (check_warm_start)

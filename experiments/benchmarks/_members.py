@@ -27,6 +27,7 @@ def members_within_budget(ctx: Context, supernet, seed: int) -> Iterator[tuple[A
     """Distinct random members of ``ctx.space`` within the study's MFLOPs budget, in a seeded order: each with its network
     extracted from ``supernet`` and its MFLOPs (fvcore multiply-accumulates, batch 1)."""
     limit = [b for b in ctx.budgets if b.name == "mflops"]
+    cap = limit[0].limit if limit and limit[0].limit is not None else float("inf")
     rng = np.random.default_rng(seed)
     seen = set()
     while True:
@@ -34,6 +35,8 @@ def members_within_budget(ctx: Context, supernet, seed: int) -> Iterator[tuple[A
         if arch.arch_id in seen:
             continue
         seen.add(arch.arch_id)
+        if supernet.mflops(arch) > cap * (1 + 1e-9):  # counted from the member's shapes in milliseconds (fvcore's count)
+            continue
         model = supernet.extract(arch)
         report = check_budgets(model, arch.resolution, arch.in_chans, limit, measure_all=True)
         if report.feasible:

@@ -239,6 +239,8 @@ def test_candidates_are_scored_with_the_weights_supernet_score_names(tiny_config
     m = by_gallery.evaluate(by_gallery.build(arch, 0), seed=3).metrics
     _, start_map, kept_bn = by_gallery.gallery_start(arch)
     assert m["val_mAP"] == start_map and m["gallery_start_kept_bn"] == float(kept_bn) and "inherited_val_mAP" not in m
+    unpruned, unpruned_map, unpruned_kept = by_gallery.gallery_start(ctx.space.extreme(smallest=False))
+    assert unpruned_kept and unpruned_map == by_gallery.score(unpruned, "val")["mAP"]  # the gallery model itself keeps its statistics
 
     raw = tiny_config(tmp_path / "mobilenet", data__max_per_class=30, gallery__checkpoint=small_gallery, search__strategy="one_shot",
                       supernet={"score": "gallery"})

@@ -1,8 +1,9 @@
-"""CUB-100, one-shot: a supernet rooted in the pretrained gallery model, a family for two budgets, rank fidelity.
+"""CUB-100, one-shot: a supernet rooted in the pretrained gallery model, a family for three budgets, rank fidelity.
 
 Setting: ``--config`` (default ``experiments/cub100_one_shot.yaml``: CUB-100 photos,
 class-disjoint, the ImageNet-pretrained ``tf_efficientnet_lite2`` gallery model at 224 px
-(``--gallery-weights``); the ``gallery`` space of its structured prunings at 64-96 px, the
+(``--gallery-weights``; the gallery model is the timm model a converted weights file records, e.g.
+``tf_efficientnet_lite0``); the ``gallery`` space of its structured prunings at 64-96 px, the
 gallery's batch-norm statistics kept; ``experiments/cub100_pruned_one_shot.yaml``: the
 ``pruned`` space, with width). The budgets are 1/10, 1/30 and 1/100 of the gallery model's MFLOPs
 as the study counts them. Steps, each timed:
@@ -10,8 +11,10 @@ as the study counts them. Steps, each timed:
 1. ``nas supernet train``: the gallery embeddings (cached after the first run) and the
    supernet rooted in the gallery model (sandwich rule, in-place distillation);
 2. ``nas export --family``: one device search per budget (1/10, 1/30 and 1/100 of the gallery's
-   MFLOPs) of ``--trials`` candidates scored with inherited weights, the best fine-tuned,
-   exported and verified; query mAP, R@1 and their ratios to the paragon;
+   MFLOPs) of ``--trials`` candidates scored as ``supernet.score`` says (e.g. after one pass over
+   the training images), the first of them the largest member within the budget at each resolution
+   where the experiment warm-starts with ``largest``; the best fine-tuned, exported and verified;
+   query mAP, R@1 and their ratios to the paragon;
 3. reference per budget: the unpruned gallery model at the highest resolution (a multiple
    of 16) that fits, scored as it is (zero-shot: only its input is smaller) and fine-tuned
    from the gallery's own weights with the same settings;
@@ -159,7 +162,7 @@ def main() -> None:
                         help="gallery.model (default: the timm model the weights file records, else the experiment file's)")
     parser.add_argument("--study-name", default=None, help="search.study_name (default: the experiment file's)")
     parser.add_argument("--out", default=str(REPO / "runs" / "cub100-one-shot-benchmark"))
-    parser.add_argument("--trials", type=int, default=24, help="inherited-weight candidates per device")
+    parser.add_argument("--trials", type=int, default=24, help="candidates per device")
     parser.add_argument("--fidelity", type=int, default=12, help="members of the rank-fidelity measurement (0: skip)")
     parser.add_argument("--fidelity-epochs", type=int, default=4)
     parser.add_argument("--fidelity-repeat", action="store_true", help="fine-tune every fidelity member a second time from another seed")

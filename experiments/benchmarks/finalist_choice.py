@@ -55,11 +55,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "experiments"))
 sys.path.insert(0, str(REPO / "experiments" / "benchmarks"))
 
-from convert_efficientnet_lite import VARIANTS, convert_variant, recorded_model  # noqa: E402
+from _cub100 import add_setting, load_setting  # noqa: E402
 from _members import members_within_budget  # noqa: E402
 from rank_fidelity import fine_tune  # noqa: E402
 
-from nas.config import load_config  # noqa: E402
 from nas.hardware.budgets import relative_fraction  # noqa: E402
 from nas.metrics import retrieval_metrics  # noqa: E402
 from nas.scoring import embed  # noqa: E402
@@ -127,11 +126,7 @@ def print_report(result: dict, close: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(REPO / "experiments" / "cub100_pruned_one_shot.yaml"))
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cub100"))
-    parser.add_argument("--gallery-weights", default=str(REPO / "weights" / "tf_efficientnet_lite2.safetensors"))
-    parser.add_argument("--out", default=str(REPO / "runs" / "finalist-choice"))
-    parser.add_argument("--cache", default=None, help="folder of the gallery-embedding cache (default: --out)")
+    add_setting(parser, "finalist-choice")
     parser.add_argument("--budgets", type=lambda v: v.split(","), default=["1/10", "1/30"], help="fractions of the gallery model's MFLOPs")
     parser.add_argument("--members", type=int, default=16, help="members per budget")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of each member's fine-tuning")
@@ -151,19 +146,13 @@ def main() -> None:
         print_report(result, args.close)
         return
     shard, shards = (int(v) for v in args.shard.split("/"))
-    weights = Path(args.gallery_weights)
-    variant = weights.stem.removeprefix("tf_efficientnet_")
-    if not weights.is_file() and variant in VARIANTS:
-        convert_variant(VARIANTS[variant], weights)
     results_file = out / f"finalist_choice_{shard}of{shards}.json"
     saved = json.loads(results_file.read_text()) if results_file.exists() else {"rows": []}
     done = {(r["budget"], r["index"]) for r in saved["rows"]}
     log = lambda text: print(text, flush=True)  # noqa: E731
     for budget in args.budgets:
-        config = load_config(args.config, {"out": str(out), "data.path": args.data, "gallery.weights": str(weights),
-                                           "gallery.model": recorded_model(weights), "cache": args.cache or str(out),
-                                           "search.threads": args.threads, "train.device": args.device, "data.workers": args.workers,
-                                           "budgets.max_mflops": budget, "tracking.enabled": False})
+        config = load_setting(args, {"search.threads": args.threads, "train.device": args.device, "data.workers": args.workers,
+                                     "budgets.max_mflops": budget, "tracking.enabled": False})
         ctx = prepare(config, log=log)
         scorer = OneShot(ctx, {"val": {"mAP": 1.0}, "query": {"mAP": 1.0}})  # ratios are not reported
         chosen = itertools.islice(members_within_budget(ctx, gallery_supernet(ctx), config.search.seed), args.members)

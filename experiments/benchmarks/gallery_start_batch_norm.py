@@ -28,11 +28,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "experiments"))
 sys.path.insert(0, str(REPO / "experiments" / "benchmarks"))
 
-from convert_efficientnet_lite import VARIANTS, convert_variant, recorded_model  # noqa: E402
+from _cub100 import add_setting, load_setting  # noqa: E402
 from _members import members_within_budget  # noqa: E402
 from rank_fidelity import fine_tune  # noqa: E402
 
-from nas.config import load_config  # noqa: E402
 from nas.search.evaluators import OneShot  # noqa: E402
 from nas.search.context import prepare  # noqa: E402
 from nas.supernet import frozen_batch_norm, gallery_supernet, recalibrated  # noqa: E402
@@ -40,11 +39,7 @@ from nas.supernet import frozen_batch_norm, gallery_supernet, recalibrated  # no
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(REPO / "experiments" / "cub100_pruned_one_shot.yaml"))
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cub100"))
-    parser.add_argument("--gallery-weights", default=str(REPO / "weights" / "tf_efficientnet_lite2.safetensors"))
-    parser.add_argument("--out", default=str(REPO / "runs" / "gallery-start-batch-norm"))
-    parser.add_argument("--cache", default=None, help="folder of the gallery-embedding cache (default: --out)")
+    add_setting(parser, "gallery-start-batch-norm")
     parser.add_argument("--budgets", type=lambda v: v.split(","), default=["1/30"], help="fractions of the gallery model's MFLOPs")
     parser.add_argument("--members", type=int, default=4, help="random members per budget, after the unpruned model")
     parser.add_argument("--epochs", type=int, default=4)
@@ -53,19 +48,13 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = Path(args.gallery_weights)
-    variant = weights.stem.removeprefix("tf_efficientnet_")
-    if not weights.is_file() and variant in VARIANTS:
-        convert_variant(VARIANTS[variant], weights)
     results_file = out / "gallery_start_batch_norm.json"
     rows = json.loads(results_file.read_text()) if results_file.exists() else []
     done = {(r["budget"], r["arch"]) for r in rows}
     log = lambda text: print(text, flush=True)  # noqa: E731
     for budget in args.budgets:
-        config = load_config(args.config, {"out": str(out), "data.path": args.data, "gallery.weights": str(weights),
-                                           "gallery.model": recorded_model(weights), "cache": args.cache or str(out),
-                                           "search.threads": args.threads, "train.device": args.device, "budgets.max_mflops": budget,
-                                           "tracking.enabled": False})
+        config = load_setting(args, {"search.threads": args.threads, "train.device": args.device, "budgets.max_mflops": budget,
+                                     "tracking.enabled": False})
         ctx = prepare(config, log=log)
         root = gallery_supernet(ctx)
         scorer = OneShot(ctx, {})

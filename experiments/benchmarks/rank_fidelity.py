@@ -57,10 +57,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "experiments"))
 sys.path.insert(0, str(REPO / "experiments" / "benchmarks"))
 
-from convert_efficientnet_lite import VARIANTS, convert_variant  # noqa: E402
+from _cub100 import add_setting, load_setting  # noqa: E402
 from _members import members_within_budget  # noqa: E402
 
-from nas.config import load_config  # noqa: E402
 from nas.data import StreamingImages  # noqa: E402
 from nas.search.context import Context, prepare  # noqa: E402
 from nas.search.evaluators import OneShot  # noqa: E402
@@ -156,11 +155,7 @@ def print_report(result: dict, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(REPO / "experiments" / "cub100_pruned_one_shot.yaml"))
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cub100"))
-    parser.add_argument("--gallery-weights", default=str(REPO / "weights" / "tf_efficientnet_lite2.safetensors"))
-    parser.add_argument("--out", default=str(REPO / "runs" / "rank-fidelity"))
-    parser.add_argument("--cache", default=None, help="folder of the gallery-embedding and supernet cache (default: --out)")
+    add_setting(parser, "rank-fidelity")
     parser.add_argument("--members", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the standalone fine-tuning (the truth)")
     parser.add_argument("--proxy-images", type=lambda v: [int(n) for n in v.split(",")], default=[512],
@@ -183,13 +178,8 @@ def main() -> None:
         (out / "rank_fidelity_report.txt").write_text(json.dumps(result, indent=2))
         print_report(result, rows)
         return
-    weights = Path(args.gallery_weights)
-    variant = weights.stem.removeprefix("tf_efficientnet_")
-    if not weights.is_file() and variant in VARIANTS:
-        convert_variant(VARIANTS[variant], weights)
-    config = load_config(args.config, {"out": str(out), "data.path": args.data, "gallery.weights": str(weights), "cache": args.cache or str(out),
-                                       "search.threads": args.threads, "train.device": args.device, "supernet.epochs": args.supernet_epochs,
-                                       "data.workers": args.workers})
+    config = load_setting(args, {"search.threads": args.threads, "train.device": args.device, "supernet.epochs": args.supernet_epochs,
+                                 "data.workers": args.workers})
     log = lambda text: print(text, flush=True)  # noqa: E731
     ctx = prepare(config, log=log)
     began = time.perf_counter()

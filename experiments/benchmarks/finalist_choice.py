@@ -35,8 +35,9 @@ merges the shards' files and prints the table.
 
 Cost: per member one fine-tuning (``--epochs`` epochs) and the embeddings of val, training and query photos.
 Measured on one H200 with 16 cores (``--device cuda``, four shards side by side): 25-65 s per member in each shard
-at 1/10; at 1/30 drawing random members within the budget (most random members are over it) takes longer than
-measuring them. Not run at this size on the 2-core CPU machine.
+at 1/10; at 1/30, where most random members are over the budget, 4 members in the same time (each draw was then
+extracted and counted by fvcore; it is now counted from the supernet's shapes first). Not run at this size on the
+2-core CPU machine.
 """
 
 from __future__ import annotations

@@ -330,8 +330,8 @@ class OneShot(Evaluator):
         its val mAP, and whether it keeps the gallery's statistics.
 
         The unpruned gallery model (at any resolution) keeps them: fine-tuned with them it ends far above the recalibrated
-        start even where that start scores higher before fine-tuning (README, "fine-tuning from the gallery's pruned
-        weights"). A pruning takes the statistics whose val mAP is higher."""
+        start even where that start scores higher before fine-tuning (README, CUB-100 "Three budgets, two gallery
+        models": 0.166 against 0.110 query mAP at 32 px). A pruning takes the statistics whose val mAP is higher."""
         if self._gallery_supernet is None:
             self._gallery_supernet = gallery_supernet(self.ctx)
         if self._gallery_supernet is None:  # prepare and fine_tune_starts refuse this before

@@ -29,10 +29,10 @@ def add_setting(parser: argparse.ArgumentParser, out: str) -> None:
 
 def load_setting(args: argparse.Namespace, overrides: dict[str, Any]) -> ExperimentConfig:
     """The experiment ``args`` name, with ``overrides``: the gallery weights (converted first where missing) and the
-    timm model their file records, the data, the output and cache folders."""
+    timm model their file records (or ``args.gallery_model`` where given), the data, the output and cache folders."""
     weights = Path(args.gallery_weights)
     variant = weights.stem.removeprefix("tf_efficientnet_")
     if not weights.is_file() and variant in VARIANTS:
         convert_variant(VARIANTS[variant], weights)
     return load_config(args.config, {"out": args.out, "data.path": args.data, "gallery.weights": str(weights),
-                                     "gallery.model": recorded_model(weights), "cache": args.cache or args.out, **overrides})
+                                     "gallery.model": getattr(args, "gallery_model", None) or recorded_model(weights), "cache": args.cache or args.out, **overrides})

@@ -44,12 +44,10 @@ import yaml
 from scipy.stats import kendalltau, spearmanr
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "experiments"))
 
-from convert_efficientnet_lite import VARIANTS, convert_variant, recorded_model  # noqa: E402
+from _cub100 import load_setting  # noqa: E402
 from _members import members_within_budget  # noqa: E402
 
-from nas.config import load_config  # noqa: E402
 from nas.export.family import export_family  # noqa: E402
 from nas.hardware import check_budgets  # noqa: E402
 from nas.hardware.budgets import MflopsBudget  # noqa: E402
@@ -177,15 +175,8 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", choices=list(BUDGETS), default=list(BUDGETS), help="the family's devices (default: all)")
     args = parser.parse_args()
     out = Path(args.out)
-    weights = Path(args.gallery_weights)
-    variant = weights.stem.removeprefix("tf_efficientnet_")
-    if not weights.is_file() and variant in VARIANTS:
-        convert_variant(VARIANTS[variant], weights)
-    config = load_config(args.config,
-                         {"out": str(out), "data.path": args.data, "gallery.weights": str(weights), "search.study_name": args.study_name,
-                          "gallery.model": args.gallery_model or recorded_model(weights),
-                          "cache": args.cache or str(out), "search.threads": args.threads, "train.device": args.device,
-                          "supernet.epochs": args.supernet_epochs, "train.epochs": args.fine_tune_epochs})
+    config = load_setting(args, {"search.study_name": args.study_name, "search.threads": args.threads, "train.device": args.device,
+                                 "supernet.epochs": args.supernet_epochs, "train.epochs": args.fine_tune_epochs})
     log = lambda text: print(text, flush=True)  # noqa: E731
     results_file = out / "one_shot_cub100.json"
     result: dict = json.loads(results_file.read_text()) if results_file.exists() else {}  # a second run adds only what is missing
